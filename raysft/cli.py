@@ -1,0 +1,126 @@
+"""Command line: parses arguments and calls the public functions; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from raysft.config import Config, ConfigError, ModelConfig, load_config
+from raysft.data.formats import DataError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="train config YAML")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+
+
+def _load(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
+    return load_config(args.config, [*args.overrides, *(extra or [])])
+
+
+def marked_example(input_ids: list[int], labels: list[int], tokenizer: Any) -> str:
+    """Decode an example with trained tokens wrapped in ⟦ ⟧, to check masking by eye."""
+    parts, current, trained_run = [], [], None
+    for token, label in zip(input_ids, labels):
+        trained = label != -100
+        if trained != trained_run and current:
+            text = tokenizer.decode(current)
+            parts.append(f"⟦{text}⟧" if trained_run else text)
+            current = []
+        current.append(token)
+        trained_run = trained
+    if current:
+        text = tokenizer.decode(current)
+        parts.append(f"⟦{text}⟧" if trained_run else text)
+    return "".join(parts)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from raysft.train.trainer import train
+
+    result = train(_load(args, ["train.resume=true"] if args.resume else []))
+    print(f"[raysft] done: adapter in {result.final_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from raysft.data.pipeline import stats_json
+    from raysft.train.trainer import prepare_data
+
+    tokenizer, prepared = prepare_data(_load(args))
+    print(stats_json(prepared.stats))
+    for example in prepared.examples["train"][: args.show]:
+        print(f"\n--- {example['origin']} (trained tokens in ⟦ ⟧) ---")
+        print(marked_example(example["input_ids"].tolist(), example["labels"].tolist(), tokenizer))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from raysft.infer import chat_generate, load_for_inference
+
+    model_cfg = ModelConfig(name_or_path=args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_for_inference(model_cfg, args.adapter)
+    for prompt, answer in zip(args.prompt, chat_generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature)):
+        print(f"> {prompt}\n{answer}\n")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from raysft.infer import merge_adapter
+
+    print(f"[raysft] merged model written to {merge_adapter(args.run_dir, args.merge)}")
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from raysft.quickstart import run_quickstart
+
+    run_quickstart(Path(args.output_dir), args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raysft", description="Supervised fine-tuning of LLMs on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune a model (LoRA, QLoRA or full)")
+    _add_config_args(train)
+    train.add_argument("--resume", action="store_true", help="continue from the newest verified checkpoint")
+    train.set_defaults(run=cmd_train)
+
+    data = commands.add_parser("data", help="dataset statistics and rendered examples with trained tokens marked")
+    _add_config_args(data)
+    data.add_argument("--show", type=int, default=3, help="examples to render")
+    data.set_defaults(run=cmd_data)
+
+    generate = commands.add_parser("generate", help="sample from a base model plus an optional adapter")
+    generate.add_argument("--model", required=True, help="hub id, model folder, or .gguf path")
+    generate.add_argument("--gguf-file", default=None)
+    generate.add_argument("--adapter", default=None, help="PEFT adapter folder, e.g. RUN/final")
+    generate.add_argument("--prompt", action="append", required=True, help="user message (repeatable)")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--trust-remote-code", action="store_true")
+    generate.set_defaults(run=cmd_generate)
+
+    export = commands.add_parser("export", help="merge a run's adapter into its base model")
+    export.add_argument("run_dir", help="a train output_dir")
+    export.add_argument("--merge", required=True, metavar="MERGED_DIR", help="where to write the merged model")
+    export.set_defaults(run=cmd_export)
+
+    quickstart = commands.add_parser("quickstart", help="fine-tune SmolLM2-135M on a generated task, before/after")
+    quickstart.add_argument("--output-dir", default="runs/quickstart")
+    quickstart.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    quickstart.set_defaults(run=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ConfigError, DataError) as err:
+        print(f"raysft: {err}", file=sys.stderr)
+        return 2
+    return 0
+

@@ -1,0 +1,331 @@
+"""The typed configuration tree: YAML in, validated pydantic models out.
+
+Every section rejects unknown keys. Validation collects *all* problems and raises one
+:class:`ConfigError` naming each dotted key (with a did-you-mean), before any Ray resource starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DataFormat = Literal["auto", "prompt_response", "prompt_completion", "alpaca", "messages", "sharegpt", "text"]
+
+
+class ConfigError(ValueError):
+    """One or more problems in a config, each naming its dotted key."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        where = f" in {source}" if source else ""
+        super().__init__(f"{len(problems)} problem(s){where}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    # Docstrings on fields are the help text; unknown keys are errors, never silently ignored.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str
+    """Hugging Face hub id, a local model folder, or a folder/file holding a GGUF model."""
+    gguf_file: str | None = None
+    """GGUF file name inside `name_or_path` (a path ending in .gguf sets this automatically)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the (non-quantized) weights. Keep float32 with bf16 autocast for exact CPU runs."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """bitsandbytes quantization of the base weights (4bit = QLoRA)."""
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type."""
+    bnb_4bit_double_quant: bool = True
+    """Quantize the 4-bit quantization constants too (saves ~0.4 bit/parameter)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel. flash_attention_2 needs CUDA and the flash-attn package."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (non-reentrant, DDP-safe) to save memory."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint. Off unless you trust its author."""
+    chat_template: str | None = None
+    """Template used when the tokenizer has none: `chatml`, or a Jinja template string."""
+
+
+class SourceConfig(_Section):
+    path: str | None = None
+    """A JSON/JSONL/Parquet/CSV file, or a folder or glob of them."""
+    hf_dataset: str | None = None
+    """A Hugging Face dataset: hub name or a folder written by `save_to_disk`."""
+    hf_config: str | None = None
+    """Dataset configuration name (hub datasets only)."""
+    split: str = "train"
+    """Split of `hf_dataset` to read."""
+    rows: list[dict[str, Any]] | None = None
+    """Rows given inline (Python API): a list of dicts."""
+    file_type: Literal["auto", "json", "jsonl", "parquet", "csv"] = "auto"
+    """File type; `auto` goes by extension."""
+    format: DataFormat = "auto"
+    """Row shape; `auto` detects it from the first row's columns."""
+    prompt_column: str | None = None
+    """Column holding the prompt (prompt_response format), e.g. `question`."""
+    response_column: str | None = None
+    """Column holding the response (prompt_response format), e.g. `answer`."""
+    system_prompt: str | None = None
+    """System message prepended to every conversation that has none."""
+    limit: int | None = Field(default=None, gt=0)
+    """Read at most this many rows."""
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> "SourceConfig":
+        given = [k for k in ("path", "hf_dataset", "rows") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of path, hf_dataset, rows (got {given or 'none'})")
+        return self
+
+
+class DataConfig(_Section):
+    train: list[SourceConfig]
+    """Training sources (one or a list), concatenated."""
+    eval: list[SourceConfig] | None = None
+    """Evaluation sources; if absent, `eval_fraction` of train is held out."""
+    eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Fraction of the training rows held out for evaluation when `eval` is not given."""
+    max_seq_len: int = Field(default=1024, gt=0)
+    """Maximum tokens per example (and per packed row)."""
+    over_length: Literal["drop", "truncate", "raise"] = "truncate"
+    """What to do with examples longer than `max_seq_len`; the count is reported."""
+    packing: bool = True
+    """Pack examples into rows of max_seq_len (best-fit decreasing, position_ids restart per example)."""
+    train_on_inputs: bool = False
+    """Train on prompt/user tokens too, not only on completions/assistant turns."""
+    num_tokenize_workers: int = Field(default=2, gt=0)
+    """Ray Data actors that tokenize in parallel."""
+    cache_dir: str | None = None
+    """Tokenized-data cache (default ~/.cache/raysft/tokenized); keyed by content, not seq_len."""
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
+
+
+class LoraConfig(_Section):
+    enabled: bool = True
+    """LoRA adapters; false means full fine-tuning."""
+    r: int = Field(default=16, gt=0)
+    """Rank of the update matrices."""
+    alpha: float = Field(default=32, gt=0)
+    """Scale numerator: the update is multiplied by alpha / r."""
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt, or `all-linear` (every linear layer but the output head)."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter (e.g. `lm_head`, `embed_tokens`)."""
+
+
+class TrainConfig(_Section):
+    output_dir: str = "runs/raysft"
+    """Run folder: config, metrics.jsonl, checkpoints/, final/."""
+    seed: int = 0
+    """Seed for data order, LoRA init and dropout."""
+    micro_batch_size: int = Field(default=4, gt=0)
+    """Rows per forward pass per worker."""
+    grad_accum_steps: int = Field(default=1, gt=0)
+    """Micro-batches per optimizer step per worker."""
+    max_steps: int | None = Field(default=None, gt=0)
+    """Optimizer steps to run; overrides `epochs` when set."""
+    epochs: float = Field(default=1.0, gt=0)
+    """Passes over the training data (fractions allowed)."""
+    lr: float = Field(default=2e-4, gt=0)
+    """Peak learning rate."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """Linear warmup steps from 0 to `lr`."""
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Floor of the decay as a fraction of `lr`."""
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    """Decoupled weight decay (not applied to biases and norms)."""
+    optimizer: Literal["adamw", "adamw_8bit", "adafactor"] = "adamw"
+    """adamw (torch), adamw_8bit (bitsandbytes) or adafactor (torch)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    """Clip the global gradient norm to this; null disables clipping."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast dtype. fp16 uses a GradScaler and needs CUDA."""
+    eval_every: int | None = Field(default=None, gt=0)
+    """Evaluate every N steps (and always at the end when there is eval data)."""
+    log_every: int = Field(default=1, gt=0)
+    """Log training metrics every N steps."""
+    checkpoint_every: int | None = Field(default=None, gt=0)
+    """Save a resumable checkpoint every N steps."""
+    checkpoints_to_keep: int | None = Field(default=2, gt=0)
+    """Keep only the newest N checkpoints (null keeps all)."""
+    on_nonfinite: Literal["skip", "abort"] = "abort"
+    """A NaN/inf loss or gradient: skip that step's update, or stop the run."""
+    resume: bool = False
+    """Continue from the newest verified checkpoint in output_dir if there is one."""
+
+
+class ScalingSection(_Section):
+    num_workers: int = Field(default=1, ge=0)
+    """Ray Train workers (data-parallel replicas). 0 runs the loop in the driver (Ray Train local mode)."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    resources_per_worker: dict[str, float] | None = None
+    """Extra per-worker resources, e.g. {CPU: 4}."""
+    max_failures: int = Field(default=0, ge=-1)
+    """Restarts after a worker failure (-1: unlimited); each resumes from the newest checkpoint."""
+    ray_address: str | None = None
+    """Ray cluster to join (else RAY_ADDRESS, else a local Ray is started)."""
+    storage_path: str | None = None
+    """Where Ray Train stores checkpoints (shared storage / s3:// for multi-node); default output_dir."""
+
+
+class TrackingConfig(_Section):
+    console: bool = True
+    """Print a progress line per logged step (rank 0)."""
+    tensorboard: bool = True
+    """Write TensorBoard events to output_dir/tensorboard."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline when WANDB_API_KEY is not set)."""
+    wandb_project: str = "raysft"
+    """W&B project."""
+    wandb_group: str | None = None
+    """W&B group (a sweep sets one per sweep)."""
+    run_name: str | None = None
+    """Run name shown in trackers (default: the output folder name)."""
+
+
+class Config(_Section):
+    """A whole training run. See examples/*.yaml."""
+
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingSection = ScalingSection()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class that owns the last key of `loc` (for did-you-mean)."""
+    section: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = section.model_fields.get(part) if isinstance(section, type) and issubclass(section, BaseModel) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = [c for c in candidates for c in [c, *getattr(c, "__args__", ())] if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        section = nested[0]
+    return section if isinstance(section, type) and issubclass(section, BaseModel) else None
+
+
+def _describe(error: Any) -> str:
+    loc = tuple(error["loc"])
+    key = _dotted(loc)
+    if error["type"] == "extra_forbidden":
+        section = _section_at(loc)
+        suggestion = ""
+        if section is not None:
+            close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
+            suggestion = f"; did you mean '{_dotted(loc[:-1] + (close[0],))}'?" if close else ""
+            suggestion += f" (valid keys: {', '.join(section.model_fields)})"
+        return f"{key}: unknown key{suggestion}"
+    given = error.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"{key or '<root>'}: {error['msg']}{shown}"
+
+
+def parse_config(raw: dict[str, Any], source: str | None = None) -> Config:
+    """Validate a config mapping; raise one ConfigError listing every problem."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError([_describe(e) for e in err.errors()], source) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides; values are parsed as YAML (so 1e-4, true, [8, 16] work)."""
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {item!r}: expected dotted.key=value")
+            continue
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"--set {key}: '{part}' is not a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    if problems:
+        raise ConfigError(problems)
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, naming the file and line on a syntax error."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError([f"file not found: {path}"]) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: invalid YAML: {getattr(err, 'problem', err)}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: expected a mapping at the top level"])
+    return raw
+
+
+def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
+    # Paths in a YAML are relative to the YAML's folder, so configs work from any working directory.
+    for section in ("train", "eval"):
+        sources = raw.get("data", {}).get(section) if isinstance(raw.get("data"), dict) else None
+        for src in [sources] if isinstance(sources, dict) else sources or []:
+            if isinstance(src, dict) and isinstance(src.get("path"), str) and not Path(src["path"]).is_absolute():
+                candidate = base / src["path"]
+                if candidate.exists() or any(base.glob(src["path"])):
+                    src["path"] = str(candidate)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a train config YAML, apply `--set` overrides, and validate.
+
+    Example:
+        >>> cfg = load_config("examples/tiny.yaml", ["train.lr=1e-4"])  # doctest: +SKIP
+    """
+    raw = read_yaml(path)
+    _resolve_relative_paths(raw, Path(path).parent)
+    return parse_config(apply_overrides(raw, overrides or []), str(path))
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML. Inline rows are summarized; it holds no secrets by construction."""
+    data = cfg.model_dump(mode="json")
+    for section in ("train", "eval"):
+        for src in data["data"].get(section) or []:
+            if src.get("rows") is not None:
+                src["rows"] = f"<{len(src['rows'])} inline rows>"
+    return yaml.safe_dump(data, sort_keys=False)

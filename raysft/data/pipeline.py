@@ -1,0 +1,221 @@
+"""The data pipeline: read + normalize (driver, before Ray) -> tokenize + mask (Ray Data actors, cached)
+-> length policy -> pack -> Ray Datasets streamed to the training workers.
+
+The tokenized cache is keyed by content (source bytes, source options, tokenizer, masking) and not by
+max_seq_len, so a rerun or a sweep over sequence lengths only re-applies the length policy and re-packs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+from transformers import PreTrainedTokenizerBase
+
+from raysft.config import Config, DataConfig, SourceConfig
+from raysft.data.packing import apply_length_policy, pack_examples, packing_efficiency, unpacked_rows
+from raysft.data.sources import load_examples
+from raysft.data.tokenize import TokenizeBatch
+
+# Bump when tokenization or masking changes meaning, so old caches are not reused.
+CACHE_VERSION = "1"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RAYSFT_CACHE", "~/.cache/raysft")).expanduser() / "tokenized"
+
+
+def _hash_path(path: Path, digest: Any) -> None:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+
+
+def _source_fingerprint(source: SourceConfig, digest: Any) -> None:
+    digest.update(json.dumps(source.model_dump(exclude={"rows"}), sort_keys=True).encode())
+    if source.rows is not None:
+        digest.update(json.dumps(source.rows, sort_keys=True, default=str).encode())
+    elif source.path is not None:
+        matched = sorted(Path().glob(source.path)) if any(c in source.path for c in "*?[") else [Path(source.path)]
+        for path in matched:
+            if path.exists():
+                _hash_path(path, digest)
+    elif source.hf_dataset is not None and Path(source.hf_dataset).is_dir():
+        _hash_path(Path(source.hf_dataset), digest)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update((backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)).encode())
+    digest.update(str(tokenizer.chat_template).encode())
+    digest.update(str(tokenizer.eos_token).encode())
+    return digest.hexdigest()
+
+
+def cache_key(sources: list[SourceConfig], tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool) -> str:
+    digest = hashlib.sha256(f"{CACHE_VERSION}|{train_on_inputs}|{tokenizer_fingerprint(tokenizer)}".encode())
+    for source in sources:
+        _source_fingerprint(source, digest)
+    return digest.hexdigest()[:24]
+
+
+@dataclass
+class Split:
+    """One split on its way through the pipeline: its cache file, and the rows to tokenize on a miss."""
+
+    name: str
+    cache_file: Path
+    examples: list[dict[str, Any]] | None
+
+
+def read_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Split]:
+    """Phase 1, before Ray starts: read and validate every source not already in the tokenized cache."""
+    cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    splits = []
+    for name, sources in (("train", cfg.train), ("eval", cfg.eval)):
+        if not sources:
+            continue
+        cache_file = cache_root / cache_key(sources, tokenizer, cfg.train_on_inputs) / "examples.parquet"
+        splits.append(Split(name, cache_file, None if cache_file.exists() else load_examples(sources)))
+    return splits
+
+
+def _tokenize_with_ray(examples: list[dict[str, Any]], tokenizer_dir: str, cfg: DataConfig) -> pa.Table:
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # the cache (and so the data order) must be deterministic
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    dataset = ray.data.from_items(examples).map_batches(
+        TokenizeBatch,
+        fn_constructor_args=(tokenizer_dir, cfg.train_on_inputs),
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.num_tokenize_workers, max(1, len(examples) // 256))),
+        batch_size=256,
+        batch_format="numpy",
+    )
+    return pa.Table.from_pandas(dataset.select_columns(["input_ids", "labels", "origin"]).to_pandas(), preserve_index=False)
+
+
+def _write_atomically(table: pa.Table, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    pq.write_table(table, staging)
+    os.replace(staging, target)
+
+
+def tokenize_splits(splits: list[Split], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> dict[str, list[dict[str, Any]]]:
+    """Phase 2, on Ray: tokenize what is not cached (parallel actors), then load every split's tokens."""
+    pending = [s for s in splits if s.examples is not None]
+    if pending:
+        # One Ray Data job for all splits: the actor pool (and its tokenizer load) starts once.
+        examples = [e for split in pending for e in split.examples or []]
+        with tempfile.TemporaryDirectory() as tokenizer_dir:
+            tokenizer.save_pretrained(tokenizer_dir)
+            table = _tokenize_with_ray(examples, tokenizer_dir, cfg)
+        offset = 0
+        for split in pending:
+            count = len(split.examples or [])
+            _write_atomically(table.slice(offset, count), split.cache_file)
+            offset += count
+    tokens = {}
+    for split in splits:
+        table = pq.read_table(split.cache_file)
+        tokens[split.name] = [
+            {"input_ids": np.asarray(ids, dtype=np.int64), "labels": np.asarray(labels, dtype=np.int64), "origin": origin}
+            for ids, labels, origin in zip(
+                table.column("input_ids").to_pylist(), table.column("labels").to_pylist(), table.column("origin").to_pylist()
+            )
+        ]
+    return tokens
+
+
+@dataclass
+class DataStats:
+    """What happened to the data; printed by `raysft data` and saved as data_stats.json."""
+
+    rows_read: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    examples_kept: dict[str, int] = field(default_factory=dict)
+    token_length_percentiles: dict[str, dict[str, int]] = field(default_factory=dict)
+    trained_token_fraction: dict[str, float] = field(default_factory=dict)
+    rows_after_packing: dict[str, int] = field(default_factory=dict)
+    packing_efficiency: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PreparedData:
+    """Packed rows for each split, ready to hand to TorchTrainer."""
+
+    rows: dict[str, list[dict[str, Any]]]
+    examples: dict[str, list[dict[str, Any]]]
+    stats: DataStats
+    fingerprint: str
+
+    def ray_datasets(self) -> dict[str, ray.data.Dataset]:
+        return {name: _to_ray_dataset(rows) for name, rows in self.rows.items()}
+
+
+def _to_ray_dataset(rows: list[dict[str, Any]]) -> ray.data.Dataset:
+    table = pa.table(
+        {
+            "row_id": pa.array(np.arange(len(rows), dtype=np.int64)),
+            **{            key: pa.array([np.asarray(r[key], dtype=np.int32) for r in rows], type=pa.list_(pa.int32()))
+            for key in ("input_ids", "labels", "position_ids")},
+        }
+    )
+    return ray.data.from_arrow(table)
+
+
+def _hold_out(examples: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    order = np.random.default_rng(seed).permutation(len(examples))
+    held = set(order[: int(round(len(examples) * fraction))].tolist())
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def shape_splits(tokens: dict[str, list[dict[str, Any]]], cfg: Config) -> PreparedData:
+    """Length policy, eval hold-out, packing and statistics (cheap; rerun for every seq_len)."""
+    data = cfg.data
+    tokens = dict(tokens)
+    if "eval" not in tokens and data.eval_fraction > 0:
+        tokens["train"], tokens["eval"] = _hold_out(tokens["train"], data.eval_fraction, cfg.train.seed)
+    stats, rows, kept_examples = DataStats(), {}, {}
+    digest = hashlib.sha256(f"{data.max_seq_len}|{data.over_length}|{data.packing}".encode())
+    for name, examples in tokens.items():
+        kept, counts = apply_length_policy(examples, data.max_seq_len, data.over_length)
+        if not kept:
+            raise ValueError(f"data.{name}: no examples left after the length policy ({counts}); check max_seq_len")
+        packed = pack_examples(kept, data.max_seq_len) if data.packing else unpacked_rows(kept)
+        lengths = np.array([len(e["input_ids"]) for e in kept])
+        trained = sum(int((e["labels"] != -100).sum()) for e in kept)
+        stats.rows_read[name] = len(examples)
+        stats.counts[name] = counts
+        stats.examples_kept[name] = len(kept)
+        stats.token_length_percentiles[name] = {
+            f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)
+        } | {"max": int(lengths.max())}
+        stats.trained_token_fraction[name] = trained / max(int(lengths.sum()), 1)
+        stats.rows_after_packing[name] = len(packed)
+        stats.packing_efficiency[name] = packing_efficiency(packed, data.max_seq_len)
+        rows[name], kept_examples[name] = packed, kept
+        for row in packed:
+            digest.update(np.asarray(row["input_ids"], dtype=np.int64).tobytes())
+            digest.update(np.asarray(row["labels"], dtype=np.int64).tobytes())
+    return PreparedData(rows, kept_examples, stats, digest.hexdigest()[:24])
+
+
+def stats_json(stats: DataStats) -> str:
+    return json.dumps(stats.__dict__, indent=2)
+

@@ -1,0 +1,229 @@
+"""Read raw rows from files, Hugging Face datasets and inline lists; load and normalize them.
+
+Each row comes with an origin (``file:LINE``, ``file:row N``, ``hf:NAME[i]``, ``rows[i]``) so
+that every later error can say exactly where the bad data is.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import itertools
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from raysft.config import SourceConfig
+from raysft.data.formats import DataError, detect_format, normalize_row
+
+FILE_TYPES = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+
+# Past this many problems the rest are usually the same mistake repeated; stop and report.
+MAX_PROBLEMS = 10
+
+_WHITESPACE = re.compile(r"\s*")
+
+
+def read_source(source: SourceConfig) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(origin, raw_row)`` for every row of a source, at most ``source.limit`` of them.
+
+    Example:
+        >>> list(read_source(SourceConfig(rows=[{"text": "hi"}])))
+        [('rows[0]', {'text': 'hi'})]
+    """
+    if source.path is not None:
+        rows = _read_paths(source.path, source.file_type)
+    elif source.hf_dataset is not None:
+        rows = _read_hf(source)
+    else:
+        rows = _read_inline(source.rows or [])
+    return itertools.islice(rows, source.limit)
+
+
+def load_examples(sources: list[SourceConfig]) -> list[dict[str, Any]]:
+    """Read, detect the format of, and normalize every source; raise one DataError listing the problems.
+
+    Example:
+        >>> load_examples([SourceConfig(rows=[{"prompt": "Hi", "response": "Hello"}])])[0]["messages"][1]
+        {'role': 'assistant', 'content': 'Hello'}
+    """
+    examples: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for source in sources:
+        _load_source(source, examples, problems)
+        if len(problems) >= MAX_PROBLEMS:
+            break
+    if problems:
+        more = f"\n(stopped after {MAX_PROBLEMS} problems; fix these and run again)" if len(problems) >= MAX_PROBLEMS else ""
+        raise DataError("\n".join(problems) + more)
+    return examples
+
+
+def _load_source(source: SourceConfig, examples: list[dict[str, Any]], problems: list[str]) -> None:
+    """Append one source's normalized rows to `examples` and its problems to `problems`."""
+    fmt = None if source.format == "auto" else source.format
+    try:
+        for origin, row in read_source(source):
+            if fmt is None:
+                # Detected once, from the first row: a source has one format, and later rows that
+                # don't fit it are reported as the data problems they are.
+                fmt = detect_format(row, source, origin)
+            try:
+                examples.append(normalize_row(row, fmt, source, origin))
+            except DataError as err:
+                problems.append(str(err))
+                if len(problems) >= MAX_PROBLEMS:
+                    return
+    except DataError as err:
+        # Unreadable input or an undetectable format: the rest of this source can't be trusted.
+        problems.append(str(err))
+
+
+def _read_inline(rows: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    if not rows:
+        raise DataError("rows: no rows given")
+    for index, row in enumerate(rows):
+        yield f"rows[{index}]", row
+
+
+def _read_paths(path: str, file_type: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    for file in _resolve_files(path, file_type):
+        kind = file_type if file_type != "auto" else FILE_TYPES[file.suffix.lower()]
+        reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}[kind]
+        yielded = False
+        for item in reader(file):
+            yielded = True
+            yield item
+        if not yielded:
+            raise DataError(f"{file}: the file holds no rows")
+
+
+def _resolve_files(path: str, file_type: str) -> list[Path]:
+    """The files a source path names: a file, every supported file in a folder, or a glob's matches."""
+    suffixes = set(FILE_TYPES) if file_type == "auto" else {s for s, t in FILE_TYPES.items() if t == file_type}
+    target = Path(path)
+    if target.is_file():
+        if file_type == "auto" and target.suffix.lower() not in FILE_TYPES:
+            raise DataError(
+                f"{path}: cannot tell the file type from the extension '{target.suffix}'; "
+                f"use one of {', '.join(FILE_TYPES)} or set file_type"
+            )
+        return [target]
+    if target.is_dir():
+        files = sorted(p for p in target.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+        what = f"no {'/'.join(sorted(suffixes))} files in the folder"
+    elif glob.has_magic(path):
+        files = sorted(Path(p) for p in glob.glob(path) if Path(p).is_file() and Path(p).suffix.lower() in suffixes)
+        what = f"the pattern matches no {'/'.join(sorted(suffixes))} files"
+    else:
+        raise DataError(f"{path}: no such file or folder")
+    if not files:
+        raise DataError(f"{path}: {what}")
+    return files
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            origin = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{origin}: invalid JSON: {err.msg} (column {err.colno})") from None
+            yield origin, _as_object(row, origin)
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    try:
+        start = _WHITESPACE.match(text).end()  # type: ignore[union-attr]  # \s* always matches
+        if text.startswith("[", start):
+            yield from _json_array_items(path, text, start)
+            return
+        document = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+    lists = [key for key, value in document.items() if isinstance(value, list)] if isinstance(document, dict) else []
+    if len(lists) != 1:
+        raise DataError(
+            f"{path}: expected a JSON array of row objects, or an object holding exactly one list of them "
+            f"(got {type(document).__name__}{' with list keys ' + str(lists) if lists else ''})"
+        )
+    for index, row in enumerate(document[lists[0]]):
+        origin = f"{path}:{lists[0]}[{index}]"
+        yield origin, _as_object(row, origin)
+
+
+def _json_array_items(path: Path, text: str, start: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Decode a top-level JSON array item by item, so each row's origin can name its line."""
+    decoder = json.JSONDecoder()
+    position, line, counted_to = start + 1, 1, 0
+    for index in itertools.count():
+        position = _WHITESPACE.match(text, position).end()  # type: ignore[union-attr]
+        if text.startswith("]", position):
+            break
+        if index > 0:
+            if not text.startswith(",", position):
+                raise json.JSONDecodeError("expected ',' or ']' between array items", text, position)
+            position = _WHITESPACE.match(text, position + 1).end()  # type: ignore[union-attr]
+        row, end = decoder.raw_decode(text, position)
+        line += text.count("\n", counted_to, position)
+        counted_to = position
+        origin = f"{path}:{line} [{index}]"
+        yield origin, _as_object(row, origin)
+        position = end
+    if text[position + 1 :].strip():
+        raise json.JSONDecodeError("extra data after the array", text, position + 1)
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        next_line = 2  # the header is line 1
+        for row in reader:
+            # A quoted cell may span lines; report the line the record starts on.
+            origin, next_line = f"{path}:{next_line}", reader.line_num + 1
+            if None in row:
+                raise DataError(f"{origin}: the row has more cells than the header has columns")
+            yield origin, row
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    number = 0
+    for batch in pq.ParquetFile(path).iter_batches():
+        for row in batch.to_pylist():
+            number += 1
+            yield f"{path}:row {number}", row
+
+
+def _read_hf(source: SourceConfig) -> Iterator[tuple[str, dict[str, Any]]]:
+    import datasets
+
+    name = source.hf_dataset
+    assert name is not None  # read_source dispatches here only when it is set
+    if Path(name).is_dir():
+        loaded = datasets.load_from_disk(name)
+        if isinstance(loaded, datasets.DatasetDict):
+            if source.split not in loaded:
+                raise DataError(f"hf:{name}: no split '{source.split}' (splits: {', '.join(loaded)})")
+            loaded = loaded[source.split]
+    else:
+        loaded = datasets.load_dataset(name, source.hf_config, split=source.split)
+    if len(loaded) == 0:
+        raise DataError(f"hf:{name}: split '{source.split}' holds no rows")
+    for index, row in enumerate(loaded):
+        yield f"hf:{name}[{index}]", row
+
+
+def _as_object(row: Any, origin: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise DataError(f"{origin}: expected a JSON object (one row), got {type(row).__name__}")
+    return row

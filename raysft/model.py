@@ -1,0 +1,134 @@
+"""Model loading: HF folder / hub id / GGUF, bitsandbytes quantization, LoRA, gradient checkpointing."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from raysft.config import LoraConfig, ModelConfig
+from raysft.data.tokenize import ensure_chat_template
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _source(cfg: ModelConfig) -> tuple[str, dict[str, object]]:
+    """Folder/id to load from and the keyword arguments shared by model and tokenizer."""
+    location, gguf_file = cfg.name_or_path, cfg.gguf_file
+    if location.endswith(".gguf") and gguf_file is None:
+        location, gguf_file = str(Path(location).parent), Path(location).name
+    kwargs: dict[str, object] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    return location, kwargs
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The model's tokenizer with a chat template (the configured fallback if it ships none)."""
+    location, kwargs = _source(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    ensure_chat_template(tokenizer, cfg.chat_template)
+    if tokenizer.pad_token_id is None:
+        # Padding positions never reach the loss (labels -100), so any id works; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, device: torch.device, for_training: bool = True) -> PreTrainedModel:
+    """Load the base causal LM on `device`, quantized if asked."""
+    location, kwargs = _source(cfg)
+    if cfg.quantization != "none":
+        compute = torch.bfloat16 if cfg.dtype == "float32" and device.type == "cuda" else _DTYPES[cfg.dtype]
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=cfg.quantization == "4bit",
+            load_in_8bit=cfg.quantization == "8bit",
+            bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=cfg.bnb_4bit_double_quant,
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(
+        location, dtype=_DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation, **kwargs
+    )
+    if cfg.quantization == "none":
+        model.to(device)
+    if cfg.gguf_file or cfg.name_or_path.endswith(".gguf"):
+        # GGUF weights are dequantized on load; the leftover quantizer marker would block save_pretrained.
+        model.hf_quantizer = None
+    model.config.use_cache = False
+    if for_training and cfg.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    if for_training and cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing works with DDP and with frozen inputs (LoRA) without input grads hacks.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int) -> nn.Module:
+    """Wrap `model` with LoRA adapters (or leave every weight trainable for a full fine-tune)."""
+    if not cfg.enabled:
+        model.requires_grad_(True)
+        return model
+    torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same init on every worker
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        modules_to_save=cfg.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def causal_lm(model: nn.Module) -> PreTrainedModel:
+    """The transformers causal LM inside a PEFT wrapper (LoRA layers are injected in place)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model  # type: ignore[return-value]
+
+
+class TokenLoss(nn.Module):
+    """Causal LM whose forward returns the summed cross-entropy over trained tokens only.
+
+    The output head runs only on positions whose next token is trained, so prompts and padding cost
+    no vocabulary-sized logits. DDP wraps this module, so gradient sync sees the whole forward.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        lm = causal_lm(model)
+        self.backbone = lm.get_decoder()
+        self.head = lm.get_output_embeddings()
+        self.softcap: float | None = getattr(lm.config, "final_logit_softcapping", None)
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (sum of token losses, number of correctly predicted trained tokens)."""
+        # No attention_mask and use_cache=False: transformers builds a block-diagonal causal mask from
+        # the restarts in position_ids, so packed examples never attend to each other.
+        hidden = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        targets = labels[:, 1:]
+        # A position whose next token starts a new packed example must not predict it.
+        trained = (targets != -100) & (position_ids[:, 1:] != 0)
+        logits = self.head(hidden[:, :-1][trained]).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        wanted = targets[trained]
+        loss_sum = nn.functional.cross_entropy(logits, wanted, reduction="sum")
+        correct = (logits.detach().argmax(-1) == wanted).sum()
+        return loss_sum, correct
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the parameters being trained (the adapter for LoRA), detached on CPU."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,70 @@
+"""Where metrics go: metrics.jsonl (always), console, TensorBoard and W&B. Rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from raysft.config import Config, to_yaml
+
+
+class Tracker:
+    """Fan one metrics dict out to every enabled sink. W&B runs offline when no API key is set."""
+
+    def __init__(self, cfg: Config, output_dir: Path, total_steps: int):
+        self.total_steps = total_steps
+        self.console = cfg.tracking.console
+        self.metrics_file = (output_dir / "metrics.jsonl").open("a", buffering=1)
+        self.tensorboard = None
+        self.wandb_run = None
+        if cfg.tracking.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        if cfg.tracking.wandb:
+            import wandb
+
+            # The key is read by wandb from the environment; it never passes through raysft's config or logs.
+            self.wandb_run = wandb.init(
+                project=cfg.tracking.wandb_project,
+                group=cfg.tracking.wandb_group,
+                name=cfg.tracking.run_name or output_dir.name,
+                dir=str(output_dir),
+                mode="online" if os.environ.get("WANDB_API_KEY") else "offline",
+                config=_public_config(cfg),
+                reinit="create_new",
+            )
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tensorboard is not None:
+            for name, value in metrics.items():
+                self.tensorboard.add_scalar(f"{'eval' if name.startswith('eval_') else 'train'}/{name}", value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+        if self.console:
+            shown = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k not in {"epoch", "skipped"})
+            print(f"[raysft] step {step}/{self.total_steps}  {shown}", flush=True)
+
+    def log_text(self, text: str) -> None:
+        if self.console:
+            print(f"[raysft] {text}", flush=True)
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _public_config(cfg: Config) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(to_yaml(cfg))

@@ -1,0 +1,292 @@
+"""The training loop every Ray Train worker runs, written out in one place.
+
+forward -> token-weighted loss -> backward (accumulate) -> unscale/clip -> step -> schedule -> eval -> report
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.data
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from raysft.config import Config
+from raysft.data.packing import collate
+from raysft.model import TokenLoss, apply_lora, load_model, load_tokenizer, trainable_state_dict
+from raysft.track import Tracker
+from raysft.train.checkpoint import latest_verified, load_checkpoint, save_checkpoint
+from raysft.train.optim import build_optimizer, lr_at, set_lr
+
+# Fault injection for resilience tests: "STEP:MARKER_FILE" makes rank 0 die once at STEP.
+FAULT_ENV = "RAYSFT_FAULT_AT_STEP"
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Packed rows held by a worker, in a fixed order (by row_id) on every worker and every run."""
+
+    input_ids: list[np.ndarray]
+    labels: list[np.ndarray]
+    position_ids: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def batch(self, indices: np.ndarray, pad_token_id: int) -> dict[str, torch.Tensor]:
+        rows = [
+            {"input_ids": self.input_ids[i], "labels": self.labels[i], "position_ids": self.position_ids[i]}
+            for i in indices
+        ]
+        return collate(rows, pad_token_id)
+
+    def trained_tokens(self, indices: np.ndarray) -> int:
+        """Tokens that contribute to the loss (next-token targets inside one example)."""
+        return sum(int(((self.labels[i][1:] != -100) & (self.position_ids[i][1:] != 0)).sum()) for i in indices)
+
+    def real_tokens(self, indices: np.ndarray) -> int:
+        return sum(len(self.input_ids[i]) for i in indices)
+
+
+def read_rows(name: str) -> Rows:
+    """Pull a (not split) Ray Data shard into worker memory, ordered by row_id."""
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker per split is noise
+    shard = ray.train.get_dataset_shard(name)
+    columns: dict[str, list[Any]] = {"row_id": [], "input_ids": [], "labels": [], "position_ids": []}
+    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+        for key in columns:
+            columns[key].extend(batch[key])
+    order = np.argsort(np.asarray(columns["row_id"]), kind="stable")
+
+    def pick(key: str) -> list[np.ndarray]:
+        return [np.asarray(columns[key][i], dtype=np.int64) for i in order]
+
+    return Rows(pick("input_ids"), pick("labels"), pick("position_ids"))
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The row order of one epoch: a pure function of (seed, epoch), so resume continues it exactly."""
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def steps_per_epoch(num_rows: int, global_batch: int) -> int:
+    if num_rows < global_batch:
+        raise ValueError(
+            f"{num_rows} training rows after packing but one optimizer step needs {global_batch} "
+            "(num_workers x micro_batch_size x grad_accum_steps): lower those or add data"
+        )
+    return num_rows // global_batch  # the incomplete tail of an epoch is dropped, like drop_last
+
+
+def total_steps(cfg: Config, num_rows: int, world_size: int) -> int:
+    global_batch = max(1, world_size) * cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+    per_epoch = steps_per_epoch(num_rows, global_batch)
+    return cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(
+    loss_module: TokenLoss, rows: Rows, cfg: Config, rank: int, world: int, pad_id: int, device: torch.device
+) -> dict[str, float]:
+    """Token-weighted eval loss, perplexity and next-token accuracy over all eval rows and workers."""
+    loss_module.eval()
+    mine = np.arange(rank, len(rows), world)
+    loss_sum = correct = 0.0
+    for start in range(0, len(mine), cfg.train.micro_batch_size):
+        indices = mine[start : start + cfg.train.micro_batch_size]
+        batch = {k: v.to(device) for k, v in rows.batch(indices, pad_id).items()}
+        with _autocast(cfg.train.precision, device):
+            batch_loss, batch_correct = loss_module(**batch)
+        loss_sum += float(batch_loss)
+        correct += float(batch_correct)
+    tokens = rows.trained_tokens(mine)
+    loss_sum, correct, tokens = _all_reduce_sum([loss_sum, correct, tokens], device)
+    loss_module.train()
+    eval_loss = loss_sum / max(tokens, 1.0)
+    return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)), "eval_token_accuracy": correct / max(tokens, 1.0)}
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or rank != 0:
+        return
+    at, _, marker = spec.partition(":")
+    if step == int(at) and not Path(marker).exists():
+        Path(marker).write_text(f"killed at step {step}\n")
+        os._exit(1)
+
+
+def _truncate_metrics(path: Path, after_step: int) -> None:
+    """On resume, drop metric lines logged after the checkpoint (they are about to be redone)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after_step]
+    staging = path.with_suffix(".jsonl.tmp")
+    staging.write_text("".join(line + "\n" for line in kept))
+    os.replace(staging, path)
+
+
+def _save_final(model: nn.Module, cfg: Config, output_dir: Path) -> None:
+    final, staging = output_dir / "final", output_dir / ".staging_final"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    load_tokenizer(cfg.model).save_pretrained(staging)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point. `loop_config` holds the resolved config and run paths."""
+    cfg = Config.model_validate(loop_config["config"])
+    output_dir = Path(loop_config["output_dir"])
+    checkpoint_root = Path(loop_config["checkpoint_root"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed + rank)
+
+    train_rows = read_rows("train")
+    eval_rows = read_rows("eval") if loop_config["has_eval"] else None
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    global_batch = world * micro * accum
+    per_epoch = steps_per_epoch(len(train_rows), global_batch)
+    num_steps = total_steps(cfg, len(train_rows), world)
+
+    model = apply_lora(load_model(cfg.model, device), cfg.lora, cfg.train.seed)
+    pad_id = int(loop_config["pad_token_id"])
+    loss_module = TokenLoss(model)
+    forward: nn.Module = loss_module
+    if world > 1:
+        forward = ray.train.torch.prepare_model(loss_module, move_to_device=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, cfg.train)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+
+    start_step = 0
+    # The driver refuses to start over an existing run without --resume, so a checkpoint here means
+    # either --resume or a restart after a worker failure: both continue from the newest verified one.
+    resume_from = latest_verified(checkpoint_root)
+    if resume_from is not None:
+        trainable, optimizer_state, state = load_checkpoint(resume_from, rank)
+        if state["data_fingerprint"] != loop_config["data_fingerprint"]:
+            raise RuntimeError(f"{resume_from} was made with different data; start a new output_dir")
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in trainable.items():
+                named[name].copy_(tensor)
+        optimizer.load_state_dict(optimizer_state)
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_step = state["step"]
+
+    tracker = Tracker(cfg, output_dir, total_steps=num_steps) if rank == 0 else None
+    if tracker is not None:
+        _truncate_metrics(output_dir / "metrics.jsonl", start_step)
+        tracker.log_text(f"resuming from {resume_from} at step {start_step}" if resume_from else
+                         f"{len(train_rows)} rows, {num_steps} steps, {world} worker(s), global batch {global_batch} rows")
+
+    def report(metrics: dict[str, float], step: int) -> None:
+        if tracker is not None:
+            tracker.log(metrics, step)
+        ray.train.report({"step": step, **metrics})
+
+    if eval_rows is not None and cfg.train.eval_every and start_step == 0:
+        report(evaluate(loss_module, eval_rows, cfg, rank, world, pad_id, device), 0)
+
+    loss_module.train()
+    order, order_epoch = np.empty(0, dtype=np.int64), -1
+    seen_tokens = 0
+    interval_start, interval_tokens = time.perf_counter(), 0
+    step = start_step
+    for step in range(start_step, num_steps):
+        _maybe_inject_fault(step, rank)
+        epoch, index = divmod(step, per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(len(train_rows), cfg.train.seed, epoch), epoch
+        step_rows = order[index * global_batch : (index + 1) * global_batch]
+        # Normalize by the trained tokens of the whole global batch (all workers, all micro-batches):
+        # then k micro-batches == one batch of k x, and N workers == one worker, exactly.
+        step_trained = train_rows.trained_tokens(step_rows)
+        set_lr(optimizer, lr_at(step, cfg.train, num_steps))
+
+        local_loss_sum = 0.0
+        for m in range(accum):
+            start = (m * world + rank) * micro
+            batch = {k: v.to(device) for k, v in train_rows.batch(step_rows[start : start + micro], pad_id).items()}
+            syncing = m == accum - 1 or world == 1
+            with contextlib.nullcontext() if syncing else forward.no_sync():  # type: ignore[operator]
+                with _autocast(cfg.train.precision, device):
+                    loss_sum, _ = forward(**batch)
+                # DDP averages gradients over workers; multiply by world so the result is the global sum / N.
+                scaler.scale(loss_sum * (world / max(step_trained, 1))).backward()
+            local_loss_sum += float(loss_sum.detach())
+
+        scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf")))
+        (global_loss_sum,) = _all_reduce_sum([local_loss_sum], device)
+        loss = global_loss_sum / max(step_trained, 1)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if not finite and cfg.train.on_nonfinite == "abort":
+            raise FloatingPointError(f"non-finite loss {loss} / grad norm {grad_norm} at step {step + 1}; aborting")
+        if finite or scaler.is_enabled():
+            scaler.step(optimizer)  # with fp16 the scaler itself skips steps whose gradients overflowed
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        real_tokens = train_rows.real_tokens(step_rows)
+        seen_tokens += real_tokens
+        interval_tokens += real_tokens
+        done = step + 1
+        metrics: dict[str, float] = {}
+        if done % cfg.train.log_every == 0 or done == num_steps:
+            elapsed = time.perf_counter() - interval_start
+            metrics.update(
+                loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm, epoch=done / per_epoch,
+                tokens_per_s=interval_tokens / max(elapsed, 1e-9), num_tokens=seen_tokens,
+                trained_tokens=step_trained, skipped=0.0 if finite else 1.0,
+            )
+            interval_start, interval_tokens = time.perf_counter(), 0
+        if eval_rows is not None and (
+            (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == num_steps
+        ):
+            metrics.update(evaluate(loss_module, eval_rows, cfg, rank, world, pad_id, device))
+        if metrics:
+            report(metrics, done)
+        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < num_steps:
+            trainable = trainable_state_dict(model)
+            if all(torch.isfinite(t).all() for t in trainable.values()):
+                state = {"data_fingerprint": loop_config["data_fingerprint"], "scaler": scaler.state_dict()}
+                save_checkpoint(checkpoint_root, done, trainable, optimizer, state, rank, cfg.train.checkpoints_to_keep)
+            elif tracker is not None:
+                tracker.log_text(f"step {done}: weights are not finite; checkpoint not written")
+
+    if rank == 0:
+        _save_final(model, cfg, output_dir)
+    if tracker is not None:
+        tracker.close()

@@ -1,0 +1,66 @@
+"""Shared fixtures: one real local Ray per session, a tiny tokenizer, tiny models, the shared data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from tests.tiny import make_model, make_tokenizer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: needs the SmolLM2-135M model or runs for minutes")
+    config.addinivalue_line("markers", "cluster: starts and stops a real `ray start` cluster (owns the machine's Ray)")
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer")
+    make_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir: Path) -> PreTrainedTokenizerBase:
+    # Loaded back from disk, as the pipeline's workers load it.
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(
+    tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerBase
+) -> Callable[[str], Path]:
+    built: dict[str, Path] = {}
+
+    def factory(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = make_model(arch, tmp_path_factory.mktemp(f"model-{arch}"), tiny_tokenizer)
+        return built[arch]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model_factory: Callable[[str], Path]) -> Path:
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    # ../shared/data next to the project root: read in place, never copied into the project.
+    path = Path(__file__).parents[1].parent / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(f"shared data not found at {path}")
+    return path

@@ -1,0 +1,92 @@
+"""The typed config: YAML, --set overrides, and errors that name the dotted key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raysft.config import ConfigError, apply_overrides, load_config, parse_config, to_yaml
+
+MINIMAL = {"model": {"name_or_path": "some/model"}, "data": {"train": {"path": "train.jsonl"}}}
+
+
+def write(tmp_path: Path, raw: dict | str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
+    return path
+
+
+def test_defaults_and_single_source_becomes_list() -> None:
+    cfg = parse_config(MINIMAL)
+    assert cfg.data.train[0].path == "train.jsonl"
+    assert cfg.lora.enabled and cfg.lora.target_modules == "all-linear"
+    assert cfg.train.precision == "fp32" and cfg.scaling.num_workers == 1
+
+
+def test_unknown_key_suggests_the_closest_valid_one() -> None:
+    raw = {**MINIMAL, "train": {"learning_rate": 1e-4}, "lora": {"rank": 8}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    text = str(err.value)
+    assert "train.learning_rate: unknown key" in text
+    assert "lora.rank: unknown key" in text
+    assert "did you mean 'lora.r'" in text
+    assert len(err.value.problems) == 2  # every problem at once, not the first one only
+
+
+def test_wrong_types_and_ranges_name_their_keys() -> None:
+    raw = {**MINIMAL, "train": {"lr": "fast", "micro_batch_size": 0, "precision": "fp8"}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    keys = " ".join(err.value.problems)
+    for key in ("train.lr", "train.micro_batch_size", "train.precision"):
+        assert key in keys
+
+
+def test_nested_unknown_key_in_a_source_list() -> None:
+    raw = {"model": {"name_or_path": "m"}, "data": {"train": [{"path": "a.jsonl", "colums": "x"}]}}
+    with pytest.raises(ConfigError, match=r"data\.train\.0\.colums: unknown key"):
+        parse_config(raw)
+
+
+def test_source_needs_exactly_one_origin() -> None:
+    with pytest.raises(ConfigError, match="exactly one of path, hf_dataset, rows"):
+        parse_config({"model": {"name_or_path": "m"}, "data": {"train": {"path": "a", "hf_dataset": "b"}}})
+
+
+def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    cfg = load_config(write(tmp_path, MINIMAL), ["train.lr=1e-4", "lora.r=32", "lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.train.lr == 1e-4 and cfg.lora.r == 32 and cfg.lora.target_modules == ["q_proj", "v_proj"]
+    # Relative data paths resolve against the YAML's folder.
+    assert Path(cfg.data.train[0].path) == tmp_path / "train.jsonl"
+
+
+def test_override_errors() -> None:
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="train.lr.x: unknown key|is not a section"):
+        parse_config(apply_overrides({**MINIMAL, "train": {"lr": 1.0}}, ["train.lr.x=1"]))
+
+
+def test_bad_yaml_names_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "model:\n  name_or_path: m\ndata: [unclosed\n")
+    with pytest.raises(ConfigError, match=rf"{path}:\d+: invalid YAML"):
+        load_config(path)
+
+
+def test_saved_config_round_trips_and_summarizes_inline_rows() -> None:
+    cfg = parse_config(MINIMAL)
+    assert parse_config(yaml.safe_load(to_yaml(cfg))) == cfg
+    inline = parse_config({"model": {"name_or_path": "m"}, "data": {"train": {"rows": [{"text": "a"}] * 3}}})
+    assert "<3 inline rows>" in to_yaml(inline)
+
+
+def test_every_shipped_example_validates() -> None:
+    examples = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+    assert examples, "examples/ must ship at least one config"
+    for path in examples:
+        assert path.read_text().startswith("#"), f"{path} must open with the command that runs it"
+        load_config(path)

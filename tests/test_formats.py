@@ -1,0 +1,451 @@
+"""Reading sources, detecting formats and normalizing rows (raysft.data.formats / sources)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raysft.config import SourceConfig
+from raysft.data.formats import DataError, detect_format, normalize_row
+from raysft.data.sources import MAX_PROBLEMS, load_examples, read_source
+
+QA_ROWS = [
+    {"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
+    {"question": "Name a prime.", "answer": "7"},
+    {"question": "Capital of France?", "answer": "Paris"},
+]
+QA_MESSAGES = [
+    [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}] for row in QA_ROWS
+]
+
+
+def _src(**kwargs: Any) -> SourceConfig:
+    return SourceConfig(**kwargs)
+
+
+def _one(row: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """Load a single inline row through the whole reader path."""
+    return load_examples([_src(rows=[row], **kwargs)])[0]
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+# --- the shared data sets, read in place ------------------------------------------------------------
+
+
+def test_gsm8k_jsonl_is_prompt_response(shared_data: Path) -> None:
+    path = shared_data / "gsm8k" / "train.jsonl"
+    first_row = next(iter(read_source(_src(path=str(path))))) [1]
+    assert detect_format(first_row, _src(path=str(path))) == "prompt_response"
+    examples = load_examples([_src(path=str(path), limit=5)])
+    assert len(examples) == 5
+    assert examples[0]["origin"] == f"{path}:1"
+    assert examples[4]["origin"] == f"{path}:5"
+    assert examples[0]["messages"] == [
+        {"role": "user", "content": first_row["question"]},
+        {"role": "assistant", "content": first_row["answer"]},
+    ]
+    assert examples[0]["text"] is None
+
+
+def test_gsm8k_folder_reads_both_files_sorted(shared_data: Path) -> None:
+    examples = load_examples([_src(path=str(shared_data / "gsm8k"))])
+    assert len(examples) == 7473 + 1319
+    # Sorted by name: test.jsonl before train.jsonl; the LICENSE file is not a data file.
+    assert examples[0]["origin"].endswith("test.jsonl:1")
+    assert examples[-1]["origin"].endswith("train.jsonl:7473")
+
+
+def test_code_alpaca_json_is_alpaca_with_line_numbers(shared_data: Path) -> None:
+    path = shared_data / "code_alpaca" / "code_alpaca_2k.json"
+    raw = json.loads(path.read_text())
+    examples = load_examples([_src(path=str(path), limit=10)])
+    assert detect_format(raw[0], _src(path=str(path))) == "alpaca"
+    # Row 0 (with input) starts on line 2 of the pretty-printed array, each row 5 lines later.
+    assert examples[0]["origin"] == f"{path}:2 [0]"
+    assert examples[3]["origin"] == f"{path}:17 [3]"
+    assert examples[0]["messages"][0]["content"] == f"{raw[0]['instruction']}\n\n{raw[0]['input']}"
+    assert raw[3]["input"] == ""
+    assert examples[3]["messages"] == [
+        {"role": "user", "content": raw[3]["instruction"]},
+        {"role": "assistant", "content": raw[3]["output"]},
+    ]
+
+
+def test_code_alpaca_empty_outputs_are_reported_by_line(shared_data: Path) -> None:
+    # The real file has two rows with an empty output; both are named in one error, first first.
+    path = shared_data / "code_alpaca" / "code_alpaca_2k.json"
+    with pytest.raises(DataError) as caught:
+        load_examples([_src(path=str(path))])
+    lines = str(caught.value).splitlines()
+    assert lines == [
+        f"{path}:1187 [237]: empty response in column 'output'",
+        f"{path}:9297 [1859]: empty response in column 'output'",
+    ]
+
+
+def test_sharegpt_json_multi_turn(shared_data: Path) -> None:
+    path = shared_data / "sharegpt" / "identity_conversations.json"
+    raw = json.loads(path.read_text())
+    examples = load_examples([_src(path=str(path))])
+    assert len(examples) == len(raw) == 500
+    assert detect_format(raw[0], _src(path=str(path))) == "sharegpt"
+    first = examples[0]["messages"]
+    assert [m["role"] for m in first] == ["user", "assistant"] * (len(raw[0]["conversations"]) // 2)
+    assert [m["content"] for m in first] == [t["value"] for t in raw[0]["conversations"]]
+    assert examples[0]["origin"] == f"{path}:2 [0]"
+
+
+# --- every reader gives the same rows, with its own origin --------------------------------------
+
+
+def _jsonl(tmp: Path) -> str:
+    return str(_write_jsonl(tmp / "qa.jsonl", QA_ROWS))
+
+
+def _json_array(tmp: Path) -> str:
+    (tmp / "qa.json").write_text(json.dumps(QA_ROWS, indent=2))
+    return str(tmp / "qa.json")
+
+
+def _json_wrapped(tmp: Path) -> str:
+    (tmp / "qa.json").write_text(json.dumps({"version": 1, "data": QA_ROWS}))
+    return str(tmp / "qa.json")
+
+
+def _csv(tmp: Path) -> str:
+    with (tmp / "qa.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["question", "answer"])
+        writer.writeheader()
+        writer.writerows(QA_ROWS)
+    return str(tmp / "qa.csv")
+
+
+def _parquet(tmp: Path) -> str:
+    pq.write_table(pa.Table.from_pylist(QA_ROWS), tmp / "qa.parquet")
+    return str(tmp / "qa.parquet")
+
+
+# Row 1's answer holds a newline, so in the CSV row 2 starts on line 4 and row 3 on line 5.
+READERS: dict[str, tuple[Callable[[Path], str], list[str]]] = {
+    "jsonl": (_jsonl, ["{p}:1", "{p}:2", "{p}:3"]),
+    "json": (_json_array, ["{p}:2 [0]", "{p}:6 [1]", "{p}:10 [2]"]),
+    "json-wrapped": (_json_wrapped, ["{p}:data[0]", "{p}:data[1]", "{p}:data[2]"]),
+    "csv": (_csv, ["{p}:2", "{p}:4", "{p}:5"]),
+    "parquet": (_parquet, ["{p}:row 1", "{p}:row 2", "{p}:row 3"]),
+}
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_file_readers_agree(reader: str, tmp_path: Path) -> None:
+    write, origins = READERS[reader]
+    path = write(tmp_path)
+    examples = load_examples([_src(path=path)])
+    assert [e["messages"] for e in examples] == QA_MESSAGES
+    assert [e["origin"] for e in examples] == [o.format(p=path) for o in origins]
+
+
+def test_hf_dataset_from_disk(tmp_path: Path) -> None:
+    datasets.Dataset.from_list(QA_ROWS).save_to_disk(str(tmp_path / "single"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(QA_ROWS), "test": datasets.Dataset.from_list(QA_ROWS[:1])}
+    ).save_to_disk(str(tmp_path / "splits"))
+    single = load_examples([_src(hf_dataset=str(tmp_path / "single"))])
+    assert [e["messages"] for e in single] == QA_MESSAGES
+    assert single[2]["origin"] == f"hf:{tmp_path / 'single'}[2]"
+    test_split = load_examples([_src(hf_dataset=str(tmp_path / "splits"), split="test")])
+    assert [e["messages"] for e in test_split] == QA_MESSAGES[:1]
+    with pytest.raises(DataError, match=r"no split 'validation' \(splits: train, test\)"):
+        load_examples([_src(hf_dataset=str(tmp_path / "splits"), split="validation")])
+
+
+def test_inline_rows_and_limit() -> None:
+    examples = load_examples([_src(rows=QA_ROWS, limit=2)])
+    assert [e["messages"] for e in examples] == QA_MESSAGES[:2]
+    assert [e["origin"] for e in examples] == ["rows[0]", "rows[1]"]
+
+
+def test_folder_glob_and_limit_across_files(tmp_path: Path) -> None:
+    _write_jsonl(tmp_path / "b.jsonl", QA_ROWS[1:])
+    _write_jsonl(tmp_path / "a.jsonl", QA_ROWS[:1])
+    (tmp_path / "notes.txt").write_text("not data")
+    folder = load_examples([_src(path=str(tmp_path))])
+    assert [e["messages"] for e in folder] == QA_MESSAGES
+    assert [Path(e["origin"]).name for e in folder] == ["a.jsonl:1", "b.jsonl:1", "b.jsonl:2"]
+    globbed = load_examples([_src(path=str(tmp_path / "*.jsonl"), limit=2)])
+    assert [Path(e["origin"]).name for e in globbed] == ["a.jsonl:1", "b.jsonl:1"]
+
+
+def test_sources_concatenate_each_with_its_own_format() -> None:
+    examples = load_examples([_src(rows=QA_ROWS[:1]), _src(rows=[{"text": "plain text"}])])
+    assert examples[0]["messages"] == QA_MESSAGES[0]
+    assert examples[1] == {"messages": None, "text": "plain text", "origin": "rows[0]"}
+
+
+# --- formats ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ({"messages": [], "text": "x"}, "messages"),
+        ({"conversations": [], "id": "1"}, "sharegpt"),
+        ({"instruction": "i", "input": "", "output": "o"}, "alpaca"),
+        ({"prompt": "p", "completion": "c"}, "prompt_completion"),
+        ({"question": "q", "answer": "a"}, "prompt_response"),
+        ({"prompt": "p", "response": "r"}, "prompt_response"),
+        ({"input": "i", "output": "o"}, "prompt_response"),
+        ({"text": "t", "meta": 1}, "text"),
+    ],
+)
+def test_detect_format(row: dict[str, Any], expected: str) -> None:
+    assert detect_format(row, _src(rows=[row])) == expected
+
+
+def test_detect_format_error_lists_columns_and_options() -> None:
+    with pytest.raises(DataError) as caught:
+        load_examples([_src(rows=[{"q": "x", "a": "y"}])])
+    message = str(caught.value)
+    assert message.startswith("rows[0]: cannot detect the data format from columns ['a', 'q']")
+    assert "prompt_column/response_column" in message and "sharegpt ('conversations')" in message
+
+
+def test_configured_columns_win() -> None:
+    example = _one({"q": "Why?", "a": "Because.", "text": "ignored"}, prompt_column="q", response_column="a")
+    assert example["messages"] == [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Because."}]
+
+
+def test_messages_format_keeps_role_and_content_only() -> None:
+    messages = [
+        {"role": "system", "content": "Be brief.", "name": "sys"},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
+    assert _one({"messages": messages})["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
+
+
+def test_messages_in_parquet_and_hf_dataset(tmp_path: Path) -> None:
+    # Columnar stores return list<struct> cells; they must normalize like JSON lists.
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chat.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "chat_ds"))
+    from_parquet = load_examples([_src(path=str(tmp_path / "chat.parquet"))])
+    from_hf = load_examples([_src(hf_dataset=str(tmp_path / "chat_ds"))])
+    assert from_parquet[0]["messages"] == from_hf[0]["messages"] == rows[0]["messages"]
+
+
+def test_sharegpt_role_mapping() -> None:
+    turns = [
+        {"from": "system", "value": "S"},
+        {"from": "human", "value": "U1"},
+        {"from": "gpt", "value": "A1"},
+        {"from": "user", "value": "U2"},
+        {"from": "model", "value": "A2"},
+    ]
+    roles = [m["role"] for m in _one({"conversations": turns})["messages"]]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
+
+
+def test_alpaca_input_joined_only_when_present() -> None:
+    with_input = _one({"instruction": "Sum", "input": "1, 2", "output": "3"})
+    without = _one({"instruction": "Sum", "input": "  ", "output": "3"})
+    no_column = _one({"instruction": "Sum", "output": "3"}, format="alpaca")
+    assert with_input["messages"][0]["content"] == "Sum\n\n1, 2"
+    assert without["messages"][0]["content"] == no_column["messages"][0]["content"] == "Sum"
+
+
+def test_prompt_completion_plain_and_conversational() -> None:
+    plain = _one({"prompt": "2+2=", "completion": "4"})
+    chat = _one(
+        {"prompt": [{"role": "user", "content": "2+2="}], "completion": [{"role": "assistant", "content": "4"}]}
+    )
+    assert plain["messages"] == chat["messages"] == [
+        {"role": "user", "content": "2+2="},
+        {"role": "assistant", "content": "4"},
+    ]
+
+
+def test_text_format() -> None:
+    assert _one({"text": "Once upon a time."}) == {"messages": None, "text": "Once upon a time.", "origin": "rows[0]"}
+
+
+def test_system_prompt_added_only_when_missing() -> None:
+    added = _one({"question": "Q", "answer": "A"}, system_prompt="Be kind.")
+    assert added["messages"][0] == {"role": "system", "content": "Be kind."}
+    kept = _one(
+        {"messages": [{"role": "system", "content": "Own."}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+        system_prompt="Be kind.",
+    )
+    assert [m["content"] for m in kept["messages"]] == ["Own.", "Q", "A"]
+
+
+def test_normalize_row_directly() -> None:
+    row = normalize_row({"instruction": "I", "output": "O"}, "alpaca", _src(rows=[{}]), "here:1")
+    assert row == {
+        "messages": [{"role": "user", "content": "I"}, {"role": "assistant", "content": "O"}],
+        "text": None,
+        "origin": "here:1",
+    }
+
+
+# --- bad input: every error names where it is ------------------------------------------------------
+
+
+def test_malformed_json_line_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(QA_ROWS[0]) + "\n\n" + '{"question": "x", "answer": }\n' + json.dumps(QA_ROWS[1]) + "\n")
+    with pytest.raises(DataError) as caught:
+        load_examples([_src(path=str(path))])
+    assert str(caught.value).startswith(f"{path}:3: invalid JSON: Expecting value")
+
+
+def test_malformed_json_array_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('[\n  {"question": "a", "answer": "b"},\n  {"question": "c" "answer": "d"}\n]\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: invalid JSON: Expecting ',' delimiter")):
+        load_examples([_src(path=str(path))])
+
+
+def test_json_array_of_non_objects(tmp_path: Path) -> None:
+    path = tmp_path / "list.json"
+    path.write_text("[\n[1, 2]\n]")
+    with pytest.raises(DataError, match=re.escape(f"{path}:2 [0]: expected a JSON object (one row), got list")):
+        load_examples([_src(path=str(path))])
+
+
+def test_csv_row_with_too_many_cells(tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text("question,answer\nq1,a1\nq2,a2,extra\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: the row has more cells than the header")):
+        load_examples([_src(path=str(path))])
+
+
+@pytest.mark.parametrize(
+    ("row", "fmt", "message"),
+    [
+        ({"question": "Q"}, "prompt_response", "rows[0]: missing column 'answer'"),
+        ({"instruction": "I", "input": ""}, "alpaca", "rows[0]: missing column 'output'"),
+        ({"question": "Q", "answer": "  "}, "prompt_response", "rows[0]: empty response in column 'answer'"),
+        ({"question": "Q", "answer": 5}, "prompt_response", "rows[0]: column 'answer' must be a string, got int"),
+        ({"text": ""}, "text", "rows[0]: column 'text' is empty"),
+        (
+            {"conversations": [{"from": "robot", "value": "x"}]},
+            "sharegpt",
+            "rows[0]: turn 0: unknown role 'robot' in 'from'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "Q"}, {"role": "tool", "content": "A"}]},
+            "messages",
+            "rows[0]: turn 1: unknown role 'tool'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": None}]},
+            "messages",
+            "rows[0]: turn 1: 'content' must be a string, got NoneType",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ""}]},
+            "messages",
+            "rows[0]: turn 1: empty assistant content",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "Q1"}, {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A"}]},
+            "messages",
+            "rows[0]: turn 1: role 'user' is out of order (expected 'assistant')",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": "A"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+            "messages",
+            "rows[0]: turn 0: role 'assistant' is out of order (expected 'user')",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "Q"}, {"role": "system", "content": "S"}, {"role": "assistant", "content": "A"}]},
+            "messages",
+            "rows[0]: turn 1: role 'system' is out of order (only allowed as the first turn)",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "Q2"}]},
+            "messages",
+            "rows[0]: the conversation ends with a 'user' turn",
+        ),
+        (
+            {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]},
+            "messages",
+            "rows[0]: the conversation has no assistant turn",
+        ),
+        ({"messages": []}, "messages", "rows[0]: column 'messages' is an empty conversation"),
+        ({"messages": "hi"}, "messages", "rows[0]: column 'messages' must be a list of turns, got str"),
+    ],
+)
+def test_bad_rows_name_their_origin(row: dict[str, Any], fmt: str, message: str) -> None:
+    with pytest.raises(DataError) as caught:
+        load_examples([_src(rows=[row], format=fmt)])
+    assert str(caught.value).startswith(message)
+
+
+def test_bad_row_in_a_file_names_file_and_line(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "qa.jsonl", [QA_ROWS[0], {"question": "Q", "answer": ""}, QA_ROWS[1]])
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: empty response in column 'answer'")):
+        load_examples([_src(path=str(path))])
+
+
+def test_problems_are_collected_first_first_and_capped() -> None:
+    rows = [QA_ROWS[0]] + [{"question": f"Q{i}", "answer": ""} for i in range(1, 15)]
+    with pytest.raises(DataError) as caught:
+        load_examples([_src(rows=rows)])
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "rows[1]: empty response in column 'answer'"
+    assert lines[MAX_PROBLEMS - 1].startswith(f"rows[{MAX_PROBLEMS}]:")
+    assert lines[MAX_PROBLEMS:] == [f"(stopped after {MAX_PROBLEMS} problems; fix these and run again)"]
+
+
+def test_problems_from_several_sources_are_reported_together(tmp_path: Path) -> None:
+    bad_file = tmp_path / "bad.jsonl"
+    bad_file.write_text("{oops\n")
+    sources = [_src(path=str(bad_file)), _src(rows=[{"question": "Q"}], format="prompt_response")]
+    with pytest.raises(DataError) as caught:
+        load_examples(sources)
+    lines = str(caught.value).splitlines()
+    assert lines[0].startswith(f"{bad_file}:1: invalid JSON")
+    assert lines[1] == "rows[0]: missing column 'answer' (columns: ['question'])"
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda p: (p / "empty.jsonl").write_text("\n\n") and str(p / "empty.jsonl"), "empty.jsonl: the file holds no rows"),
+        (lambda p: (p / "empty.json").write_text("") or str(p / "empty.json"), "empty.json: the file is empty"),
+        (lambda p: (p / "empty.json").write_text("[]") and str(p / "empty.json"), "empty.json: the file holds no rows"),
+        (lambda p: str(p / "missing.jsonl"), "missing.jsonl: no such file or folder"),
+        (lambda p: str(p / "*.parquet"), "*.parquet: the pattern matches no"),
+        (lambda p: str(p), ": no .csv/.json/.jsonl/.parquet files in the folder"),
+        (lambda p: (p / "data.txt").write_text("x") and str(p / "data.txt"), "data.txt: cannot tell the file type"),
+        (lambda p: (p / "obj.json").write_text('{"a": 1}') and str(p / "obj.json"), "obj.json: expected a JSON array"),
+    ],
+)
+def test_unreadable_paths(setup: Callable[[Path], str], message: str, tmp_path: Path) -> None:
+    path = setup(tmp_path)
+    with pytest.raises(DataError) as caught:
+        load_examples([_src(path=path)])
+    assert str(caught.value).startswith(str(tmp_path)) and message in str(caught.value)
+
+
+def test_empty_inline_rows() -> None:
+    with pytest.raises(DataError, match=r"^rows: no rows given"):
+        load_examples([_src(rows=[])])

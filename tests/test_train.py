@@ -1,0 +1,170 @@
+"""The training loop on a real local Ray with real tiny transformers models.
+
+DESIGN.md correctness properties 2 (token-weighted accumulation and workers), 4 (resume) and 5 (LoRA).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import raysft
+from raysft.config import ConfigError
+from raysft.train.checkpoint import latest_verified, list_checkpoints, verify
+from raysft.train.loop import FAULT_ENV, epoch_order
+from tests.runs import losses, tiny_config
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def run(model_dir: Path, out: Path, overrides: list[str] | None = None) -> raysft.RunResult:
+    return raysft.train(tiny_config(model_dir, out, overrides))
+
+
+def test_grad_accumulation_equals_one_big_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
+    big = run(tiny_model_dir, tmp_path / "big", ["train.micro_batch_size=4", "train.grad_accum_steps=1"])
+    accum = run(tiny_model_dir, tmp_path / "accum", ["train.micro_batch_size=1", "train.grad_accum_steps=4"])
+    assert losses(big.history()).keys() == {1, 2, 3, 4}
+    for step, loss in losses(big.history()).items():
+        assert losses(accum.history())[step] == pytest.approx(loss, abs=1e-5)
+    a = load_file(str(big.final_dir / "adapter_model.safetensors"))
+    b = load_file(str(accum.final_dir / "adapter_model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+
+
+def test_two_workers_equal_one_worker(tiny_model_dir: Path, tmp_path: Path) -> None:
+    one = run(tiny_model_dir, tmp_path / "one", ["scaling.num_workers=1", "train.grad_accum_steps=2"])
+    two = run(tiny_model_dir, tmp_path / "two", ["scaling.num_workers=2", "train.grad_accum_steps=1"])
+    for step, loss in losses(one.history()).items():
+        assert losses(two.history())[step] == pytest.approx(loss, abs=1e-5)
+    evals_one = [e["eval_loss"] for e in one.history() if "eval_loss" in e]
+    evals_two = [e["eval_loss"] for e in two.history() if "eval_loss" in e]
+    assert evals_two == pytest.approx(evals_one, abs=1e-5)
+
+
+def test_resume_continues_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
+    common = ["train.max_steps=6", "train.checkpoint_every=2", "train.checkpoints_to_keep=2"]
+    straight = run(tiny_model_dir, tmp_path / "straight", common)
+
+    interrupted = tmp_path / "interrupted"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(FAULT_ENV, f"4:{tmp_path / 'fault-marker'}")  # dies at the start of step 5
+        with pytest.raises(Exception):
+            run(tiny_model_dir, interrupted, common)
+    assert [p.name for p in list_checkpoints(interrupted / "checkpoints")] == ["step_000002", "step_000004"]
+
+    with pytest.raises(ConfigError, match="--resume"):
+        run(tiny_model_dir, interrupted, common)  # never silently restarts over an earlier run
+    resumed = run(tiny_model_dir, interrupted, [*common, "train.resume=true"])
+
+    expected, got = losses(straight.history()), losses(resumed.history())
+    assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5, 6]  # no step lost or logged twice
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-5)
+
+
+def test_worker_killed_mid_run_restarts_from_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    common = ["scaling.num_workers=1", "train.max_steps=5", "train.checkpoint_every=2"]
+    straight = run(tiny_model_dir, tmp_path / "straight", common)
+    marker = tmp_path / "killed"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(FAULT_ENV, f"3:{marker}")
+        recovered = run(tiny_model_dir, tmp_path / "recovered", [*common, "scaling.max_failures=1"])
+    assert marker.exists()  # the worker really died once
+    for step, loss in losses(straight.history()).items():
+        assert losses(recovered.history())[step] == pytest.approx(loss, abs=1e-5)
+
+
+def test_checkpoint_with_broken_manifest_is_not_resumed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(tiny_model_dir, out, ["train.checkpoint_every=1"])
+    newest, previous = list_checkpoints(out / "checkpoints")[-1], list_checkpoints(out / "checkpoints")[-2]
+    (newest / "optimizer.pt").write_bytes(b"torn write")
+    assert not verify(newest) and verify(previous)
+    assert latest_verified(out / "checkpoints") == previous
+
+
+def test_lora_keeps_base_weights_and_merge_matches(tiny_model_dir: Path, tmp_path: Path) -> None:
+    result = run(tiny_model_dir, tmp_path / "run")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    adapted = PeftModel.from_pretrained(base, str(result.final_dir)).eval()
+    for name, tensor in adapted.get_base_model().state_dict().items():
+        if "lora_" not in name:
+            key = name.replace("base_layer.", "")
+            torch.testing.assert_close(tensor, original[key], atol=0, rtol=0)
+
+    merged_dir = raysft.merge_adapter(result.output_dir, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, merged.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(base(ids).logits, adapted(ids).logits)  # the adapter did learn something
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma", "phi"])
+def test_lora_on_each_architecture(tiny_model_factory, arch: str, tmp_path: Path) -> None:
+    result = run(tiny_model_factory(arch), tmp_path / arch, ["train.max_steps=3"])
+    steps = losses(result.history())
+    assert all(np.isfinite(list(steps.values())))
+    assert steps[3] < steps[1]
+    assert (result.final_dir / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.quantization=4bit", "train.precision=bf16"],
+        ["train.optimizer=adamw_8bit"],
+        ["train.optimizer=adafactor"],
+        ["train.precision=bf16", "model.gradient_checkpointing=true"],
+        ["lora.enabled=false", "train.lr=1e-3"],
+    ],
+    ids=["qlora-4bit", "adamw-8bit", "adafactor", "bf16-gradckpt", "full-finetune"],
+)
+def test_training_variants(tiny_model_dir: Path, tmp_path: Path, overrides: list[str]) -> None:
+    result = run(tiny_model_dir, tmp_path / "run", ["train.max_steps=3", *overrides])
+    steps = losses(result.history())
+    assert all(np.isfinite(list(steps.values())))
+    assert steps[3] < steps[1]
+    weights = "model.safetensors" if "lora.enabled=false" in overrides else "adapter_model.safetensors"
+    assert (result.final_dir / weights).exists()
+
+
+def test_nonfinite_loss_aborts_or_skips(tiny_model_dir: Path, tmp_path: Path) -> None:
+    explode = ["train.lr=1e30", "train.max_grad_norm=null", "train.warmup_steps=0", "train.max_steps=4"]
+    with pytest.raises(Exception, match="non-finite"):
+        run(tiny_model_dir, tmp_path / "abort", explode)
+    skipped = run(tiny_model_dir, tmp_path / "skip", [*explode, "train.on_nonfinite=skip", "train.checkpoint_every=1"])
+    flags = [e["skipped"] for e in skipped.history() if "skipped" in e]
+    assert flags[0] == 0.0 and 1.0 in flags
+    for checkpoint in list_checkpoints(tmp_path / "skip" / "checkpoints"):
+        tensors = load_file(str(checkpoint / "trainable.safetensors"))
+        assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_epoch_order_is_a_permutation_that_changes_per_epoch() -> None:
+    first, again, second = epoch_order(50, 3, 0), epoch_order(50, 3, 0), epoch_order(50, 3, 1)
+    assert sorted(first.tolist()) == list(range(50))
+    assert first.tolist() == again.tolist() and first.tolist() != second.tolist()
+
+
+def test_metrics_file_has_the_documented_fields(tiny_model_dir: Path, tmp_path: Path) -> None:
+    result = run(tiny_model_dir, tmp_path / "run", ["train.eval_every=2"])
+    history = result.history()
+    train_entries = [e for e in history if "loss" in e]
+    eval_entries = [e for e in history if "eval_loss" in e]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "num_tokens"} <= set(train_entries[0])
+    assert [e["step"] for e in eval_entries] == [0, 2, 4]
+    assert {"eval_loss", "eval_ppl", "eval_token_accuracy"} <= set(eval_entries[-1])
+    assert eval_entries[-1]["eval_loss"] < eval_entries[0]["eval_loss"]
+    saved = json.loads((result.output_dir / "data_stats.json").read_text())
+    assert saved["rows_read"]["train"] == 48
