@@ -236,6 +236,31 @@ def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return section if isinstance(section, type) and issubclass(section, BaseModel) else None
 
 
+# Names users bring from transformers/TRL/PEFT/Axolotl configs, mapped to ours.
+_FAMILIAR_NAMES = {
+    "learning_rate": "lr",
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "num_train_epochs": "epochs",
+    "max_length": "max_seq_len",
+    "sequence_len": "max_seq_len",
+    "lr_scheduler_type": "lr_schedule",
+    "model_name_or_path": "name_or_path",
+}
+
+
+def _closest(key: str, valid: list[str]) -> str | None:
+    familiar = _FAMILIAR_NAMES.get(key)
+    if familiar in valid:
+        return familiar
+    close = difflib.get_close_matches(key, valid, n=1)
+    return close[0] if close else None
+
+
 def _describe(error: Any) -> str:
     loc = tuple(error["loc"])
     key = _dotted(loc)
@@ -243,8 +268,8 @@ def _describe(error: Any) -> str:
         section = _section_at(loc)
         suggestion = ""
         if section is not None:
-            close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
-            suggestion = f"; did you mean '{_dotted(loc[:-1] + (close[0],))}'?" if close else ""
+            close = _closest(str(loc[-1]), list(section.model_fields))
+            suggestion = f"; did you mean '{_dotted(loc[:-1] + (close,))}'?" if close else ""
             suggestion += f" (valid keys: {', '.join(section.model_fields)})"
         return f"{key}: unknown key{suggestion}"
     given = error.get("input")

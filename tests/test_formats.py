@@ -47,7 +47,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 def test_gsm8k_jsonl_is_prompt_response(shared_data: Path) -> None:
     path = shared_data / "gsm8k" / "train.jsonl"
-    first_row = next(iter(read_source(_src(path=str(path))))) [1]
+    first_row = next(iter(read_source(_src(path=str(path)))))[1]
     assert detect_format(first_row, _src(path=str(path))) == "prompt_response"
     examples = load_examples([_src(path=str(path), limit=5)])
     assert len(examples) == 5
@@ -275,10 +275,14 @@ def test_prompt_completion_plain_and_conversational() -> None:
     chat = _one(
         {"prompt": [{"role": "user", "content": "2+2="}], "completion": [{"role": "assistant", "content": "4"}]}
     )
-    assert plain["messages"] == chat["messages"] == [
-        {"role": "user", "content": "2+2="},
-        {"role": "assistant", "content": "4"},
-    ]
+    assert (
+        plain["messages"]
+        == chat["messages"]
+        == [
+            {"role": "user", "content": "2+2="},
+            {"role": "assistant", "content": "4"},
+        ]
+    )
 
 
 def test_text_format() -> None:
@@ -289,7 +293,13 @@ def test_system_prompt_added_only_when_missing() -> None:
     added = _one({"question": "Q", "answer": "A"}, system_prompt="Be kind.")
     assert added["messages"][0] == {"role": "system", "content": "Be kind."}
     kept = _one(
-        {"messages": [{"role": "system", "content": "Own."}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Own."},
+                {"role": "user", "content": "Q"},
+                {"role": "assistant", "content": "A"},
+            ]
+        },
         system_prompt="Be kind.",
     )
     assert [m["content"] for m in kept["messages"]] == ["Own.", "Q", "A"]
@@ -365,22 +375,46 @@ def test_csv_row_with_too_many_cells(tmp_path: Path) -> None:
             "rows[0]: turn 1: empty assistant content",
         ),
         (
-            {"messages": [{"role": "user", "content": "Q1"}, {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A"}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "Q1"},
+                    {"role": "user", "content": "Q2"},
+                    {"role": "assistant", "content": "A"},
+                ]
+            },
             "messages",
             "rows[0]: turn 1: role 'user' is out of order (expected 'assistant')",
         ),
         (
-            {"messages": [{"role": "assistant", "content": "A"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+            {
+                "messages": [
+                    {"role": "assistant", "content": "A"},
+                    {"role": "user", "content": "Q"},
+                    {"role": "assistant", "content": "A"},
+                ]
+            },
             "messages",
             "rows[0]: turn 0: role 'assistant' is out of order (expected 'user')",
         ),
         (
-            {"messages": [{"role": "user", "content": "Q"}, {"role": "system", "content": "S"}, {"role": "assistant", "content": "A"}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "Q"},
+                    {"role": "system", "content": "S"},
+                    {"role": "assistant", "content": "A"},
+                ]
+            },
             "messages",
             "rows[0]: turn 1: role 'system' is out of order (only allowed as the first turn)",
         ),
         (
-            {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "Q2"}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "Q"},
+                    {"role": "assistant", "content": "A"},
+                    {"role": "user", "content": "Q2"},
+                ]
+            },
             "messages",
             "rows[0]: the conversation ends with a 'user' turn",
         ),
@@ -429,7 +463,10 @@ def test_problems_from_several_sources_are_reported_together(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
-        (lambda p: (p / "empty.jsonl").write_text("\n\n") and str(p / "empty.jsonl"), "empty.jsonl: the file holds no rows"),
+        (
+            lambda p: (p / "empty.jsonl").write_text("\n\n") and str(p / "empty.jsonl"),
+            "empty.jsonl: the file holds no rows",
+        ),
         (lambda p: (p / "empty.json").write_text("") or str(p / "empty.json"), "empty.json: the file is empty"),
         (lambda p: (p / "empty.json").write_text("[]") and str(p / "empty.json"), "empty.json: the file holds no rows"),
         (lambda p: str(p / "missing.jsonl"), "missing.jsonl: no such file or folder"),

@@ -51,7 +51,8 @@ def test_two_workers_equal_one_worker(tiny_model_dir: Path, tmp_path: Path) -> N
 
 
 def test_resume_continues_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
-    common = ["train.max_steps=6", "train.checkpoint_every=2", "train.checkpoints_to_keep=2"]
+    # A real worker process (not local mode): the injected fault kills the process it runs in.
+    common = ["scaling.num_workers=1", "train.max_steps=6", "train.checkpoint_every=2", "train.checkpoints_to_keep=2"]
     straight = run(tiny_model_dir, tmp_path / "straight", common)
 
     interrupted = tmp_path / "interrupted"
@@ -94,8 +95,11 @@ def test_checkpoint_with_broken_manifest_is_not_resumed(tiny_model_dir: Path, tm
 
 def test_lora_keeps_base_weights_and_merge_matches(tiny_model_dir: Path, tmp_path: Path) -> None:
     result = run(tiny_model_dir, tmp_path / "run")
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     original = {k: v.clone() for k, v in base.state_dict().items()}
+    ids = torch.randint(0, base.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_logits = base(ids).logits
     adapted = PeftModel.from_pretrained(base, str(result.final_dir)).eval()
     for name, tensor in adapted.get_base_model().state_dict().items():
         if "lora_" not in name:
@@ -104,10 +108,9 @@ def test_lora_keeps_base_weights_and_merge_matches(tiny_model_dir: Path, tmp_pat
 
     merged_dir = raysft.merge_adapter(result.output_dir, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    ids = torch.randint(0, merged.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(base(ids).logits, adapted(ids).logits)  # the adapter did learn something
+        assert not torch.allclose(base_logits, adapted(ids).logits)  # the adapter did learn something
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma", "phi"])

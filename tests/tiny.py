@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,7 +49,7 @@ SELECT name, count(*) FROM users WHERE age >= 18 GROUP BY name ORDER BY 2 DESC;
 
 TINY_ARCHS = ("llama", "mistral", "qwen2", "gemma", "phi")
 
-_CONFIGS: dict[str, type[PretrainedConfig]] = {
+_CONFIGS: dict[str, Callable[..., PretrainedConfig]] = {
     "llama": LlamaConfig,
     "mistral": MistralConfig,
     "qwen2": Qwen2Config,

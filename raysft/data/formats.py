@@ -194,7 +194,9 @@ def _messages_column(row: dict[str, Any], origin: str) -> list[dict[str, str]]:
 
 def _message(message: Any, index: int, origin: str) -> dict[str, str]:
     if not isinstance(message, dict):
-        raise DataError(f"{origin}: turn {index}: expected an object with 'role' and 'content', got {type(message).__name__}")
+        raise DataError(
+            f"{origin}: turn {index}: expected an object with 'role' and 'content', got {type(message).__name__}"
+        )
     role = message.get("role")
     if role not in ROLES:
         raise DataError(f"{origin}: turn {index}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
@@ -205,7 +207,9 @@ def _sharegpt_messages(row: dict[str, Any], origin: str) -> list[dict[str, str]]
     messages = []
     for index, turn in enumerate(_turns(row, "conversations", origin)):
         if not isinstance(turn, dict):
-            raise DataError(f"{origin}: turn {index}: expected an object with 'from' and 'value', got {type(turn).__name__}")
+            raise DataError(
+                f"{origin}: turn {index}: expected an object with 'from' and 'value', got {type(turn).__name__}"
+            )
         speaker = turn.get("from")
         if speaker not in SHAREGPT_ROLES:
             raise DataError(

@@ -24,7 +24,8 @@ def apply_length_policy(
     """Drop, truncate or reject over-long examples, then drop those with no trained token; count both.
 
     Example:
-        >>> kept, counts = apply_length_policy([{"input_ids": [1, 2, 3], "labels": [1, 2, 3], "origin": "a"}], 2, "truncate")
+        >>> example = {"input_ids": [1, 2, 3], "labels": [1, 2, 3], "origin": "a"}
+        >>> kept, counts = apply_length_policy([example], 2, "truncate")
         >>> kept[0]["input_ids"], counts
         ([1, 2], {'over_length_dropped': 0, 'truncated': 1, 'no_trained_tokens': 0})
     """

@@ -56,14 +56,18 @@ def load_examples(sources: list[SourceConfig]) -> list[dict[str, Any]]:
         if len(problems) >= MAX_PROBLEMS:
             break
     if problems:
-        more = f"\n(stopped after {MAX_PROBLEMS} problems; fix these and run again)" if len(problems) >= MAX_PROBLEMS else ""
+        more = (
+            f"\n(stopped after {MAX_PROBLEMS} problems; fix these and run again)"
+            if len(problems) >= MAX_PROBLEMS
+            else ""
+        )
         raise DataError("\n".join(problems) + more)
     return examples
 
 
 def _load_source(source: SourceConfig, examples: list[dict[str, Any]], problems: list[str]) -> None:
     """Append one source's normalized rows to `examples` and its problems to `problems`."""
-    fmt = None if source.format == "auto" else source.format
+    fmt: str | None = None if source.format == "auto" else source.format
     try:
         for origin, row in read_source(source):
             if fmt is None:

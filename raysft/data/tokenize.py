@@ -51,7 +51,9 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, template: str | Non
     tokenizer.chat_template = CHATML_TEMPLATE
 
 
-def tokenize_example(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool) -> dict[str, Any]:
+def tokenize_example(
+    example: dict[str, Any], tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool
+) -> dict[str, Any]:
     """Tokenize one normalized row into ``input_ids`` and ``labels`` (IGNORE_INDEX where not trained).
 
     Example:
@@ -69,12 +71,16 @@ def tokenize_example(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase
         return {"input_ids": input_ids, "labels": list(input_ids), "origin": example["origin"]}
 
     full, spans = assistant_spans(example["messages"], tokenizer, example["origin"])
+    # The last turn's span reaches the end of the rendering (bar whitespace after its end-of-turn
+    # marker), so EOS is trained already when the template emits it. Otherwise EOS is appended, and
+    # the last turn is trained through to it so that nothing untrained sits between the two.
+    append_eos = bool(spans) and tokenizer.eos_token not in full[spans[-1][0] : spans[-1][1]]
+    if append_eos:
+        spans[-1] = (spans[-1][0], len(full))
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])
     labels = _mask_outside(input_ids, encoded["offset_mapping"], spans)
-    # The last turn's span reaches the end of the rendering (bar whitespace after its end-of-turn
-    # marker), so EOS is trained already when the template emits it; otherwise add it.
-    if spans and tokenizer.eos_token not in full[spans[-1][0] : spans[-1][1]]:
+    if append_eos:
         input_ids.append(eos_id)
         labels.append(eos_id)
     if train_on_inputs:
@@ -143,9 +149,10 @@ class TokenizeBatch:
 
 
 def _as_messages(messages: Any) -> list[dict[str, str]] | None:
-    # Ray Data hands a list<struct> cell over as an object ndarray of dicts (None for text rows);
-    # rebuild plain dicts so templates see exactly role and content.
-    if messages is None:
+    # Ray Data hands a list<struct> cell over as an object ndarray of dicts, and a text row's empty
+    # cell as None, or as NaN when every row of the block is a text row (an all-null column becomes
+    # float32). Rebuild plain dicts so templates see exactly role and content.
+    if messages is None or isinstance(messages, (float, np.floating)):
         return None
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
 

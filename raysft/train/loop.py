@@ -30,7 +30,8 @@ from raysft.track import Tracker
 from raysft.train.checkpoint import latest_verified, load_checkpoint, save_checkpoint
 from raysft.train.optim import build_optimizer, lr_at, set_lr
 
-# Fault injection for resilience tests: "STEP:MARKER_FILE" makes rank 0 die once at STEP.
+# Fault injection for resilience tests: "STEP:MARKER_FILE" in the driver's environment makes rank 0
+# die once at STEP (the marker file records that it happened, so the restarted worker carries on).
 FAULT_ENV = "RAYSFT_FAULT_AT_STEP"
 
 
@@ -132,8 +133,7 @@ def evaluate(
     return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)), "eval_token_accuracy": correct / max(tokens, 1.0)}
 
 
-def _maybe_inject_fault(step: int, rank: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
+def _maybe_inject_fault(spec: str | None, step: int, rank: int) -> None:
     if not spec or rank != 0:
         return
     at, _, marker = spec.partition(":")
@@ -205,9 +205,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             scaler.load_state_dict(state["scaler"])
         start_step = state["step"]
 
+    if rank == 0:
+        _truncate_metrics(output_dir / "metrics.jsonl", start_step)  # before the tracker opens it for appending
     tracker = Tracker(cfg, output_dir, total_steps=num_steps) if rank == 0 else None
     if tracker is not None:
-        _truncate_metrics(output_dir / "metrics.jsonl", start_step)
         tracker.log_text(f"resuming from {resume_from} at step {start_step}" if resume_from else
                          f"{len(train_rows)} rows, {num_steps} steps, {world} worker(s), global batch {global_batch} rows")
 
@@ -225,7 +226,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     interval_start, interval_tokens = time.perf_counter(), 0
     step = start_step
     for step in range(start_step, num_steps):
-        _maybe_inject_fault(step, rank)
+        _maybe_inject_fault(loop_config["fault_at_step"], step, rank)
         epoch, index = divmod(step, per_epoch)
         if epoch != order_epoch:
             order, order_epoch = epoch_order(len(train_rows), cfg.train.seed, epoch), epoch

@@ -19,7 +19,7 @@ from raysft.config import Config, ConfigError, to_yaml
 from raysft.data.pipeline import PreparedData, read_splits, shape_splits, stats_json, tokenize_splits
 from raysft.model import load_tokenizer
 from raysft.train.checkpoint import list_checkpoints
-from raysft.train.loop import train_loop_per_worker
+from raysft.train.loop import FAULT_ENV, train_loop_per_worker
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,7 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
             "data_fingerprint": prepared.fingerprint,
             "pad_token_id": tokenizer.pad_token_id,
             "has_eval": "eval" in prepared.rows,
+            "fault_at_step": os.environ.get(FAULT_ENV),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,

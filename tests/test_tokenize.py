@@ -1,0 +1,250 @@
+"""Chat templates, tokenization and label masks (raysft.data.tokenize)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+from transformers import PreTrainedTokenizerBase
+
+from raysft.config import SourceConfig
+from raysft.data.formats import DataError, normalize_row
+from raysft.data.sources import load_examples
+from raysft.data.tokenize import (
+    CHATML_TEMPLATE,
+    IGNORE_INDEX,
+    TokenizeBatch,
+    count_trained,
+    ensure_chat_template,
+    tokenize_example,
+)
+
+SHAREGPT_ROW = {
+    "conversations": [
+        {"from": "human", "value": "Who are you?"},
+        {"from": "gpt", "value": "I am a helpful assistant."},
+        {"from": "human", "value": "Have a nice day!"},
+        {"from": "gpt", "value": "You too!"},
+    ]
+}
+
+# No {% generation %} markers, no end-of-turn token: turns end in blank lines.
+PLAIN_TEMPLATE = (
+    r"{% for m in messages %}"
+    r"{% if m['role'] == 'user' %}{{ '### User:\n' + m['content'] + '\n\n' }}"
+    r"{% else %}{{ '### Assistant:\n' + m['content'] + '\n\n' }}{% endif %}"
+    r"{% endfor %}"
+    r"{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
+)
+
+# Zephyr style: every turn closed by the EOS token, followed by a newline.
+EOS_TEMPLATE = (
+    r"{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
+    r"{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+# Renders only the last assistant reply in full, like templates that drop past reasoning:
+# a prefix no longer renders the same as the start of the whole conversation.
+REWRITING_TEMPLATE = (
+    r"{% for m in messages %}"
+    r"{% if m['role'] == 'assistant' and not loop.last %}{{ '[earlier reply]\n' }}"
+    r"{% else %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endif %}"
+    r"{% endfor %}"
+)
+
+
+def _conversation(row: dict[str, Any] = SHAREGPT_ROW) -> dict[str, Any]:
+    return load_examples([SourceConfig(rows=[row])])[0]
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    text = tokenizer.decode(ids)
+    assert isinstance(text, str)  # one sequence in, one string out
+    return text
+
+
+def _trained_segments(out: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Decode each run of consecutive trained tokens."""
+    segments: list[list[int]] = []
+    previous_trained = False
+    for token, label in zip(out["input_ids"], out["labels"], strict=True):
+        trained = label != IGNORE_INDEX
+        if trained:
+            assert label == token
+            if not previous_trained:
+                segments.append([])
+            segments[-1].append(token)
+        previous_trained = trained
+    return [_decode(tokenizer, s) for s in segments]
+
+
+@pytest.fixture
+def tokenizer(tiny_tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    # A private copy: tests change its template or EOS.
+    return copy.deepcopy(tiny_tokenizer)
+
+
+def test_multi_turn_trains_exactly_assistant_content_and_end_of_turn(tokenizer: PreTrainedTokenizerBase) -> None:
+    out = tokenize_example(_conversation(), tokenizer, train_on_inputs=False)
+    assert _decode(tokenizer, out["input_ids"]) == (
+        "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\nI am a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nHave a nice day!<|im_end|>\n<|im_start|>assistant\nYou too!<|im_end|>\n"
+    )
+    assert _trained_segments(out, tokenizer) == ["I am a helpful assistant.<|im_end|>", "You too!<|im_end|>"]
+    assert out["origin"] == "rows[0]"
+    assert len(out["labels"]) == len(out["input_ids"])
+
+
+def test_system_turn_is_not_trained(tokenizer: PreTrainedTokenizerBase) -> None:
+    example = load_examples([SourceConfig(rows=[{"question": "2+2?", "answer": "4"}], system_prompt="Be brief.")])[0]
+    out = tokenize_example(example, tokenizer, train_on_inputs=False)
+    assert _decode(tokenizer, out["input_ids"]).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert _trained_segments(out, tokenizer) == ["4<|im_end|>"]
+
+
+def test_train_on_inputs_trains_every_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    out = tokenize_example(_conversation(), tokenizer, train_on_inputs=True)
+    assert out["labels"] == out["input_ids"]
+    masked = tokenize_example(_conversation(), tokenizer, train_on_inputs=False)
+    assert out["input_ids"] == masked["input_ids"]
+
+
+def test_text_row_trains_everything_and_ends_with_eos(tokenizer: PreTrainedTokenizerBase) -> None:
+    out = tokenize_example({"messages": None, "text": "Natalia sold 48 clips.", "origin": "t"}, tokenizer, False)
+    assert out["input_ids"][-1] == tokenizer.eos_token_id
+    assert out["labels"] == out["input_ids"]
+    assert _decode(tokenizer, out["input_ids"]) == "Natalia sold 48 clips.<|im_end|>"
+
+
+def test_template_without_markers_or_end_token_appends_trained_eos(tokenizer: PreTrainedTokenizerBase) -> None:
+    ensure_chat_template(tokenizer, PLAIN_TEMPLATE)
+    out = tokenize_example(_conversation(), tokenizer, train_on_inputs=False)
+    assert _decode(tokenizer, out["input_ids"]).startswith("### User:\nWho are you?\n\n### Assistant:\n")
+    assert out["input_ids"][-1] == tokenizer.eos_token_id
+    assert _trained_segments(out, tokenizer) == ["I am a helpful assistant.\n\n", "You too!\n\n<|im_end|>"]
+
+
+def test_template_closing_turns_with_eos_needs_no_extra_eos(tokenizer: PreTrainedTokenizerBase) -> None:
+    ensure_chat_template(tokenizer, EOS_TEMPLATE)
+    out = tokenize_example(_conversation(), tokenizer, train_on_inputs=False)
+    text = _decode(tokenizer, out["input_ids"])
+    assert text.endswith("<|assistant|>\nYou too!<|im_end|>\n")
+    assert text.count("<|im_end|>") == 4
+    assert _trained_segments(out, tokenizer) == ["I am a helpful assistant.<|im_end|>", "You too!<|im_end|>"]
+
+
+def test_eos_is_appended_when_the_end_of_turn_token_is_not_eos(tokenizer: PreTrainedTokenizerBase) -> None:
+    # ChatML's <|im_end|> closes turns, but this tokenizer's EOS is another token: it is added and trained.
+    tokenizer.eos_token = "<pad>"
+    out = tokenize_example(_conversation(), tokenizer, train_on_inputs=False)
+    assert out["input_ids"][-1] == tokenizer.convert_tokens_to_ids("<pad>")
+    assert _trained_segments(out, tokenizer) == ["I am a helpful assistant.<|im_end|>", "You too!<|im_end|>\n<pad>"]
+
+
+def test_inconsistent_prefix_rendering_is_an_error(tokenizer: PreTrainedTokenizerBase) -> None:
+    ensure_chat_template(tokenizer, REWRITING_TEMPLATE)
+    with pytest.raises(
+        DataError, match=r"^rows\[0\]: the chat template does not render prefixes consistently \(at turn 1\)"
+    ):
+        tokenize_example(_conversation(), tokenizer, train_on_inputs=False)
+
+
+def test_ensure_chat_template(tiny_tokenizer: PreTrainedTokenizerBase, caplog: pytest.LogCaptureFixture) -> None:
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    ensure_chat_template(tokenizer, "chatml")  # the tokenizer's own template is kept
+    ensure_chat_template(tokenizer, None)
+    assert tokenizer.chat_template == CHATML_TEMPLATE
+    ensure_chat_template(tokenizer, PLAIN_TEMPLATE)  # an explicit template always wins
+    assert tokenizer.chat_template == PLAIN_TEMPLATE
+
+    tokenizer.chat_template = None
+    with caplog.at_level(logging.WARNING, logger="raysft.data.tokenize"):
+        ensure_chat_template(tokenizer, None)
+    assert tokenizer.chat_template == CHATML_TEMPLATE
+    assert "no chat template; using ChatML" in caplog.text
+
+    tokenizer.chat_template = None
+    caplog.clear()
+    ensure_chat_template(tokenizer, "chatml")  # asked for: no warning
+    assert tokenizer.chat_template == CHATML_TEMPLATE
+    assert caplog.text == ""
+
+
+def test_chatml_renders_generation_prompt(tiny_tokenizer: PreTrainedTokenizerBase) -> None:
+    prompt = tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_count_trained_skips_position_zero() -> None:
+    assert count_trained([5, 6, IGNORE_INDEX, 7]) == 2
+    assert count_trained([5]) == 0
+
+
+def test_tokenize_batch_direct_call(tiny_tokenizer_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase) -> None:
+    chat = _conversation()
+    text = {"messages": None, "text": "Hello 123", "origin": "rows[1]"}
+    # The numpy layout Ray Data hands over: object columns, a list<struct> cell as an array of dicts.
+    messages_column = np.empty(2, dtype=object)
+    messages_column[:] = [np.array(chat["messages"], dtype=object), None]
+    batch = {
+        "messages": messages_column,
+        "text": np.array([None, "Hello 123"], dtype=object),
+        "origin": np.array(["rows[0]", "rows[1]"], dtype=object),
+    }
+    out = TokenizeBatch(str(tiny_tokenizer_dir), train_on_inputs=False)(batch)
+    expected = [tokenize_example(e, tiny_tokenizer, False) for e in (chat, text)]
+    assert out["input_ids"] == [e["input_ids"] for e in expected]
+    assert out["labels"] == [e["labels"] for e in expected]
+    assert out["origin"] == ["rows[0]", "rows[1]"]
+    assert out["num_tokens"] == [len(e["input_ids"]) for e in expected]
+    assert out["num_trained"] == [count_trained(e["labels"]) for e in expected]
+
+
+def test_tokenize_batch_all_text_block(tiny_tokenizer_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase) -> None:
+    # When no row of a block has messages, Ray Data turns the all-null column into float32 NaNs.
+    batch = {
+        "messages": np.full(1, np.nan, dtype=np.float32),
+        "text": np.array(["Hello 123"], dtype=object),
+        "origin": np.array(["rows[0]"], dtype=object),
+    }
+    out = TokenizeBatch(str(tiny_tokenizer_dir), train_on_inputs=False)(batch)
+    expected = tokenize_example({"messages": None, "text": "Hello 123", "origin": "rows[0]"}, tiny_tokenizer, False)
+    assert out["input_ids"] == [expected["input_ids"]]
+
+
+def test_tokenize_batch_in_ray_data(
+    ray_session: None, tiny_tokenizer_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    source = SourceConfig(rows=[SHAREGPT_ROW])
+    examples = [
+        _conversation(),
+        normalize_row({"question": "2+2?", "answer": "4"}, "prompt_response", source, "rows[1]"),
+        normalize_row({"text": "Plain text."}, "text", source, "rows[2]"),
+    ]
+    tokenized = (
+        # Two blocks: one mixes chat rows (all-null text column), one holds only the text row.
+        ray.data.from_items(examples, override_num_blocks=2)
+        .map_batches(
+            TokenizeBatch,
+            fn_constructor_args=(str(tiny_tokenizer_dir), False),
+            compute=ray.data.ActorPoolStrategy(size=1),
+            batch_format="numpy",
+        )
+        .take_all()
+    )
+    by_origin = {row["origin"]: row for row in tokenized}
+    assert sorted(by_origin) == ["rows[0]", "rows[1]", "rows[2]"]
+    for example in examples:
+        expected = tokenize_example(example, tiny_tokenizer, False)
+        row = by_origin[example["origin"]]
+        assert list(row["input_ids"]) == expected["input_ids"]
+        assert list(row["labels"]) == expected["labels"]
+        assert row["num_tokens"] == len(expected["input_ids"])
+        assert row["num_trained"] == count_trained(expected["labels"])
