@@ -1,25 +1,39 @@
 """raysft: supervised fine-tuning of LLMs on Ray Data + Ray Train.
 
     >>> import raysft
-    >>> cfg = raysft.load_config("examples/tiny.yaml", ["train.max_steps=10"])  # doctest: +SKIP
+    >>> cfg = raysft.load_config("examples/gsm8k_lora.yaml", ["train.max_steps=10"])  # doctest: +SKIP
     >>> result = raysft.train(cfg)  # doctest: +SKIP
 """
 
-from raysft.config import Config, ConfigError, load_config, parse_config
-from raysft.data.formats import DataError
-from raysft.infer import chat_generate, load_for_inference, merge_adapter
-from raysft.train.trainer import RunResult, prepare_data, train
+from __future__ import annotations
 
-__all__ = [
-    "Config",
-    "ConfigError",
-    "DataError",
-    "RunResult",
-    "chat_generate",
-    "load_config",
-    "load_for_inference",
-    "merge_adapter",
-    "parse_config",
-    "prepare_data",
-    "train",
-]
+import importlib
+from typing import Any
+
+# Public name -> defining module. Loaded on first use, so `import raysft` (and every Ray Data actor that
+# imports raysft.data) stays fast instead of importing Ray Train, peft and transformers up front.
+_EXPORTS = {
+    "Config": "raysft.config",
+    "ConfigError": "raysft.config",
+    "load_config": "raysft.config",
+    "parse_config": "raysft.config",
+    "DataError": "raysft.data.formats",
+    "chat_generate": "raysft.infer",
+    "load_for_inference": "raysft.infer",
+    "merge_adapter": "raysft.infer",
+    "RunResult": "raysft.training.trainer",
+    "prepare_data": "raysft.training.trainer",
+    "train": "raysft.training.trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'raysft' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -41,7 +41,7 @@ def marked_example(input_ids: list[int], labels: list[int], tokenizer: Any) -> s
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from raysft.train.trainer import train
+    from raysft.training.trainer import train
 
     result = train(_load(args, ["train.resume=true"] if args.resume else []))
     print(f"[raysft] done: adapter in {result.final_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
@@ -49,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_data(args: argparse.Namespace) -> None:
     from raysft.data.pipeline import stats_json
-    from raysft.train.trainer import prepare_data
+    from raysft.training.trainer import prepare_data
 
     tokenizer, prepared = prepare_data(_load(args))
     print(stats_json(prepared.stats))

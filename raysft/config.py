@@ -78,6 +78,8 @@ class SourceConfig(_Section):
     """System message prepended to every conversation that has none."""
     limit: int | None = Field(default=None, gt=0)
     """Read at most this many rows."""
+    invalid_rows: Literal["raise", "skip"] = "raise"
+    """Rows that fail validation (e.g. an empty response): raise naming them, or skip them with a warning."""
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> "SourceConfig":

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 
 import raysft
 from raysft.config import ConfigError
-from raysft.train.checkpoint import latest_verified, list_checkpoints, verify
-from raysft.train.loop import FAULT_ENV, epoch_order
+from raysft.training.checkpoint import latest_verified, list_checkpoints, verify
+from raysft.training.loop import FAULT_ENV, epoch_order
 from tests.runs import losses, tiny_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")

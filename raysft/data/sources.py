@@ -10,6 +10,7 @@ import csv
 import glob
 import itertools
 import json
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 
 from raysft.config import SourceConfig
 from raysft.data.formats import DataError, detect_format, normalize_row
+
+log = logging.getLogger(__name__)
 
 FILE_TYPES = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 
@@ -77,6 +80,9 @@ def _load_source(source: SourceConfig, examples: list[dict[str, Any]], problems:
             try:
                 examples.append(normalize_row(row, fmt, source, origin))
             except DataError as err:
+                if source.invalid_rows == "skip":
+                    log.warning("skipping invalid row: %s", err)
+                    continue
                 problems.append(str(err))
                 if len(problems) >= MAX_PROBLEMS:
                     return

@@ -18,8 +18,8 @@ from transformers import PreTrainedTokenizerBase
 from raysft.config import Config, ConfigError, to_yaml
 from raysft.data.pipeline import PreparedData, read_splits, shape_splits, stats_json, tokenize_splits
 from raysft.model import load_tokenizer
-from raysft.train.checkpoint import list_checkpoints
-from raysft.train.loop import FAULT_ENV, train_loop_per_worker
+from raysft.training.checkpoint import list_checkpoints
+from raysft.training.loop import FAULT_ENV, train_loop_per_worker
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from raysft.config import Config
 from raysft.data.packing import collate
 from raysft.model import TokenLoss, apply_lora, load_model, load_tokenizer, trainable_state_dict
 from raysft.track import Tracker
-from raysft.train.checkpoint import latest_verified, load_checkpoint, save_checkpoint
-from raysft.train.optim import build_optimizer, lr_at, set_lr
+from raysft.training.checkpoint import latest_verified, load_checkpoint, save_checkpoint
+from raysft.training.optim import build_optimizer, lr_at, set_lr
 
 # Fault injection for resilience tests: "STEP:MARKER_FILE" in the driver's environment makes rank 0
 # die once at STEP (the marker file records that it happened, so the restarted worker carries on).

@@ -1,1 +1,0 @@
-"""Training: the per-worker loop, optimizers and schedules, checkpoints, and TorchTrainer wiring."""
