@@ -28,6 +28,13 @@ def run(model_dir: Path, out: Path, overrides: list[str] | None = None) -> raysf
     return raysft.train(tiny_config(model_dir, out, overrides))
 
 
+def assert_learned(result: raysft.RunResult) -> None:
+    """Finite training losses, and the same eval set scores better after training than before."""
+    assert all(np.isfinite(list(losses(result.history()).values())))
+    evals = [e["eval_loss"] for e in result.history() if "eval_loss" in e]
+    assert len(evals) == 2 and evals[1] < evals[0]
+
+
 def test_grad_accumulation_equals_one_big_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
     big = run(tiny_model_dir, tmp_path / "big", ["train.micro_batch_size=4", "train.grad_accum_steps=1"])
     accum = run(tiny_model_dir, tmp_path / "accum", ["train.micro_batch_size=1", "train.grad_accum_steps=4"])
@@ -115,10 +122,8 @@ def test_lora_keeps_base_weights_and_merge_matches(tiny_model_dir: Path, tmp_pat
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma", "phi"])
 def test_lora_on_each_architecture(tiny_model_factory, arch: str, tmp_path: Path) -> None:
-    result = run(tiny_model_factory(arch), tmp_path / arch, ["train.max_steps=3"])
-    steps = losses(result.history())
-    assert all(np.isfinite(list(steps.values())))
-    assert steps[3] < steps[1]
+    result = run(tiny_model_factory(arch), tmp_path / arch, ["train.max_steps=3", "train.eval_every=3"])
+    assert_learned(result)
     assert (result.final_dir / "adapter_model.safetensors").exists()
 
 
@@ -134,10 +139,8 @@ def test_lora_on_each_architecture(tiny_model_factory, arch: str, tmp_path: Path
     ids=["qlora-4bit", "adamw-8bit", "adafactor", "bf16-gradckpt", "full-finetune"],
 )
 def test_training_variants(tiny_model_dir: Path, tmp_path: Path, overrides: list[str]) -> None:
-    result = run(tiny_model_dir, tmp_path / "run", ["train.max_steps=3", *overrides])
-    steps = losses(result.history())
-    assert all(np.isfinite(list(steps.values())))
-    assert steps[3] < steps[1]
+    result = run(tiny_model_dir, tmp_path / "run", ["train.max_steps=3", "train.eval_every=3", *overrides])
+    assert_learned(result)
     weights = "model.safetensors" if "lora.enabled=false" in overrides else "adapter_model.safetensors"
     assert (result.final_dir / weights).exists()
 
