@@ -32,7 +32,8 @@ class Tracker:
                 group=cfg.tracking.wandb_group,
                 name=cfg.tracking.run_name or output_dir.name,
                 dir=str(output_dir),
-                mode="online" if os.environ.get("WANDB_API_KEY") else "offline",
+                # An explicit WANDB_MODE wins; otherwise offline unless there is a key to sync with.
+                mode=os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline"),
                 config=_public_config(cfg),
                 reinit="create_new",
             )

@@ -58,12 +58,13 @@ def test_train_export_generate(tiny_model_dir: Path, tmp_path: Path) -> None:
 
     events = EventAccumulator(str(run / "tensorboard")).Reload()
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses, rel=1e-5)
-    summaries = list((run / "wandb").rglob("wandb-summary.json"))
-    assert summaries and json.loads(summaries[0].read_text())["loss"] == pytest.approx(losses[-1], rel=1e-5)
+    # The offline W&B run log holds every logged loss (as the JSON text W&B stores values in).
+    wandb_log = next((run / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    assert all(json.dumps(loss).encode() in wandb_log for loss in losses)
 
-    # The key reached wandb through the environment only: no file raysft wrote holds it.
+    # The key reached wandb through the environment only: no file of the run holds it.
     for path in run.rglob("*"):
-        if path.is_file() and "wandb" not in path.parts:
+        if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
 
     merged = tmp_path / "merged"
@@ -79,12 +80,14 @@ def test_train_export_generate(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_data_command_reports_statistics(tiny_model_dir: Path, tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, tiny_model_dir, ["data.max_seq_len=128", "data.over_length=drop"])
+    cfg = write_config(tmp_path, tiny_model_dir, ["data.max_seq_len=384", "data.over_length=drop", "data.eval=null"])
     done = raysft("data", str(cfg), "--show", "1")
     assert done.returncode == 0, done.stderr[-3000:]
     stats = json.loads(done.stdout[: done.stdout.index("\n---")])
     assert stats["rows_read"]["train"] == 48
-    assert stats["counts"]["train"]["over_length_dropped"] > 0  # GSM8K rows are longer than 128 tiny-BPE tokens
+    assert stats["counts"]["train"]["over_length_dropped"] > 0  # many GSM8K rows exceed 384 tiny-BPE tokens
+    assert stats["examples_kept"]["train"] > 0
+    assert stats["token_length_percentiles"]["train"]["max"] > 384  # measured before the length policy
     assert 0 < stats["packing_efficiency"]["train"] <= 1
     assert "⟦" in done.stdout  # the rendered example marks its trained tokens
 

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from raysft.config import Config, DataConfig, SourceConfig
 from raysft.data.packing import apply_length_policy, pack_examples, packing_efficiency, unpacked_rows
+from raysft.data.formats import DataError
 from raysft.data.sources import load_examples
 from raysft.data.tokenize import TokenizeBatch
 
@@ -196,10 +197,10 @@ def shape_splits(tokens: dict[str, list[dict[str, Any]]], cfg: Config) -> Prepar
     for name, examples in tokens.items():
         kept, counts = apply_length_policy(examples, data.max_seq_len, data.over_length)
         if not kept:
-            raise ValueError(f"data.{name}: no examples left after the length policy ({counts}); check max_seq_len")
+            raise DataError(f"data.{name}: no examples left after the length policy ({counts}); check max_seq_len")
         packed = pack_examples(kept, data.max_seq_len) if data.packing else unpacked_rows(kept)
-        lengths = np.array([len(e["input_ids"]) for e in kept])
-        trained = sum(int((e["labels"] != -100).sum()) for e in kept)
+        lengths = np.array([len(e["input_ids"]) for e in examples])  # as read, before the length policy
+        trained = sum(int((e["labels"] != -100).sum()) for e in examples)
         stats.rows_read[name] = len(examples)
         stats.counts[name] = counts
         stats.examples_kept[name] = len(kept)
