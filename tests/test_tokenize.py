@@ -198,7 +198,7 @@ def test_tokenize_batch_direct_call(tiny_tokenizer_dir: Path, tiny_tokenizer: Pr
         "text": np.array([None, "Hello 123"], dtype=object),
         "origin": np.array(["rows[0]", "rows[1]"], dtype=object),
     }
-    out = TokenizeBatch(str(tiny_tokenizer_dir), train_on_inputs=False)(batch)
+    out = TokenizeBatch(tiny_tokenizer, train_on_inputs=False)(batch)
     expected = [tokenize_example(e, tiny_tokenizer, False) for e in (chat, text)]
     assert out["input_ids"] == [e["input_ids"] for e in expected]
     assert out["labels"] == [e["labels"] for e in expected]
@@ -214,7 +214,7 @@ def test_tokenize_batch_all_text_block(tiny_tokenizer_dir: Path, tiny_tokenizer:
         "text": np.array(["Hello 123"], dtype=object),
         "origin": np.array(["rows[0]"], dtype=object),
     }
-    out = TokenizeBatch(str(tiny_tokenizer_dir), train_on_inputs=False)(batch)
+    out = TokenizeBatch(tiny_tokenizer, train_on_inputs=False)(batch)
     expected = tokenize_example({"messages": None, "text": "Hello 123", "origin": "rows[0]"}, tiny_tokenizer, False)
     assert out["input_ids"] == [expected["input_ids"]]
 
@@ -233,7 +233,7 @@ def test_tokenize_batch_in_ray_data(
         ray.data.from_items(examples, override_num_blocks=2)
         .map_batches(
             TokenizeBatch,
-            fn_constructor_args=(str(tiny_tokenizer_dir), False),
+            fn_constructor_args=(tiny_tokenizer, False),
             compute=ray.data.ActorPoolStrategy(size=1),
             batch_format="numpy",
         )

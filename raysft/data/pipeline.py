@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,14 +94,14 @@ def read_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Spl
     return splits
 
 
-def _tokenize_with_ray(examples: list[dict[str, Any]], tokenizer_dir: str, cfg: DataConfig) -> pa.Table:
+def _tokenize_with_ray(examples: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> pa.Table:
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # the cache (and so the data order) must be deterministic
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     dataset = ray.data.from_items(examples).map_batches(
         TokenizeBatch,
-        fn_constructor_args=(tokenizer_dir, cfg.train_on_inputs),
+        fn_constructor_args=(tokenizer, cfg.train_on_inputs),
         compute=ray.data.ActorPoolStrategy(size=min(cfg.num_tokenize_workers, max(1, len(examples) // 256))),
         batch_size=256,
         batch_format="numpy",
@@ -123,9 +122,7 @@ def tokenize_splits(splits: list[Split], tokenizer: PreTrainedTokenizerBase, cfg
     if pending:
         # One Ray Data job for all splits: the actor pool (and its tokenizer load) starts once.
         examples = [e for split in pending for e in split.examples or []]
-        with tempfile.TemporaryDirectory() as tokenizer_dir:
-            tokenizer.save_pretrained(tokenizer_dir)
-            table = _tokenize_with_ray(examples, tokenizer_dir, cfg)
+        table = _tokenize_with_ray(examples, tokenizer, cfg)
         offset = 0
         for split in pending:
             count = len(split.examples or [])
