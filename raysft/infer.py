@@ -33,20 +33,25 @@ def chat_generate(
     batch_size: int = 16,
 ) -> list[str]:
     """Answer each prompt as a single user turn rendered with the chat template (greedy at temperature 0)."""
-    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     device = next(model.parameters()).device
-    answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts[start : start + batch_size]
-        ]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths batch with little padding
+    answers = [""] * len(texts)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        # The template writes every special token itself; the tokenizer must not add a second BOS.
+        batch = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         output = model.generate(
             **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling
         )
-        answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        decoded = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        for index, text in zip(chunk, decoded):
+            answers[index] = text
     return [a.strip() for a in answers]
 
 

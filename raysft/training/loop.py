@@ -223,7 +223,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     loss_module.train()
     order, order_epoch = np.empty(0, dtype=np.int64), -1
     seen_tokens = 0
-    interval_start, interval_tokens = time.perf_counter(), 0
+    interval_start, interval_tokens = time.perf_counter(), 0  # after the first eval, so it is not counted
     step = start_step
     for step in range(start_step, num_steps):
         _maybe_inject_fault(loop_config["fault_at_step"], step, rank)

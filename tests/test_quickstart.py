@@ -1,0 +1,17 @@
+"""The README's first command, end to end: SmolLM2-135M-Instruct from PyPI, LoRA, before/after (slow tier)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raysft.quickstart import run_quickstart
+
+
+@pytest.mark.slow
+def test_quickstart_really_improves_the_task(tmp_path: Path) -> None:
+    summary = run_quickstart(tmp_path, overrides=[])
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert summary["exact_match_after"] >= summary["exact_match_before"] + 0.3
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
