@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray.train
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -65,7 +66,7 @@ def test_resume_continues_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
     interrupted = tmp_path / "interrupted"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(FAULT_ENV, f"4:{tmp_path / 'fault-marker'}")  # dies at the start of step 5
-        with pytest.raises(Exception):
+        with pytest.raises(ray.train.TrainingFailedError):
             run(tiny_model_dir, interrupted, common)
     assert [p.name for p in list_checkpoints(interrupted / "checkpoints")] == ["step_000002", "step_000004"]
 
