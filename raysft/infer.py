@@ -41,7 +41,7 @@ def chat_generate(
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths batch with little padding
     answers = [""] * len(texts)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues at the right edge
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         # The template writes every special token itself; the tokenizer must not add a second BOS.
@@ -52,6 +52,7 @@ def chat_generate(
         decoded = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         for index, text in zip(chunk, decoded):
             answers[index] = text
+    tokenizer.padding_side = padding_side
     return [a.strip() for a in answers]
 
 
