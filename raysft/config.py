@@ -7,6 +7,7 @@ Every section rejects unknown keys. Validation collects *all* problems and raise
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -214,6 +215,11 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     scaling: ScalingSection = ScalingSection()
     tracking: TrackingConfig = TrackingConfig()
+
+
+def default_cache_root() -> Path:
+    """Where raysft caches models and tokenized data: ``$RAYSFT_CACHE`` or ``~/.cache/raysft``."""
+    return Path(os.environ.get("RAYSFT_CACHE", "~/.cache/raysft")).expanduser()
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:

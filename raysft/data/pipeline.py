@@ -21,7 +21,7 @@ import ray
 import ray.data
 from transformers import PreTrainedTokenizerBase
 
-from raysft.config import Config, DataConfig, SourceConfig
+from raysft.config import Config, DataConfig, SourceConfig, default_cache_root
 from raysft.data.packing import apply_length_policy, pack_examples, packing_efficiency, unpacked_rows
 from raysft.data.formats import DataError
 from raysft.data.sources import load_examples
@@ -29,10 +29,6 @@ from raysft.data.tokenize import TokenizeBatch
 
 # Bump when tokenization or masking changes meaning, so old caches are not reused.
 CACHE_VERSION = "1"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("RAYSFT_CACHE", "~/.cache/raysft")).expanduser() / "tokenized"
 
 
 def _hash_path(path: Path, digest: Any) -> None:
@@ -84,7 +80,7 @@ class Split:
 
 def read_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Split]:
     """Phase 1, before Ray starts: read and validate every source not already in the tokenized cache."""
-    cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_root() / "tokenized"
     splits = []
     for name, sources in (("train", cfg.train), ("eval", cfg.eval)):
         if not sources:
