@@ -24,6 +24,10 @@ _EXPORTS = {
     "RunResult": "raysft.training.trainer",
     "prepare_data": "raysft.training.trainer",
     "train": "raysft.training.trainer",
+    "SweepConfig": "raysft.config",
+    "SweepResult": "raysft.tune.report",
+    "load_sweep": "raysft.tune.sweep",
+    "sweep": "raysft.tune.sweep",
 }
 
 __all__ = sorted(_EXPORTS)

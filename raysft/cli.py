@@ -47,6 +47,25 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"[raysft] done: adapter in {result.final_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from raysft.tune.sweep import load_sweep, sweep
+
+    result = sweep(load_sweep(args.config, args.overrides), resume=args.resume)
+    _print_sweep_summary(result)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from raysft.tune.report import write_report
+
+    _print_sweep_summary(write_report(args.sweep_dir))
+
+
+def _print_sweep_summary(result: Any) -> None:
+    print((result.sweep_dir / "results.csv").read_text(), end="")
+    best = f"best: {result.best.name} -> {result.best_dir}" if result.best else "best: none (no trial completed)"
+    print(f"[sweep] {best}; report in {result.sweep_dir / 'report.md'}")
+
+
 def cmd_data(args: argparse.Namespace) -> None:
     from raysft.data.pipeline import stats_json
     from raysft.training.trainer import prepare_data
@@ -87,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the newest verified checkpoint")
     train.set_defaults(run=cmd_train)
+
+    sweep = commands.add_parser("sweep", help="hyperparameter sweep on Ray Tune (one trial = one Ray Train run)")
+    sweep.add_argument("config", help="sweep YAML (see sweeps/)")
+    sweep.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a sweep field, e.g. --set num_samples=4 or --set base.train.max_steps=20 (repeatable)",
+    )
+    sweep.add_argument("--resume", action="store_true", help="continue a killed sweep (finished trials are not rerun)")
+    sweep.set_defaults(run=cmd_sweep)
+
+    report = commands.add_parser("report", help="rewrite results.csv, best/ and report.png of a sweep folder")
+    report.add_argument("sweep_dir", help="a sweep output_dir")
+    report.set_defaults(run=cmd_report)
 
     data = commands.add_parser("data", help="dataset statistics and rendered examples with trained tokens marked")
     _add_config_args(data)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,6 +30,9 @@ class ConfigError(ValueError):
 class _Section(BaseModel):
     # Docstrings on fields are the help text; unknown keys are errors, never silently ignored.
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+SectionT = TypeVar("SectionT", bound=BaseModel)
 
 
 class ModelConfig(_Section):
@@ -217,6 +221,60 @@ class Config(_Section):
     tracking: TrackingConfig = TrackingConfig()
 
 
+class SchedulerConfig(_Section):
+    name: Literal["asha", "fifo"] = "asha"
+    """asha stops trials that trail at each rung; fifo runs every trial to the end."""
+    grace_period: int = Field(default=1, gt=0)
+    """Eval rounds every trial runs before ASHA may stop it (an eval round = `train.eval_every` steps)."""
+    reduction_factor: float = Field(default=2.0, gt=1.0)
+    """At each ASHA rung only the best 1/reduction_factor of trials go on."""
+    max_rounds: int | None = Field(default=None, gt=0)
+    """Eval rounds of a full trial (ASHA's max_t); default: base max_steps / eval_every."""
+
+
+SweepMetric = Literal["eval_loss", "eval_ppl", "eval_token_accuracy"]
+
+
+class SweepConfig(_Section):
+    """A hyperparameter sweep: a base train config, a search space over its fields, and how to search."""
+
+    base: Config
+    """The train config every trial starts from: a path to a train YAML, or the config inline."""
+    space: dict[str, Any]
+    """Dotted config key -> search domain, e.g. `lora.r: choice [8, 16, 32]` or `train.lr: {loguniform: [1e-5, 1e-3]}`."""
+    name: str = "sweep"
+    """Sweep name: the default output folder name and the W&B group."""
+    output_dir: str | None = None
+    """Sweep folder: trials/, tune/, results.csv, best/, report.png (default runs/sweeps/<name>)."""
+    metric: SweepMetric = "eval_loss"
+    """Evaluation metric that ranks trials and drives early stopping."""
+    mode: Literal["min", "max"] | None = None
+    """Whether lower or higher `metric` is better (default: max for accuracy, min otherwise)."""
+    num_samples: int | None = Field(default=None, gt=0)
+    """Trials to sample (each grid point is repeated this often); default 8, or 1 for a pure grid."""
+    max_concurrent_trials: int | None = Field(default=None, gt=0)
+    """Trials running at once; default: as many as the cluster's resources hold (each trial's workers)."""
+    scheduler: SchedulerConfig = SchedulerConfig()
+    """Early stopping: `asha` (default) or `fifo`, or a mapping with ASHA's settings."""
+    search_alg: Literal["random", "grid", "optuna"] = "random"
+    """random: sample each domain (grid forms enumerated); grid: enumerate every choice; optuna: TPE."""
+    seed: int = 0
+    """Seed of the search (which configurations are sampled)."""
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_by_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _defaults(self) -> "SweepConfig":
+        if self.mode is None:
+            self.mode = "max" if self.metric == "eval_token_accuracy" else "min"
+        if self.output_dir is None:
+            self.output_dir = f"runs/sweeps/{self.name}"
+        return self
+
+
 def default_cache_root() -> Path:
     """Where raysft caches models and tokenized data: ``$RAYSFT_CACHE`` or ``~/.cache/raysft``."""
     return Path(os.environ.get("RAYSFT_CACHE", "~/.cache/raysft")).expanduser()
@@ -226,9 +284,9 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc)
 
 
-def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+def _section_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
     """The model class that owns the last key of `loc` (for did-you-mean)."""
-    section: Any = Config
+    section: Any = root
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -269,11 +327,11 @@ def _closest(key: str, valid: list[str]) -> str | None:
     return close[0] if close else None
 
 
-def _describe(error: Any) -> str:
+def _describe(error: Any, root: type[BaseModel]) -> str:
     loc = tuple(error["loc"])
     key = _dotted(loc)
     if error["type"] == "extra_forbidden":
-        section = _section_at(loc)
+        section = _section_at(loc, root)
         suggestion = ""
         if section is not None:
             close = _closest(str(loc[-1]), list(section.model_fields))
@@ -285,12 +343,52 @@ def _describe(error: Any) -> str:
     return f"{key or '<root>'}: {error['msg']}{shown}"
 
 
-def parse_config(raw: dict[str, Any], source: str | None = None) -> Config:
-    """Validate a config mapping; raise one ConfigError listing every problem."""
+def validate_section(root: type[SectionT], raw: dict[str, Any], source: str | None = None) -> SectionT:
+    """Validate a mapping against a config model; raise one ConfigError listing every problem."""
     try:
-        return Config.model_validate(raw)
+        return root.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError([_describe(e) for e in err.errors()], source) from None
+        raise ConfigError([_describe(e, root) for e in err.errors()], source) from None
+
+
+def parse_config(raw: dict[str, Any], source: str | None = None) -> Config:
+    """Validate a train config mapping; raise one ConfigError listing every problem."""
+    return validate_section(Config, raw, source)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; learning rates are written that way, so read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse YAML safely, reading exponent numbers such as 1e-4 as floats."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set `raw[a][b][c] = value` for key "a.b.c", creating sections on the way."""
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError([f"{key}: '{part}' is not a section"])
+        node = child
+    node[parts[-1]] = value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -301,16 +399,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key.strip():
             problems.append(f"--set {item!r}: expected dotted.key=value")
             continue
-        node = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                problems.append(f"--set {key}: '{part}' is not a section")
-                break
-            node = child
-        else:
-            node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        try:
+            set_dotted(raw, key.strip(), load_yaml_text(text) if text.strip() else None)
+        except ConfigError as err:
+            problems.extend(f"--set {problem}" for problem in err.problems)
     if problems:
         raise ConfigError(problems)
     return raw
@@ -320,7 +412,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, naming the file and line on a syntax error."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml_text(path.read_text())
     except FileNotFoundError:
         raise ConfigError([f"file not found: {path}"]) from None
     except yaml.YAMLError as err:
@@ -332,7 +424,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
+def resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
     # Paths in a YAML are relative to the YAML's folder, so configs work from any working directory.
     for section in ("train", "eval"):
         sources = raw.get("data", {}).get(section) if isinstance(raw.get("data"), dict) else None
@@ -350,7 +442,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         >>> cfg = load_config("examples/tiny.yaml", ["train.lr=1e-4"])  # doctest: +SKIP
     """
     raw = read_yaml(path)
-    _resolve_relative_paths(raw, Path(path).parent)
+    resolve_data_paths(raw, Path(path).parent)
     return parse_config(apply_overrides(raw, overrides or []), str(path))
 
 

@@ -20,7 +20,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def ray_session() -> Iterator[None]:
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    # With the dashboard, as users run Ray: Ray Train's placement-group cleaner asks its State API
+    # whether a run's controller is gone (a sweep's stopped trials would otherwise keep their CPUs).
+    ray.init(num_cpus=2, include_dashboard=True, ignore_reinit_error=True)
     yield
     ray.shutdown()
 

@@ -143,10 +143,14 @@ def _maybe_inject_fault(spec: str | None, step: int, rank: int) -> None:
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:
-    """On resume, drop metric lines logged after the checkpoint (they are about to be redone)."""
+    """On resume, drop metric lines logged after the checkpoint (they are about to be redone).
+
+    Without a checkpoint (after_step 0) the run starts over, its step-0 evaluation included.
+    """
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after_step]
+    lines = path.read_text().splitlines() if after_step > 0 else []
+    kept = [line for line in lines if json.loads(line)["step"] <= after_step]
     staging = path.with_suffix(".jsonl.tmp")
     staging.write_text("".join(line + "\n" for line in kept))
     os.replace(staging, path)

@@ -56,6 +56,15 @@ def _refuse_to_overwrite(cfg: Config) -> None:
         )
 
 
+def scaling_config(cfg: Config) -> ScalingConfig:
+    """The Ray Train ScalingConfig of `cfg` (a sweep also sizes its trial concurrency from it)."""
+    return ScalingConfig(
+        num_workers=cfg.scaling.num_workers,
+        use_gpu=cfg.scaling.use_gpu,
+        resources_per_worker=cfg.scaling.resources_per_worker,
+    )
+
+
 def prepare_data(cfg: Config) -> tuple[PreTrainedTokenizerBase, PreparedData]:
     """Read, tokenize (on Ray Data, cached) and pack the data of `cfg`. Starts Ray if needed."""
     tokenizer = load_tokenizer(cfg.model)
@@ -98,11 +107,7 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
             "has_eval": "eval" in prepared.rows,
             "fault_at_step": os.environ.get(FAULT_ENV),
         },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker=cfg.scaling.resources_per_worker,
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name="ray_train",
             storage_path=str(storage),

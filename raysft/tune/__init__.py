@@ -1,0 +1,1 @@
+"""Sweeps: search spaces, Tune wiring, results and reports."""

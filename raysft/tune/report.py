@@ -1,0 +1,203 @@
+"""Sweep results, read from the sweep folder alone (so `raysft report` works after the cluster is gone).
+
+Writes results.csv (one row per trial), best/ (the best completed trial's adapter and config),
+report.png (metric curves per trial; metric vs each swept parameter) and report.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raysft.tune.space import parse_domain
+
+STATUSES = ("completed", "stopped_early", "error")
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    """One trial as its folder tells it."""
+
+    name: str
+    params: dict[str, Any]
+    status: str
+    """completed (reached its last step), stopped_early (by the scheduler, or cut off by a killed sweep), error."""
+    curve: list[tuple[int, float]]
+    """(step, metric) of every evaluation after training began."""
+    steps: int
+    tokens: int
+    wall_s: float
+
+    def best(self, mode: str) -> float | None:
+        values = [value for _, value in self.curve]
+        return (min(values) if mode == "min" else max(values)) if values else None
+
+    @property
+    def last(self) -> float | None:
+        return self.curve[-1][1] if self.curve else None
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What a sweep left behind: every trial, and the best completed one."""
+
+    sweep_dir: Path
+    metric: str
+    mode: str
+    trials: list[TrialSummary]
+    best: TrialSummary | None
+
+    @property
+    def best_dir(self) -> Path:
+        return self.sweep_dir / "best"
+
+
+def _read_trial(trial_dir: Path, sweep_dir: Path, metric: str) -> TrialSummary:
+    info = json.loads((trial_dir / "trial.json").read_text())
+    metrics_file = trial_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+    if (trial_dir / "final").is_dir():
+        status = "completed"
+    elif (sweep_dir / "tune" / trial_dir.name / "error.txt").exists():
+        status = "error"
+    else:
+        status = "stopped_early"
+    ended = metrics_file.stat().st_mtime if metrics_file.exists() else info["started"]
+    return TrialSummary(
+        name=info["name"],
+        params=info["params"],
+        status=status,
+        curve=[(r["step"], r[metric]) for r in records if metric in r and r["step"] > 0],
+        steps=max((r["step"] for r in records), default=0),
+        tokens=max((int(r["num_tokens"]) for r in records if "num_tokens" in r), default=0),
+        wall_s=max(0.0, ended - info["started"]),
+    )
+
+
+def summarize(sweep_dir: str | Path) -> SweepResult:
+    """Read every trial of the sweep in `sweep_dir` and pick the best completed one by its final metric."""
+    sweep_dir = Path(sweep_dir).expanduser().resolve()
+    settings = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
+    metric, mode = settings["metric"], settings["mode"]
+    trials = [
+        _read_trial(path.parent, sweep_dir, metric) for path in sorted((sweep_dir / "trials").glob("*/trial.json"))
+    ]
+    # Only a completed trial has a final adapter, and its last evaluation is of exactly that adapter.
+    finished = [t for t in trials if t.status == "completed" and t.last is not None]
+    sign = 1.0 if mode == "min" else -1.0
+    best = min(finished, key=lambda t: sign * float(t.last or 0.0)) if finished else None
+    return SweepResult(sweep_dir, metric, mode, trials, best)
+
+
+def results_csv(result: SweepResult, keys: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["trial", "status", *keys, f"best_{result.metric}", f"last_{result.metric}", "steps", "tokens", "wall_s"])
+    for t in result.trials:
+        writer.writerow([t.name, t.status, *(t.params.get(k) for k in keys), t.best(result.mode), t.last, t.steps, t.tokens, round(t.wall_s, 1)])
+    return out.getvalue()
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
+def _copy_best(result: SweepResult) -> None:
+    """best/ = the best trial's final adapter + its config and metrics; replaced whole, never half-written."""
+    if result.best is None:
+        return
+    trial_dir = result.sweep_dir / "trials" / result.best.name
+    staging, old = result.sweep_dir / ".best.tmp", result.sweep_dir / ".best.old"
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.copytree(trial_dir / "final", staging)
+    for name in ("config.yaml", "metrics.jsonl", "trial.json"):
+        shutil.copy2(trial_dir / name, staging / name)
+    if result.best_dir.exists():
+        os.replace(result.best_dir, old)
+    os.replace(staging, result.best_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _plot(result: SweepResult, space: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    keys = list(space)
+    fig, axes = plt.subplots(1, 1 + len(keys), figsize=(5 * (1 + len(keys)), 4), squeeze=False)
+    curves = axes[0][0]
+    for t in result.trials:
+        if t.curve:
+            steps, values = zip(*t.curve)
+            curves.plot(steps, values, marker=".", linestyle="-" if t.status == "completed" else ":", label=t.name)
+    curves.set(title=f"{result.metric} per trial (dotted: stopped early)", xlabel="step", ylabel=result.metric)
+    curves.legend(fontsize="x-small")
+    for ax, key in zip(axes[0][1:], keys):
+        domain, _ = parse_domain(key, space[key])
+        points = [(t.params.get(key), t.best(result.mode)) for t in result.trials if t.best(result.mode) is not None]
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _ in points)
+        if numeric:
+            ax.scatter([x for x, _ in points], [y for _, y in points])
+            if domain is not None and domain.form.endswith("loguniform"):
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(x) for x, _ in points})
+            ax.scatter([labels.index(str(x)) for x, _ in points], [y for _, y in points])
+            ax.set_xticks(range(len(labels)), labels)
+        ax.set(title=f"best {result.metric} vs {key}", xlabel=key, ylabel=result.metric)
+    fig.tight_layout()
+    staging = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(staging, dpi=100)
+    plt.close(fig)
+    os.replace(staging, path)
+
+
+def _markdown(result: SweepResult, keys: list[str]) -> str:
+    def show(value: float | None) -> str:
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+    lines = [f"# Sweep {result.sweep_dir.name}", ""]
+    counts = {s: sum(t.status == s for t in result.trials) for s in STATUSES}
+    lines.append(f"{len(result.trials)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".")
+    if result.best is not None:
+        params = ", ".join(f"`{k}={v}`" for k, v in result.best.params.items())
+        lines.append(f"Best ({result.mode} {result.metric}): **{result.best.name}** with {params}: "
+                     f"{result.metric} {show(result.best.last)}; adapter and config in `best/`.")
+    lines += ["", "![report](report.png)", ""]
+    lines.append("| trial | status | " + " | ".join(keys) + f" | best {result.metric} | last {result.metric} | steps | tokens | wall s |")
+    lines.append("|" + "---|" * (len(keys) + 7))
+    for t in result.trials:
+        cells = [t.name, t.status, *(str(t.params.get(k)) for k in keys), show(t.best(result.mode)), show(t.last),
+                 str(t.steps), str(t.tokens), f"{t.wall_s:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(sweep_dir: str | Path) -> SweepResult:
+    """(Re)write results.csv, best/, report.png and report.md of the sweep in `sweep_dir`.
+
+    Example:
+        >>> from raysft.tune.report import write_report
+        >>> write_report("runs/sweeps/lora_rank_lr").best  # doctest: +SKIP
+    """
+    result = summarize(sweep_dir)
+    space = yaml.safe_load((result.sweep_dir / "sweep.yaml").read_text())["space"]
+    keys = list(space)
+    _write_text_atomically(result.sweep_dir / "results.csv", results_csv(result, keys))
+    _copy_best(result)
+    _plot(result, space, result.sweep_dir / "report.png")
+    _write_text_atomically(result.sweep_dir / "report.md", _markdown(result, keys))
+    return result

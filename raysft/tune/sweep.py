@@ -1,0 +1,326 @@
+"""`raysft sweep`: Ray Tune over train configs. One trial = one Ray Train run (the Train V2 way: a Tune
+driver function per trial builds and fits a TorchTrainer with the trial's values set in the base config).
+
+Sweep folder (``output_dir``):
+
+    sweep.yaml        the resolved sweep (base config inline)
+    tune/             Ray Tune's experiment state (what --resume restores)
+    trials/trial_N/   each trial's train run folder: trial.json, metrics.jsonl, checkpoints/, final/
+    results.csv  best/  report.png  report.md   (see raysft.tune.report)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from raysft.config import (
+    Config,
+    ConfigError,
+    SweepConfig,
+    apply_overrides,
+    read_yaml,
+    resolve_data_paths,
+    set_dotted,
+    to_yaml,
+    validate_section,
+)
+from raysft.tune.report import SweepResult, write_report
+from raysft.training.trainer import prepare_data, scaling_config, train
+from raysft.tune.space import Domain, parse_space, to_param_space
+
+SWEEP_FILE = "sweep.yaml"
+TRIAL_FILE = "trial.json"
+# Tune needs a non-empty resource request per trial. The driver function only coordinates (its Ray
+# Train workers hold the CPUs/GPUs), so it reserves a little memory and no CPU: a CPU here would be
+# a CPU the trial's own workers could not get.
+TRIAL_DRIVER_RESOURCES = {"memory": 512 * 2**20}
+# ASHA's horizon when the base config does not fix the number of steps.
+DEFAULT_MAX_ROUNDS = 100
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    """Load a sweep YAML (its `base` a train YAML path or inline), apply `--set` overrides, and check it all.
+
+    The YAML's optional `base_overrides` (a list of ``dotted.key=value``) adjust the base for this sweep;
+    `--set` reaches the base config through `base.`, e.g. ``base.train.max_steps=20``.
+
+    Example:
+        >>> cfg = load_sweep("sweeps/lora_rank_lr.yaml", ["num_samples=4"])  # doctest: +SKIP
+    """
+    path = Path(path)
+    raw = read_yaml(path)
+    base = raw.get("base")
+    if isinstance(base, str):
+        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+        raw["base"] = read_yaml(base_path)
+        resolve_data_paths(raw["base"], base_path.parent)
+    elif isinstance(base, dict):
+        resolve_data_paths(base, path.parent)
+    base_overrides = raw.pop("base_overrides", None) or []
+    if not isinstance(base_overrides, list) or not isinstance(raw.get("base"), dict):
+        raise ConfigError(["base_overrides: expected a list of dotted.key=value for the base config"
+                           if isinstance(raw.get("base"), dict) else "base: expected a train YAML path or mapping"], str(path))
+    apply_overrides(raw["base"], [str(item) for item in base_overrides])
+    return parse_sweep(apply_overrides(raw, overrides or []), str(path))
+
+
+def parse_sweep(raw: dict[str, Any], source: str | None = None) -> SweepConfig:
+    """Validate a sweep mapping (base inline): sweep keys, the base config, and every search domain."""
+    cfg = validate_section(SweepConfig, raw, source)
+    problems = _sweep_problems(cfg)
+    try:
+        parse_space(cfg.space, cfg.base.model_dump(mode="json"), cfg.search_alg)
+    except ConfigError as err:
+        problems += err.problems
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def _sweep_problems(cfg: SweepConfig) -> list[str]:
+    problems = []
+    data, train = cfg.base.data, cfg.base.train
+    if not data.eval and data.eval_fraction == 0:
+        problems.append(f"base.data: the sweep metric {cfg.metric} needs eval data; set data.eval or data.eval_fraction")
+    if cfg.base.scaling.num_workers < 1:
+        problems.append("base.scaling.num_workers: a sweep trial runs Ray Train workers; set it to 1 or more")
+    if cfg.scheduler.name == "asha" and not train.eval_every:
+        problems.append("base.train.eval_every: ASHA compares trials at evaluations; set eval_every (e.g. 10)")
+    return problems
+
+
+def domains_of(cfg: SweepConfig) -> dict[str, Domain]:
+    return parse_space(cfg.space, cfg.base.model_dump(mode="json"), cfg.search_alg)
+
+
+def sweep_yaml(cfg: SweepConfig) -> str:
+    """The resolved sweep as YAML, base inline (inline rows summarized as in a run's config.yaml)."""
+    data = cfg.model_dump(mode="json", exclude={"base"})
+    return yaml.safe_dump({"base": yaml.safe_load(to_yaml(cfg.base)), **data}, sort_keys=False)
+
+
+def trial_name(trial: Any) -> str:
+    """`trial_00003`: Tune's per-sweep trial counter (stable across --resume), used for folder names."""
+    return f"trial_{trial.trial_id.rsplit('_', 1)[-1]}"
+
+
+def trial_config(cfg: SweepConfig, params: dict[str, Any], name: str) -> Config:
+    """The train config of one trial: base + the trial's values, writing into the sweep's trials/ folder."""
+    raw = copy.deepcopy(cfg.base.model_dump(mode="json"))
+    for key, value in params.items():
+        set_dotted(raw, key, value)
+    sweep_dir = Path(str(cfg.output_dir)).expanduser().resolve()
+    raw["train"]["output_dir"] = str(sweep_dir / "trials" / name)
+    # A trial restarted by --resume continues from its own newest checkpoint (a fresh one finds none).
+    raw["train"]["resume"] = True
+    if raw["scaling"].get("storage_path"):
+        raw["scaling"]["storage_path"] = str(Path(raw["scaling"]["storage_path"]) / cfg.name / name)
+    # The sweep prints one table for all trials; per-step lines of every trial would bury it.
+    raw["tracking"]["console"] = False
+    raw["tracking"]["wandb_group"] = raw["tracking"].get("wandb_group") or cfg.name
+    raw["tracking"]["run_name"] = name
+    return validate_section(Config, raw, f"trial {name}")
+
+
+def eval_round(step: int, eval_every: int | None) -> int:
+    """How many evaluations a trial has passed at `step` (0 before training): ASHA's time axis."""
+    if step == 0:
+        return 0
+    return math.ceil(step / eval_every) if eval_every else 1
+
+
+def tune_result(record: dict[str, Any], eval_every: int | None) -> dict[str, Any] | None:
+    """The Tune result for one report of a run: evaluations only (Tune requires the metric in each result)."""
+    if "eval_loss" not in record:
+        return None
+    return {**record, "eval_round": eval_round(int(record["step"]), eval_every)}
+
+
+class EvalRoundsToTune(TuneReportCallback):
+    """Forward rank 0's evaluation reports to Tune, tagged with their eval round (other reports stay out)."""
+
+    def __init__(self, eval_every: int | None):
+        super().__init__()
+        self.eval_every = eval_every
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        result = tune_result(metrics[0], self.eval_every)
+        if result is not None:
+            super().after_report(run_context, [result], None)
+
+
+def _eval_records(output_dir: Path) -> list[dict[str, Any]]:
+    metrics = output_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return []
+    return [r for r in map(json.loads, metrics.read_text().splitlines()) if "eval_loss" in r]
+
+
+def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(data, indent=2))
+    os.replace(staging, path)
+
+
+def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """Tune driver function of one trial: train the base config with `params` set, reporting evaluations."""
+    cfg = SweepConfig.model_validate(sweep)
+    name = ray.tune.get_context().get_trial_name()
+    train_cfg = trial_config(cfg, params, name)
+    output_dir = Path(train_cfg.train.output_dir)
+    eval_every = train_cfg.train.eval_every
+    if (output_dir / "final").is_dir():
+        # Finished before the sweep was interrupted: give Tune its evaluations again instead of retraining.
+        for record in _eval_records(output_dir):
+            ray.tune.report(tune_result(record, eval_every) or {})
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    trial_file = output_dir / TRIAL_FILE
+    started = json.loads(trial_file.read_text())["started"] if trial_file.exists() else time.time()
+    _write_json_atomically(trial_file, {"name": name, "params": params, "started": started})
+    train(train_cfg, callbacks=[EvalRoundsToTune(eval_every)])
+
+
+def default_max_concurrent(train_cfg: Config, cluster: dict[str, float]) -> int:
+    """How many trials the cluster holds at once, each with its full set of Ray Train workers."""
+    need = {k: v for k, v in scaling_config(train_cfg).total_resources.items() if v > 0}
+    fits = [int(cluster.get(resource, 0.0) // amount) for resource, amount in need.items()]
+    return max(1, min(fits, default=1))
+
+
+def _max_rounds(cfg: SweepConfig) -> int:
+    if cfg.scheduler.max_rounds:
+        return cfg.scheduler.max_rounds
+    train = cfg.base.train
+    if train.max_steps and train.eval_every:
+        return math.ceil(train.max_steps / train.eval_every)
+    return DEFAULT_MAX_ROUNDS
+
+
+def _scheduler(cfg: SweepConfig) -> Any:
+    if cfg.scheduler.name == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="eval_round",
+        grace_period=cfg.scheduler.grace_period,
+        reduction_factor=cfg.scheduler.reduction_factor,
+        max_t=max(_max_rounds(cfg), cfg.scheduler.grace_period),
+    )
+
+
+def _search_alg(cfg: SweepConfig, max_concurrent: int) -> Any:
+    if cfg.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch  # optuna is imported only when asked for
+
+        return OptunaSearch(seed=cfg.seed)
+    # Tune applies max_concurrent_trials to a Searcher (optuna) itself, but not to a generator passed in.
+    return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=cfg.seed)
+
+
+def _num_samples(cfg: SweepConfig, domains: dict[str, Domain]) -> int:
+    if cfg.num_samples:
+        return cfg.num_samples
+    pure_grid = cfg.search_alg == "grid" or all(d.form == "grid" for d in domains.values())
+    return 1 if pure_grid else 8
+
+
+class LiveTable(tune.Callback):
+    """The sweep's console: one line per evaluation and per finished trial (trial, params, step, metric, status)."""
+
+    def __init__(self, metric: str, keys: list[str]):
+        self.metric = metric
+        self.keys = keys
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        print(f"[sweep] {trial_name(trial)}  {_params_text(trial.config, self.keys)}  started", flush=True)
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
+        running = sum(t.status == "RUNNING" for t in trials)
+        print(
+            f"[sweep] {trial_name(trial)}  {_params_text(trial.config, self.keys)}  step {result.get('step')}  "
+            f"{self.metric} {result.get(self.metric, float('nan')):.4f}  RUNNING  ({running} running)",
+            flush=True,
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
+        print(f"[sweep] {trial_name(trial)}  finished  ({done}/{len(trials)} trials done)", flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        print(f"[sweep] {trial_name(trial)}  ERROR  (see {trial.path}/error.txt)", flush=True)
+
+
+def _params_text(config: dict[str, Any], keys: list[str]) -> str:
+    return " ".join(f"{k}={_short(config.get(k))}" for k in keys)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
+    """Run (or with `resume`, continue) a sweep on Ray Tune and write results.csv, best/ and report.png.
+
+    Example:
+        >>> import raysft
+        >>> result = raysft.sweep(raysft.load_sweep("sweeps/lora_rank_lr.yaml"))  # doctest: +SKIP
+        >>> result.best.name, result.best_dir  # doctest: +SKIP
+    """
+    sweep_dir = Path(str(cfg.output_dir)).expanduser().resolve()
+    tune_dir = sweep_dir / "tune"
+    if resume and not tune.Tuner.can_restore(str(tune_dir)):
+        raise ConfigError([f"output_dir: no sweep to resume in {sweep_dir}"])
+    if not resume and tune_dir.exists():
+        raise ConfigError([f"output_dir: {sweep_dir} already holds a sweep; continue it with --resume or choose a new output_dir"])
+    domains = domains_of(cfg)
+    # Tokenize once for every trial: the cache is keyed by content, not max_seq_len, so trials that
+    # differ in sequence length only re-pack.
+    prepare_data(cfg.base)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / f".{SWEEP_FILE}.tmp").write_text(sweep_yaml(cfg))
+    os.replace(sweep_dir / f".{SWEEP_FILE}.tmp", sweep_dir / SWEEP_FILE)
+
+    max_concurrent = cfg.max_concurrent_trials or default_max_concurrent(cfg.base, ray.cluster_resources())
+    print(f"[sweep] {cfg.name}: {cfg.scheduler.name}, {cfg.search_alg} search, up to {max_concurrent} trial(s) at once; "
+          f"folder {sweep_dir}", flush=True)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, sweep=cfg.model_dump(mode="json")), TRIAL_DRIVER_RESOURCES
+    )
+    if resume:
+        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=to_param_space(domains, cfg.search_alg),
+            tune_config=tune.TuneConfig(
+                metric=cfg.metric,
+                mode=cfg.mode,
+                num_samples=_num_samples(cfg, domains),
+                max_concurrent_trials=max_concurrent if cfg.search_alg == "optuna" else None,
+                scheduler=_scheduler(cfg),
+                search_alg=_search_alg(cfg, max_concurrent),
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=str(sweep_dir),
+                callbacks=[LiveTable(cfg.metric, list(domains))],
+                verbose=0,
+            ),
+        )
+    tuner.fit()
+    return write_report(sweep_dir)

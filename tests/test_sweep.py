@@ -1,0 +1,158 @@
+"""Sweeps on a real local Ray: ASHA stops trials, results/best/report are right, resources come back,
+and a killed sweep resumes without rerunning finished trials."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from raysft.cli import main as cli_main
+from raysft.tune.sweep import parse_sweep, sweep
+from tests.runs import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_base(model_dir: Path, tmp_path: Path, overrides: list[str]) -> dict[str, Any]:
+    """The tiny train config as a sweep base: one Ray Train worker per trial, its own token cache."""
+    settings = ["scaling.num_workers=1", f"data.cache_dir={tmp_path / 'token-cache'}", *overrides]
+    return tiny_config(model_dir, tmp_path / "unused", settings, rows=64).model_dump(mode="json")
+
+
+def read_results(sweep_dir: Path) -> list[dict[str, str]]:
+    with (sweep_dir / "results.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def wait_for_free_cpus(timeout_s: float = 60.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        available = ray.available_resources()
+        if available.get("CPU", 0.0) == ray.cluster_resources()["CPU"] or time.monotonic() > deadline:
+            return available
+        time.sleep(1.0)
+
+
+def test_asha_sweep_over_rank_lr_and_seq_len(ray_session: None, tiny_model_dir: Path, tmp_path: Path) -> None:
+    base = tiny_base(tiny_model_dir, tmp_path, ["train.max_steps=8", "train.eval_every=2", "tracking.tensorboard=true"])
+    sweep_dir = tmp_path / "sweep"
+    cfg = parse_sweep({
+        "name": "tiny-asha",
+        "base": base,
+        "output_dir": str(sweep_dir),
+        # Grid points run in order: [good lr, hopeless lr] twice. The second hopeless trial reaches the
+        # first rung after both earlier trials recorded theirs there, so ASHA must stop it.
+        "space": {"train.lr": "grid [3e-2, 1e-6]", "lora.r": "choice [2, 4]", "data.max_seq_len": "choice [128, 256]"},
+        "num_samples": 2,
+        "max_concurrent_trials": 2,
+        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+    })
+    result = sweep(cfg)
+
+    rows = read_results(sweep_dir)
+    assert len(rows) == 4 and len(result.trials) == 4
+    assert list(rows[0]) == ["trial", "status", "train.lr", "lora.r", "data.max_seq_len",
+                             "best_eval_loss", "last_eval_loss", "steps", "tokens", "wall_s"]
+    stopped = [r for r in rows if r["status"] == "stopped_early"]
+    completed = [r for r in rows if r["status"] == "completed"]
+    assert stopped, rows  # ASHA stopped at least one trial
+    assert all(int(r["steps"]) < 8 for r in stopped) and all(int(r["steps"]) == 8 for r in completed)
+    assert sum(int(r["tokens"]) for r in stopped) < sum(int(r["tokens"]) for r in completed)
+    assert {r["data.max_seq_len"] for r in rows} <= {"128", "256"} and {r["lora.r"] for r in rows} <= {"2", "4"}
+
+    # best/ is the completed trial with the lowest final eval loss, and it is a loadable adapter.
+    best_row = min(completed, key=lambda r: float(r["last_eval_loss"]))
+    assert result.best is not None and result.best.name == best_row["trial"]
+    best_dir = sweep_dir / "best"
+    assert yaml.safe_load((best_dir / "trial.json").read_text())["name"] == best_row["trial"]
+    best_cfg = yaml.safe_load((best_dir / "config.yaml").read_text())
+    assert best_cfg["train"]["lr"] == pytest.approx(float(best_row["train.lr"]))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), best_dir)
+    assert model.peft_config["default"].r == int(best_row["lora.r"])
+
+    assert (sweep_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert best_row["trial"] in (sweep_dir / "report.md").read_text()
+    for row in rows:  # one TensorBoard log and one W&B group per trial/sweep
+        trial_dir = sweep_dir / "trials" / row["trial"]
+        assert any((trial_dir / "tensorboard").iterdir())
+        assert yaml.safe_load((trial_dir / "config.yaml").read_text())["tracking"]["wandb_group"] == "tiny-asha"
+
+    # Tokenized once: trials with max_seq_len 128 and 256 re-packed the same cached tokens (train + eval).
+    assert len(list((tmp_path / "token-cache").rglob("*.parquet"))) == 2
+
+    # Stopped trials gave back their workers: the whole cluster is free again, no placement group left.
+    available = wait_for_free_cpus()
+    assert available.get("CPU") == ray.cluster_resources()["CPU"], available
+    assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+
+    # `raysft report` rebuilds the results from the folder alone.
+    expected = (sweep_dir / "results.csv").read_text()
+    (sweep_dir / "results.csv").unlink()
+    (sweep_dir / "report.png").unlink()
+    assert cli_main(["report", str(sweep_dir)]) == 0
+    assert (sweep_dir / "results.csv").read_text() == expected and (sweep_dir / "report.png").exists()
+
+
+def _wait_until(condition: Any, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"sweep exited early with {process.returncode}")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the sweep")
+        time.sleep(0.3)
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_model_dir: Path, tmp_path: Path) -> None:
+    base = tiny_base(tiny_model_dir, tmp_path, [
+        "train.max_steps=40", "train.eval_every=10", "train.checkpoint_every=5", "train.checkpoints_to_keep=null",
+    ])
+    sweep_dir = tmp_path / "sweep"
+    sweep_file = tmp_path / "resume.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "tiny-resume", "base": base, "output_dir": str(sweep_dir), "space": {"train.lr": "grid [3e-2, 1e-2]"},
+        "max_concurrent_trials": 1, "scheduler": "fifo",
+    }))
+    command = [sys.executable, "-m", "raysft", "sweep", str(sweep_file)]
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    first, second = sweep_dir / "trials" / "trial_00000", sweep_dir / "trials" / "trial_00001"
+
+    # A fresh process with its own local Ray, killed (with its Ray) once trial 0 finished and trial 1
+    # has a checkpoint but no final adapter.
+    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_until(lambda: (first / "final").is_dir() and any((second / "checkpoints").glob("step_*/manifest.json")),
+                    process, timeout_s=400)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (second / "final").exists(), "trial 1 finished before the kill; the test needs more steps"
+    first_final = (first / "final" / "adapter_model.safetensors").stat()
+    kept = {p.parent.name: p.stat().st_ino for p in (second / "checkpoints").glob("step_*/manifest.json")}
+
+    resumed = subprocess.run([*command, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    rows = read_results(sweep_dir)
+    assert [(r["trial"], r["status"], r["steps"]) for r in rows] == [
+        ("trial_00000", "completed", "40"), ("trial_00001", "completed", "40")]
+    # The finished trial was not trained again: its adapter file is the very same one.
+    after = (first / "final" / "adapter_model.safetensors").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (first_final.st_ino, first_final.st_mtime_ns)
+    # The unfinished trial continued from its checkpoints instead of starting over (which would rewrite them).
+    assert {name: (second / "checkpoints" / name / "manifest.json").stat().st_ino for name in kept} == kept
+    steps = [yaml.safe_load(line)["step"] for line in (second / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # every step logged once, in order

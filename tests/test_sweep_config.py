@@ -1,0 +1,163 @@
+"""Sweep YAML and search spaces: every domain form, and bad input named by its YAML key before anything runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from ray import tune
+
+from raysft.config import ConfigError, load_yaml_text
+from raysft.tune.space import Domain, parse_space, to_param_space
+from raysft.tune.sweep import default_max_concurrent, eval_round, load_sweep, parse_sweep, trial_config, tune_result
+
+BASE: dict[str, Any] = {
+    "model": {"name_or_path": "some/model"},
+    "data": {"train": {"path": "train.jsonl"}, "eval_fraction": 0.1},
+    "train": {"max_steps": 20, "eval_every": 5},
+}
+SWEEPS = sorted((Path(__file__).parents[1] / "sweeps").glob("*.yaml"))
+
+
+def sweep_raw(**changes: Any) -> dict[str, Any]:
+    return {"base": yaml.safe_load(yaml.safe_dump(BASE)), "space": {"lora.r": "choice [8, 16]"}, **changes}
+
+
+def problems_of(raw: dict[str, Any]) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        parse_sweep(raw)
+    return err.value.problems
+
+
+def test_every_domain_form_in_both_spellings() -> None:
+    space = {
+        "lora.r": "choice [8, 16, 32]",
+        "lora.alpha": {"grid": [16, 32]},
+        "lora.dropout": "uniform [0.0, 0.2]",
+        "train.warmup_steps": "randint [0, 10]",
+        "train.lr": "loguniform [1e-5, 5e-4]",
+        "train.weight_decay": {"quniform": [0.0, 0.1, 0.01]},
+        "train.min_lr_ratio": "qloguniform [0.01, 0.5, 0.01]",
+        "data.max_seq_len": {"qrandint": [128, 1024, 128]},
+    }
+    domains = parse_space(space, BASE, "random")
+    assert domains["lora.r"] == Domain("choice", (8, 16, 32))
+    assert domains["train.lr"] == Domain("loguniform", (1e-5, 5e-4))  # 1e-5 without a dot is a float here
+    param_space = to_param_space(domains, "random")
+    assert param_space["lora.alpha"] == {"grid_search": [16, 32]}
+    assert isinstance(param_space["train.lr"], tune.search.sample.Float)
+    assert isinstance(param_space["lora.r"], tune.search.sample.Categorical)
+    # search_alg grid enumerates choices too
+    assert to_param_space(parse_space({"lora.r": "choice [8, 16]"}, BASE, "grid"), "grid") == {
+        "lora.r": {"grid_search": [8, 16]}
+    }
+
+
+@pytest.mark.parametrize(
+    ("space", "expected"),
+    [
+        ({"lora.rank": "choice [8, 16]"}, "space.lora.rank: unknown key; did you mean 'lora.r'?"),
+        ({"lora.r": "choice []"}, "space.lora.r: empty choice"),
+        ({"train.lr": "uniform [1e-3, 1e-4]"}, "space.train.lr: uniform needs low < high"),
+        ({"train.lr": "loguniform [0, 1e-3]"}, "space.train.lr: loguniform needs low > 0"),
+        ({"train.lr": "normal [0, 1]"}, "space.train.lr: unknown form 'normal'"),
+        ({"train.lr": "uniform [1e-4]"}, "space.train.lr: uniform takes [low, high] numbers"),
+        ({"train.lr": 0.1}, "space.train.lr: expected one of choice"),
+        ({"lora.r": "choice [8, -4]"}, "space.lora.r: Input should be greater than 0 (got -4) (value -4)"),
+        ({"lora.dropout": "uniform [0.0, 1.5]"}, "space.lora.dropout: Input should be less than 1"),
+        ({"train.precision": "choice [bf16, fp8]"}, "space.train.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
+        ({}, "space: empty"),
+    ],
+)
+def test_bad_spaces_name_the_yaml_key(space: dict[str, Any], expected: str) -> None:
+    problems = problems_of(sweep_raw(space=space))
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_bad_sweep_settings_are_all_reported_together() -> None:
+    raw = sweep_raw(scheduler="hyperband", metric="accuracy", num_sampels=4)
+    problems = problems_of(raw)
+    assert any(p.startswith("scheduler.name: Input should be 'asha' or 'fifo'") for p in problems)
+    assert any(p.startswith("metric: Input should be") for p in problems)
+    assert any(p.startswith("num_sampels: unknown key; did you mean 'num_samples'?") for p in problems)
+
+
+def test_sweep_needs_eval_data_workers_and_eval_rounds_for_asha() -> None:
+    raw = sweep_raw()
+    raw["base"]["data"].pop("eval_fraction")
+    raw["base"]["train"].pop("eval_every")
+    raw["base"]["scaling"] = {"num_workers": 0}
+    problems = problems_of(raw)
+    assert any(p.startswith("base.data: the sweep metric eval_loss needs eval data") for p in problems)
+    assert any(p.startswith("base.scaling.num_workers:") for p in problems)
+    assert any(p.startswith("base.train.eval_every: ASHA compares trials at evaluations") for p in problems)
+
+
+def test_search_alg_restrictions() -> None:
+    assert "space.lora.r: optuna does not take grid; use choice" in problems_of(
+        sweep_raw(search_alg="optuna", space={"lora.r": "grid [8, 16]"})
+    )
+    assert "space.train.lr: search_alg grid needs choice or grid (got loguniform)" in problems_of(
+        sweep_raw(search_alg="grid", space={"train.lr": "loguniform [1e-5, 1e-3]"})
+    )
+
+
+def test_base_by_path_with_overrides_and_set(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    (tmp_path / "s.yaml").write_text(
+        "# raysft sweep s.yaml\nbase: base.yaml\nbase_overrides: [train.max_steps=40]\n"
+        "space:\n  train.lr: loguniform [1e-5, 1e-3]\n"
+    )
+    cfg = load_sweep(tmp_path / "s.yaml", ["num_samples=3", "base.train.eval_every=10"])
+    assert cfg.base.train.max_steps == 40 and cfg.base.train.eval_every == 10 and cfg.num_samples == 3
+    assert cfg.base.data.train[0].path == str(tmp_path / "train.jsonl")  # relative to the base YAML's folder
+    assert cfg.mode == "min" and cfg.output_dir == "runs/sweeps/sweep"
+
+
+def test_bad_base_names_base_keys(tmp_path: Path) -> None:
+    raw = sweep_raw()
+    raw["base"]["train"]["learning_rate"] = 1e-4
+    assert any(p.startswith("base.train.learning_rate: unknown key; did you mean 'base.train.lr'?") for p in problems_of(raw))
+
+
+def test_trial_config_sets_values_and_writes_into_the_sweep_folder(tmp_path: Path) -> None:
+    cfg = parse_sweep(sweep_raw(name="s1", output_dir=str(tmp_path)))
+    trial = trial_config(cfg, {"lora.r": 32, "train.lr": 3e-4}, "trial_00002")
+    assert trial.lora.r == 32 and trial.train.lr == 3e-4
+    assert Path(trial.train.output_dir) == tmp_path.resolve() / "trials" / "trial_00002"
+    assert trial.train.resume and trial.tracking.wandb_group == "s1" and trial.tracking.run_name == "trial_00002"
+
+
+def test_eval_rounds_and_tune_results() -> None:
+    assert [eval_round(s, 5) for s in (0, 5, 10, 12)] == [0, 1, 2, 3]
+    assert eval_round(7, None) == 1
+    assert tune_result({"step": 3, "loss": 1.0}, 5) is None  # Tune sees evaluations only
+    assert tune_result({"step": 10, "eval_loss": 2.0}, 5) == {"step": 10, "eval_loss": 2.0, "eval_round": 2}
+
+
+def test_default_concurrency_fits_each_trials_workers() -> None:
+    cfg = parse_sweep(sweep_raw())
+    two_cpu_workers = cfg.base.model_copy(update={"scaling": cfg.base.scaling.model_copy(update={"num_workers": 2})})
+    assert default_max_concurrent(cfg.base, {"CPU": 8.0}) == 8
+    assert default_max_concurrent(two_cpu_workers, {"CPU": 8.0}) == 4
+    gpu = cfg.base.model_copy(update={"scaling": cfg.base.scaling.model_copy(update={"use_gpu": True})})
+    assert default_max_concurrent(gpu, {"CPU": 64.0, "GPU": 3.0}) == 3
+    assert default_max_concurrent(gpu, {"CPU": 64.0}) == 1  # an autoscaling cluster may have no GPU yet
+
+
+def test_exponent_numbers_are_floats() -> None:
+    assert load_yaml_text("a: 1e-4\nb: [3E+2, 7, .5]") == {"a": 1e-4, "b": [300.0, 7, 0.5]}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_every_shipped_sweep_loads_and_names_its_command(path: Path) -> None:
+    assert path.read_text().startswith(f"# raysft sweep sweeps/{path.name}")
+    cfg = load_sweep(path)
+    assert cfg.space and cfg.base.data.train
+
+
+def test_sweeps_folder_is_not_empty() -> None:
+    assert len(SWEEPS) >= 3
