@@ -22,7 +22,8 @@ def ray_session() -> Iterator[None]:
 
     # With the dashboard, as users run Ray: Ray Train's placement-group cleaner asks its State API
     # whether a run's controller is gone (a sweep's stopped trials would otherwise keep their CPUs).
-    ray.init(num_cpus=2, include_dashboard=True, ignore_reinit_error=True)
+    # address="local": always a fresh cluster of our own, never a `ray start` cluster running on the machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, ignore_reinit_error=True)
     yield
     ray.shutdown()
 

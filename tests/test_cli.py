@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def raysft(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "raysft", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "RAY_ADDRESS": "", **(env or {})},
+        env={**os.environ, "RAY_ADDRESS": "local", **(env or {})},  # its own Ray, never a running cluster
     )
 
 

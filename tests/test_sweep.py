@@ -126,7 +126,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_model_dir: 
         "max_concurrent_trials": 1, "scheduler": "fifo",
     }))
     command = [sys.executable, "-m", "raysft", "sweep", str(sweep_file)]
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, even if another cluster runs on the machine
     first, second = sweep_dir / "trials" / "trial_00000", sweep_dir / "trials" / "trial_00001"
 
     # A fresh process with its own local Ray, killed (with its Ray) once trial 0 finished and trial 1
