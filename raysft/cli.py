@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raysft.config import Config, ConfigError, ModelConfig, load_config
 from raysft.data.formats import DataError
+
+if TYPE_CHECKING:
+    from raysft.tune.report import SweepResult
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +63,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     _print_sweep_summary(write_report(args.sweep_dir))
 
 
-def _print_sweep_summary(result: Any) -> None:
+def _print_sweep_summary(result: SweepResult) -> None:
     print((result.sweep_dir / "results.csv").read_text(), end="")
     best = f"best: {result.best.name} -> {result.best_dir}" if result.best else "best: none (no trial completed)"
     print(f"[sweep] {best}; report in {result.sweep_dir / 'report.md'}")

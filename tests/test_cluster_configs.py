@@ -113,9 +113,16 @@ def test_launcher_layout(name: str) -> None:
 
 def _plan(cfg: dict[str, Any], demands: list[dict[str, float]], monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Node types the autoscaler launches for `demands` on a cluster holding only the head."""
-    from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_TYPE, FakeMultiNodeProvider
-    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
-    from ray.autoscaler._private.resource_demand_scheduler import ResourceDemandScheduler
+    from ray.autoscaler._private.fake_multi_node.node_provider import (
+        FAKE_HEAD_NODE_TYPE,
+        FakeMultiNodeProvider,
+    )
+    from ray.autoscaler._private.node_provider_availability_tracker import (
+        NodeAvailabilitySummary,
+    )
+    from ray.autoscaler._private.resource_demand_scheduler import (
+        ResourceDemandScheduler,
+    )
 
     monkeypatch.setenv("RAY_FAKE_CLUSTER", "1")
     types = dict(cfg["available_node_types"])
@@ -178,7 +185,10 @@ def test_validator_rejects_a_missing_head_type() -> None:
 
 
 def test_local_autoscaling_config_passes_rays_validator(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_TYPE, FakeMultiNodeProvider
+    from ray.autoscaler._private.fake_multi_node.node_provider import (
+        FAKE_HEAD_NODE_TYPE,
+        FakeMultiNodeProvider,
+    )
     from ray.autoscaler._private.providers import _get_node_provider
 
     cfg = load(LOCAL)

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raysft.config import ConfigError, apply_overrides, load_config, parse_config, to_yaml
+from raysft.config import (
+    ConfigError,
+    apply_overrides,
+    load_config,
+    parse_config,
+    to_yaml,
+)
 
 MINIMAL = {"model": {"name_or_path": "some/model"}, "data": {"train": {"path": "train.jsonl"}}}
 

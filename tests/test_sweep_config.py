@@ -11,7 +11,14 @@ from ray import tune
 
 from raysft.config import ConfigError, load_yaml_text
 from raysft.tune.space import Domain, parse_space, to_param_space
-from raysft.tune.sweep import default_max_concurrent, eval_round, load_sweep, parse_sweep, trial_config, tune_result
+from raysft.tune.sweep import (
+    default_max_concurrent,
+    eval_round,
+    load_sweep,
+    parse_sweep,
+    trial_config,
+    tune_result,
+)
 
 BASE: dict[str, Any] = {
     "model": {"name_or_path": "some/model"},

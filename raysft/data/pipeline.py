@@ -22,8 +22,13 @@ import ray.data
 from transformers import PreTrainedTokenizerBase
 
 from raysft.config import Config, DataConfig, SourceConfig, default_cache_root
-from raysft.data.packing import apply_length_policy, pack_examples, packing_efficiency, unpacked_rows
 from raysft.data.formats import DataError
+from raysft.data.packing import (
+    apply_length_policy,
+    pack_examples,
+    packing_efficiency,
+    unpacked_rows,
+)
 from raysft.data.sources import load_examples
 from raysft.data.tokenize import TokenizeBatch
 

@@ -25,7 +25,14 @@ from torch import nn
 
 from raysft.config import Config
 from raysft.data.packing import collate
-from raysft.model import TokenLoss, apply_lora, load_model, load_tokenizer, trainable_state_dict
+from raysft.fileio import write_text_atomically
+from raysft.model import (
+    TokenLoss,
+    apply_lora,
+    load_model,
+    load_tokenizer,
+    trainable_state_dict,
+)
 from raysft.track import Tracker
 from raysft.training.checkpoint import latest_verified, load_checkpoint, save_checkpoint
 from raysft.training.optim import build_optimizer, lr_at, set_lr
@@ -151,9 +158,7 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
         return
     lines = path.read_text().splitlines() if after_step > 0 else []
     kept = [line for line in lines if json.loads(line)["step"] <= after_step]
-    staging = path.with_suffix(".jsonl.tmp")
-    staging.write_text("".join(line + "\n" for line in kept))
-    os.replace(staging, path)
+    write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def _save_final(model: nn.Module, cfg: Config, output_dir: Path) -> None:

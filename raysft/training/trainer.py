@@ -12,11 +12,17 @@ import ray
 import ray.train
 from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-
 from transformers import PreTrainedTokenizerBase
 
 from raysft.config import Config, ConfigError, to_yaml
-from raysft.data.pipeline import PreparedData, read_splits, shape_splits, stats_json, tokenize_splits
+from raysft.data.pipeline import (
+    PreparedData,
+    read_splits,
+    shape_splits,
+    stats_json,
+    tokenize_splits,
+)
+from raysft.fileio import write_text_atomically
 from raysft.model import load_tokenizer
 from raysft.training.checkpoint import list_checkpoints
 from raysft.training.loop import FAULT_ENV, train_loop_per_worker
@@ -73,12 +79,6 @@ def prepare_data(cfg: Config) -> tuple[PreTrainedTokenizerBase, PreparedData]:
     return tokenizer, shape_splits(tokenize_splits(splits, tokenizer, cfg.data), cfg)
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
-
-
 def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
     """Fine-tune the model of `cfg` on Ray and write the run folder (see README, "Output").
 
@@ -92,8 +92,8 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
     tokenizer, prepared = prepare_data(cfg)
     output_dir = Path(cfg.train.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    _write_text_atomically(output_dir / "config.yaml", to_yaml(cfg))
-    _write_text_atomically(output_dir / "data_stats.json", stats_json(prepared.stats))
+    write_text_atomically(output_dir / "config.yaml", to_yaml(cfg))
+    write_text_atomically(output_dir / "data_stats.json", stats_json(prepared.stats))
 
     storage = Path(cfg.scaling.storage_path or output_dir).expanduser().resolve()
     trainer = TorchTrainer(

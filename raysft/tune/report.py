@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from raysft.fileio import write_text_atomically
 from raysft.tune.space import parse_domain
 
 STATUSES = ("completed", "stopped_early", "error")
@@ -107,12 +108,6 @@ def results_csv(result: SweepResult, keys: list[str]) -> str:
     return out.getvalue()
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
-
-
 def _copy_best(result: SweepResult) -> None:
     """best/ = the best trial's final adapter + its config and metrics; replaced whole, never half-written."""
     if result.best is None:
@@ -196,8 +191,8 @@ def write_report(sweep_dir: str | Path) -> SweepResult:
     result = summarize(sweep_dir)
     space = yaml.safe_load((result.sweep_dir / "sweep.yaml").read_text())["space"]
     keys = list(space)
-    _write_text_atomically(result.sweep_dir / "results.csv", results_csv(result, keys))
+    write_text_atomically(result.sweep_dir / "results.csv", results_csv(result, keys))
     _copy_best(result)
     _plot(result, space, result.sweep_dir / "report.png")
-    _write_text_atomically(result.sweep_dir / "report.md", _markdown(result, keys))
+    write_text_atomically(result.sweep_dir / "report.md", _markdown(result, keys))
     return result

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,9 @@ from raysft.config import (
     to_yaml,
     validate_section,
 )
-from raysft.tune.report import SweepResult, write_report
+from raysft.fileio import write_text_atomically
 from raysft.training.trainer import prepare_data, scaling_config, train
+from raysft.tune.report import SweepResult, write_report
 from raysft.tune.space import Domain, parse_space, to_param_space
 
 SWEEP_FILE = "sweep.yaml"
@@ -46,7 +46,7 @@ TRIAL_FILE = "trial.json"
 # Tune needs a non-empty resource request per trial. The driver function only coordinates (its Ray
 # Train workers hold the CPUs/GPUs), so it reserves a little memory and no CPU: a CPU here would be
 # a CPU the trial's own workers could not get.
-TRIAL_DRIVER_RESOURCES = {"memory": 512 * 2**20}
+TRIAL_DRIVER_RESOURCES: dict[str, float] = {"memory": 512.0 * 2**20}
 # ASHA's horizon when the base config does not fix the number of steps.
 DEFAULT_MAX_ROUNDS = 100
 
@@ -169,12 +169,6 @@ def _eval_records(output_dir: Path) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, metrics.read_text().splitlines()) if "eval_loss" in r]
 
 
-def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(data, indent=2))
-    os.replace(staging, path)
-
-
 def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     """Tune driver function of one trial: train the base config with `params` set, reporting evaluations."""
     cfg = SweepConfig.model_validate(sweep)
@@ -190,7 +184,7 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     trial_file = output_dir / TRIAL_FILE
     started = json.loads(trial_file.read_text())["started"] if trial_file.exists() else time.time()
-    _write_json_atomically(trial_file, {"name": name, "params": params, "started": started})
+    write_text_atomically(trial_file, json.dumps({"name": name, "params": params, "started": started}, indent=2))
     train(train_cfg, callbacks=[EvalRoundsToTune(eval_every)])
 
 
@@ -223,7 +217,9 @@ def _scheduler(cfg: SweepConfig) -> Any:
 
 def _search_alg(cfg: SweepConfig, max_concurrent: int) -> Any:
     if cfg.search_alg == "optuna":
-        from ray.tune.search.optuna import OptunaSearch  # optuna is imported only when asked for
+        from ray.tune.search.optuna import (
+            OptunaSearch,  # optuna is imported only when asked for
+        )
 
         return OptunaSearch(seed=cfg.seed)
     # Tune applies max_concurrent_trials to a Searcher (optuna) itself, but not to a generator passed in.
@@ -290,8 +286,7 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     # differ in sequence length only re-pack.
     prepare_data(cfg.base)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / f".{SWEEP_FILE}.tmp").write_text(sweep_yaml(cfg))
-    os.replace(sweep_dir / f".{SWEEP_FILE}.tmp", sweep_dir / SWEEP_FILE)
+    write_text_atomically(sweep_dir / SWEEP_FILE, sweep_yaml(cfg))
 
     max_concurrent = cfg.max_concurrent_trials or default_max_concurrent(cfg.base, ray.cluster_resources())
     print(f"[sweep] {cfg.name}: {cfg.scheduler.name}, {cfg.search_alg} search, up to {max_concurrent} trial(s) at once; "
