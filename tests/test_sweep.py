@@ -115,6 +115,7 @@ def _wait_until(condition: Any, process: subprocess.Popen[bytes], timeout_s: flo
         time.sleep(0.3)
 
 
+@pytest.mark.slow  # two fresh Ray clusters and 80 steps: about 5 minutes on 2 cores; CI's slow step runs it
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_model_dir: Path, tmp_path: Path) -> None:
     base = tiny_base(tiny_model_dir, tmp_path, [
         "train.max_steps=40", "train.eval_every=10", "train.checkpoint_every=5", "train.checkpoints_to_keep=null",

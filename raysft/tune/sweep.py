@@ -113,7 +113,8 @@ def sweep_yaml(cfg: SweepConfig) -> str:
 
 
 def trial_name(trial: Any) -> str:
-    """`trial_00003`: Tune's per-sweep trial counter (stable across --resume), used for folder names."""
+    """Folder and display name of a trial, stable across --resume: `trial_00003` from Tune's trial counter
+    (random and grid search), `trial_<id>` from the searcher's own trial id (optuna)."""
     return f"trial_{trial.trial_id.rsplit('_', 1)[-1]}"
 
 
