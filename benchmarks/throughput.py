@@ -30,7 +30,7 @@ packed rows and the loop's row order (see _common.raysft_step_stats).
 
 Smoke run (a few minutes on 2 cores; numbers mean nothing on a busy machine):
     python benchmarks/throughput.py
-Full run (issue 5; roughly 1.5-2.5 h on 2 idle cores with both precisions):
+Full run (issue 5; an estimated 2-4 h on 2 idle cores with both precisions, about 1 h with fp32 alone):
     python benchmarks/throughput.py --rows 2000 --steps 20 --skip 2 --precisions fp32 bf16 \
         --out benchmarks/results/throughput.json
 """
