@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -417,3 +418,10 @@ def machine_markdown(info: dict[str, Any]) -> str:
     keys = ("date", "cpu", "logical_cpus", "memory_gib", "torch_cpu_capability", "avx512_bf16", "amx_bf16",
             "load_avg_at_start", "python", "torch", "transformers", "peft", "trl", "ray", "datasets")
     return "\n".join(f"- {k}: {info.get(k)}" for k in keys)
+
+
+def child_main(args: Any, runners: dict[str, Callable[[dict[str, Any]], dict[str, Any]]]) -> None:
+    """Child-process side of a benchmark: run the variant named by --child-spec, write its result JSON."""
+    spec = json.loads(args.child_spec)
+    result = runners[spec["kind"]](spec)
+    Path(args.child_out).write_text(json.dumps(result, default=str))

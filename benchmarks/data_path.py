@@ -231,19 +231,13 @@ def child_loop(spec: dict[str, Any]) -> dict[str, Any]:
             "data_only_step_s": data_only, "steps": steps}
 
 
-def run_child_main(args: argparse.Namespace) -> None:
-    spec = json.loads(args.child_spec)
-    result = {"raysft": child_raysft, "datasets": child_datasets, "loop": child_loop}[spec["kind"]](spec)
-    Path(args.child_out).write_text(json.dumps(result, default=str))
-
-
 # ------------------------------------------------------------------------------------------- driver
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child_spec:
-        run_child_main(args)
+        C.child_main(args, {"raysft": child_raysft, "datasets": child_datasets, "loop": child_loop})
         return
     import statistics
 

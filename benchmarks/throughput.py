@@ -183,20 +183,13 @@ def child_matmul(spec: dict[str, Any]) -> dict[str, Any]:
             "bf16": C.matmul_flops("bf16", tuple(spec["bf16_sizes"]), spec["threads"], spec["seconds"])}
 
 
-def run_child_main(args: argparse.Namespace) -> None:
-    spec = json.loads(args.child_spec)
-    kind = spec["kind"]
-    result = {"trl": child_trl, "raysft": child_raysft, "matmul": child_matmul}[kind](spec)
-    Path(args.child_out).write_text(json.dumps(result, default=str))
-
-
 # ------------------------------------------------------------------------------------------- driver
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child_spec:
-        run_child_main(args)
+        C.child_main(args, {"trl": child_trl, "raysft": child_raysft, "matmul": child_matmul})
         return
     from raysft.quickstart import smollm2_dir
 
