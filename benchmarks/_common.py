@@ -10,6 +10,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -425,3 +426,32 @@ def child_main(args: Any, runners: dict[str, Callable[[dict[str, Any]], dict[str
     spec = json.loads(args.child_spec)
     result = runners[spec["kind"]](spec)
     Path(args.child_out).write_text(json.dumps(result, default=str))
+
+
+def run_raysft_gsm8k(
+    spec: dict[str, Any], *, packing: bool, num_workers: int, cpus_per_worker: int, ray_cpus: int, warm_only: bool = False
+) -> dict[str, Any]:
+    """Child-process side of every raysft run: the spec's GSM8K rows through `raysft.train` on a private Ray.
+
+    With `warm_only`, only fill the tokenized cache (`raysft.prepare_data`) and time that.
+    """
+    import raysft
+
+    shutil.rmtree(spec["output_dir"], ignore_errors=True)  # a half-finished earlier attempt of this run
+    ray_init_s = start_local_ray(ray_cpus)
+    raw = raysft_config(
+        model_dir=spec["model_dir"], train_source=gsm8k_source(Path(spec["data_dir"]), spec["rows"]),
+        output_dir=Path(spec["output_dir"]), cache_dir=Path(spec["cache_dir"]), max_seq_len=spec["max_len"],
+        packing=packing, micro=spec["micro"], accum=spec["accum"], steps=spec["steps"], precision=spec["precision"],
+        num_workers=num_workers, cpus_per_worker=cpus_per_worker,
+    )
+    cfg = raysft.parse_config(raw)
+    t0 = time.perf_counter()
+    if warm_only:
+        raysft.prepare_data(cfg)
+        return {"ray_init_s": ray_init_s, "prepare_s": time.perf_counter() - t0}
+    raysft.train(cfg)
+    train_s = time.perf_counter() - t0
+    stats = raysft_step_stats(Path(spec["output_dir"]), cfg, world=max(1, num_workers))
+    return {**stats, "ray_init_s": ray_init_s, "train_s": train_s}
+

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -71,26 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
-    import raysft
-
-    shutil.rmtree(spec["output_dir"], ignore_errors=True)  # a half-finished earlier attempt of this run
-    ray_init_s = C.start_local_ray(spec["cpus"])
-    raw = C.raysft_config(
-        model_dir=spec["model_dir"], train_source=C.gsm8k_source(Path(spec["data_dir"]), spec["rows"]),
-        output_dir=Path(spec["output_dir"]), cache_dir=Path(spec["cache_dir"]), max_seq_len=spec["max_len"],
-        packing=True, micro=spec["micro"], accum=spec["accum"], steps=spec["steps"], precision=spec["precision"],
-        num_workers=spec["num_workers"], cpus_per_worker=spec["cpus_per_worker"],
+    return C.run_raysft_gsm8k(
+        spec, packing=True, num_workers=spec["num_workers"], cpus_per_worker=spec["cpus_per_worker"],
+        ray_cpus=spec["cpus"], warm_only=spec["warm_only"],
     )
-    cfg = raysft.parse_config(raw)
-    if spec["warm_only"]:
-        t0 = time.perf_counter()
-        raysft.prepare_data(cfg)
-        return {"ray_init_s": ray_init_s, "prepare_s": time.perf_counter() - t0}
-    t0 = time.perf_counter()
-    raysft.train(cfg)
-    train_s = time.perf_counter() - t0
-    stats = C.raysft_step_stats(Path(spec["output_dir"]), cfg, world=max(1, spec["num_workers"]))
-    return {**stats, "ray_init_s": ray_init_s, "train_s": train_s}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -160,22 +159,9 @@ def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_raysft(spec: dict[str, Any]) -> dict[str, Any]:
-    import raysft
-
-    shutil.rmtree(spec["output_dir"], ignore_errors=True)  # a half-finished earlier attempt of this variant
-    ray_init_s = C.start_local_ray(spec["threads"])
-    raw = C.raysft_config(
-        model_dir=spec["model_dir"], train_source=C.gsm8k_source(Path(spec["data_dir"]), spec["rows"]),
-        output_dir=Path(spec["output_dir"]), cache_dir=Path(spec["cache_dir"]), max_seq_len=spec["max_len"],
-        packing=spec["packing"], micro=spec["micro"], accum=spec["accum"], steps=spec["steps"],
-        precision=spec["precision"], num_workers=1, cpus_per_worker=spec["threads"],
+    return C.run_raysft_gsm8k(
+        spec, packing=spec["packing"], num_workers=1, cpus_per_worker=spec["threads"], ray_cpus=spec["threads"]
     )
-    cfg = raysft.parse_config(raw)
-    t0 = time.perf_counter()
-    raysft.train(cfg)
-    train_s = time.perf_counter() - t0
-    stats = C.raysft_step_stats(Path(spec["output_dir"]), cfg, world=1)
-    return {**stats, "ray_init_s": ray_init_s, "train_s": train_s}
 
 
 def child_matmul(spec: dict[str, Any]) -> dict[str, Any]:
