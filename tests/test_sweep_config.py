@@ -14,6 +14,7 @@ from raysft.tune.space import Domain, parse_space, to_param_space
 from raysft.tune.sweep import (
     default_max_concurrent,
     eval_round,
+    is_evaluation,
     load_sweep,
     parse_sweep,
     trial_config,
@@ -141,7 +142,7 @@ def test_trial_config_sets_values_and_writes_into_the_sweep_folder(tmp_path: Pat
 def test_eval_rounds_and_tune_results() -> None:
     assert [eval_round(s, 5) for s in (0, 5, 10, 12)] == [0, 1, 2, 3]
     assert eval_round(7, None) == 1
-    assert tune_result({"step": 3, "loss": 1.0}, 5) is None  # Tune sees evaluations only
+    assert not is_evaluation({"step": 3, "loss": 1.0}) and is_evaluation({"step": 3, "eval_loss": 2.0})
     assert tune_result({"step": 10, "eval_loss": 2.0}, 5) == {"step": 10, "eval_loss": 2.0, "eval_round": 2}
 
 

@@ -69,10 +69,11 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
         resolve_data_paths(raw["base"], base_path.parent)
     elif isinstance(base, dict):
         resolve_data_paths(base, path.parent)
+    else:
+        raise ConfigError(["base: expected a train YAML path or an inline train config"], str(path))
     base_overrides = raw.pop("base_overrides", None) or []
-    if not isinstance(base_overrides, list) or not isinstance(raw.get("base"), dict):
-        raise ConfigError(["base_overrides: expected a list of dotted.key=value for the base config"
-                           if isinstance(raw.get("base"), dict) else "base: expected a train YAML path or mapping"], str(path))
+    if not isinstance(base_overrides, list):
+        raise ConfigError(["base_overrides: expected a list of dotted.key=value for the base config"], str(path))
     apply_overrides(raw["base"], [str(item) for item in base_overrides])
     return parse_sweep(apply_overrides(raw, overrides or []), str(path))
 
@@ -80,17 +81,13 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
 def parse_sweep(raw: dict[str, Any], source: str | None = None) -> SweepConfig:
     """Validate a sweep mapping (base inline): sweep keys, the base config, and every search domain."""
     cfg = validate_section(SweepConfig, raw, source)
-    problems = _sweep_problems(cfg)
-    try:
-        parse_space(cfg.space, cfg.base.model_dump(mode="json"), cfg.search_alg)
-    except ConfigError as err:
-        problems += err.problems
-    if problems:
-        raise ConfigError(problems, source)
+    check_sweep(cfg, source)
     return cfg
 
 
-def _sweep_problems(cfg: SweepConfig) -> list[str]:
+def check_sweep(cfg: SweepConfig, source: str | None = None) -> dict[str, Domain]:
+    """What a sweep needs beyond its types (eval data, workers, eval rounds) and its checked search domains;
+    one ConfigError lists every problem."""
     problems = []
     data, train = cfg.base.data, cfg.base.train
     if not data.eval and data.eval_fraction == 0:
@@ -99,11 +96,14 @@ def _sweep_problems(cfg: SweepConfig) -> list[str]:
         problems.append("base.scaling.num_workers: a sweep trial runs Ray Train workers; set it to 1 or more")
     if cfg.scheduler.name == "asha" and not train.eval_every:
         problems.append("base.train.eval_every: ASHA compares trials at evaluations; set eval_every (e.g. 10)")
-    return problems
-
-
-def domains_of(cfg: SweepConfig) -> dict[str, Domain]:
-    return parse_space(cfg.space, cfg.base.model_dump(mode="json"), cfg.search_alg)
+    domains: dict[str, Domain] = {}
+    try:
+        domains = parse_space(cfg.space, cfg.base.model_dump(mode="json"), cfg.search_alg)
+    except ConfigError as err:
+        problems += err.problems
+    if problems:
+        raise ConfigError(problems, source)
+    return domains
 
 
 def sweep_yaml(cfg: SweepConfig) -> str:
@@ -143,10 +143,13 @@ def eval_round(step: int, eval_every: int | None) -> int:
     return math.ceil(step / eval_every) if eval_every else 1
 
 
-def tune_result(record: dict[str, Any], eval_every: int | None) -> dict[str, Any] | None:
-    """The Tune result for one report of a run: evaluations only (Tune requires the metric in each result)."""
-    if "eval_loss" not in record:
-        return None
+def is_evaluation(record: dict[str, Any]) -> bool:
+    """Only evaluations go to Tune: Tune requires the sweep metric in every result it gets."""
+    return "eval_loss" in record
+
+
+def tune_result(record: dict[str, Any], eval_every: int | None) -> dict[str, Any]:
+    """The Tune result of one evaluation report: the record tagged with its eval round."""
     return {**record, "eval_round": eval_round(int(record["step"]), eval_every)}
 
 
@@ -158,16 +161,15 @@ class EvalRoundsToTune(TuneReportCallback):
         self.eval_every = eval_every
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        result = tune_result(metrics[0], self.eval_every)
-        if result is not None:
-            super().after_report(run_context, [result], None)
+        if is_evaluation(metrics[0]):
+            super().after_report(run_context, [tune_result(metrics[0], self.eval_every)], None)
 
 
 def _eval_records(output_dir: Path) -> list[dict[str, Any]]:
     metrics = output_dir / "metrics.jsonl"
     if not metrics.exists():
         return []
-    return [r for r in map(json.loads, metrics.read_text().splitlines()) if "eval_loss" in r]
+    return [r for r in map(json.loads, metrics.read_text().splitlines()) if is_evaluation(r)]
 
 
 def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
@@ -180,7 +182,7 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     if (output_dir / "final").is_dir():
         # Finished before the sweep was interrupted: give Tune its evaluations again instead of retraining.
         for record in _eval_records(output_dir):
-            ray.tune.report(tune_result(record, eval_every) or {})
+            ray.tune.report(tune_result(record, eval_every))
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     trial_file = output_dir / TRIAL_FILE
@@ -282,7 +284,7 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
         raise ConfigError([f"output_dir: no sweep to resume in {sweep_dir}"])
     if not resume and tune_dir.exists():
         raise ConfigError([f"output_dir: {sweep_dir} already holds a sweep; continue it with --resume or choose a new output_dir"])
-    domains = domains_of(cfg)
+    domains = check_sweep(cfg)  # configs built in Python get the same checks as loaded YAML
     # Tokenize once for every trial: the cache is keyed by content, not max_seq_len, so trials that
     # differ in sequence length only re-pack.
     prepare_data(cfg.base)
