@@ -212,7 +212,7 @@ def raysft_config(
 ) -> dict[str, Any]:
     """A raysft train config as a plain mapping (validated by raysft.parse_config)."""
     return {
-        "model": {"name_or_path": model_dir, "dtype": "float32", "attn_implementation": "sdpa"},
+        "model": {"name_or_path": model_dir, "dtype": "float32", "attn_implementation": "packed_sdpa"},
         "data": {"train": [train_source], "max_seq_len": max_seq_len, "packing": packing,
                  "over_length": "truncate", "cache_dir": str(cache_dir)},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
@@ -419,6 +419,19 @@ def machine_markdown(info: dict[str, Any]) -> str:
     keys = ("date", "cpu", "logical_cpus", "memory_gib", "torch_cpu_capability", "avx512_bf16", "amx_bf16",
             "load_avg_at_start", "python", "torch", "transformers", "peft", "trl", "ray", "datasets")
     return "\n".join(f"- {k}: {info.get(k)}" for k in keys)
+
+
+def add_run_arguments(parser: Any, name: str) -> None:
+    """The arguments every benchmark script shares: data, work folder, resume, output, child process."""
+    import argparse
+
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench" / name)
+    parser.add_argument("--resume-workdir", type=Path, default=None,
+                        help="finish (or re-render) an earlier run: reuse its <variant>.result.json files")
+    parser.add_argument("--out", default=None, help="write results JSON here and the markdown tables next to it (.md)")
+    parser.add_argument("--child-spec", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
 
 
 def child_main(args: Any, runners: dict[str, Callable[[dict[str, Any]], dict[str, Any]]]) -> None:

@@ -59,14 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accum", type=int, default=2)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--data-dir", type=Path, default=C.DEFAULT_DATA_DIR)
+    C.add_run_arguments(p, "data_path")
     p.add_argument("--model-dir", default=None, help="default: raysft.quickstart.smollm2_dir()")
-    p.add_argument("--workdir", type=Path, default=C.REPO / "runs" / "bench" / "data_path")
-    p.add_argument("--resume-workdir", type=Path, default=None,
-                   help="finish (or re-render) an earlier run: reuse its <variant>.result.json files")
-    p.add_argument("--out", default=None)
-    p.add_argument("--child-spec", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 

@@ -55,14 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the private Ray cluster (= of the 1-worker run)")
     p.add_argument("--parts", nargs="+", default=["overhead", "workers", "seq_len"],
                    choices=["overhead", "workers", "seq_len"])
-    p.add_argument("--data-dir", type=Path, default=C.DEFAULT_DATA_DIR)
+    C.add_run_arguments(p, "ray_overhead")
     p.add_argument("--model-dir", default=None, help="default: raysft.quickstart.smollm2_dir()")
-    p.add_argument("--workdir", type=Path, default=C.REPO / "runs" / "bench" / "ray_overhead")
-    p.add_argument("--resume-workdir", type=Path, default=None,
-                   help="finish (or re-render) an earlier run: reuse its <variant>.result.json files")
-    p.add_argument("--out", default=None)
-    p.add_argument("--child-spec", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if "workers" in args.parts and args.accum % 2:
         p.error("--accum must be even so that 2 workers keep the same global batch")

@@ -3,8 +3,9 @@
 Same model (SmolLM2-135M-Instruct, float32 weights), same data (the first --rows GSM8K train examples, rendered
 with the model's chat template: user = question, assistant = answer; loss on the answer only, end-of-turn
 token included), same LoRA (r=16, alpha=32, dropout 0, all-linear), same max length, same micro-batch x
-grad-accum, same optimizer (AdamW, lr 2e-4 constant, clip 1.0), no gradient checkpointing, SDPA attention, one
-worker with --threads CPU threads. Per precision, four variants run one after the other:
+grad-accum, same optimizer (AdamW, lr 2e-4 constant, clip 1.0), no gradient checkpointing, SDPA attention (TRL:
+transformers' "sdpa"; raysft: its default "packed_sdpa", SDPA per packed example), one worker with --threads
+CPU threads. Per precision, four variants run one after the other:
 
   trl-nopack     SFTTrainer, prompt/completion dataset (completion-only loss), packing=False: padded batches
   trl-pack       SFTTrainer, packing=True (TRL's default strategy "bfd": best-fit decreasing into rows of
@@ -67,14 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16-matmul-sizes", type=int, nargs="+", default=[512, 1024],
                    help="bf16 matmul sizes (without bf16 matrix units one 2048^3 bf16 matmul takes about a minute)")
     p.add_argument("--matmul-seconds", type=float, default=2.0, help="time per size and dtype")
-    p.add_argument("--data-dir", type=Path, default=C.DEFAULT_DATA_DIR)
+    C.add_run_arguments(p, "throughput")
     p.add_argument("--model-dir", default=None, help="default: raysft.quickstart.smollm2_dir()")
-    p.add_argument("--workdir", type=Path, default=C.REPO / "runs" / "bench" / "throughput")
-    p.add_argument("--resume-workdir", type=Path, default=None,
-                   help="finish (or re-render) an earlier run: reuse its <variant>.result.json files")
-    p.add_argument("--out", default=None, help="write results JSON here and the markdown tables next to it (.md)")
-    p.add_argument("--child-spec", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 

@@ -57,8 +57,10 @@ class ModelConfig(_Section):
     """4-bit data type."""
     bnb_4bit_double_quant: bool = True
     """Quantize the 4-bit quantization constants too (saves ~0.4 bit/parameter)."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel. flash_attention_2 needs CUDA and the flash-attn package."""
+    attn_implementation: Literal["packed_sdpa", "sdpa", "eager", "flash_attention_2"] = "packed_sdpa"
+    """Attention kernel. packed_sdpa: PyTorch SDPA run once per packed example (cost sum of n^2 per row,
+    not row_length^2; plain sdpa when generating). sdpa: one SDPA call per row under a block-diagonal
+    mask. flash_attention_2 needs CUDA and the flash-attn package."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (non-reentrant, DDP-safe) to save memory."""
     trust_remote_code: bool = False

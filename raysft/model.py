@@ -19,6 +19,7 @@ from transformers import (
 
 from raysft.config import LoraConfig, ModelConfig
 from raysft.data.tokenize import ensure_chat_template
+from raysft.ops import PACKED_SDPA, linear_cross_entropy, packed_segments
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,9 @@ class TokenLoss(nn.Module):
     """Causal LM whose forward returns the summed cross-entropy over trained tokens only.
 
     The output head runs only on positions whose next token is trained, so prompts and padding cost
-    no vocabulary-sized logits. DDP wraps this module, so gradient sync sees the whole forward.
+    no vocabulary-sized logits; a plain linear head goes through :func:`linear_cross_entropy`, which
+    never keeps those logits for backward either. DDP wraps this module, so gradient sync sees the
+    whole forward.
     """
 
     def __init__(self, model: nn.Module):
@@ -115,21 +118,29 @@ class TokenLoss(nn.Module):
         self.backbone = lm.get_decoder()
         self.head = lm.get_output_embeddings()
         self.softcap: float | None = getattr(lm.config, "final_logit_softcapping", None)
+        self.per_example_attention = lm.config._attn_implementation == PACKED_SDPA
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (sum of token losses, number of correctly predicted trained tokens)."""
         # No attention_mask and use_cache=False: transformers builds a block-diagonal causal mask from
-        # the restarts in position_ids, so packed examples never attend to each other.
-        hidden = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        # the restarts in position_ids, so packed examples never attend to each other; packed_sdpa
+        # goes further and runs attention on each example's own span.
+        segments = {"packed_segments": packed_segments(position_ids)} if self.per_example_attention else {}
+        hidden = self.backbone(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False, **segments
+        ).last_hidden_state
         targets = labels[:, 1:]
         # A position whose next token starts a new packed example must not predict it.
         trained = (targets != -100) & (position_ids[:, 1:] != 0)
+        wanted = targets[trained]
+        if type(self.head) is nn.Linear:
+            return linear_cross_entropy(hidden[:, :-1][trained], self.head, wanted, self.softcap)
+        # A head wrapped by LoRA, modules_to_save or a quantizer: plain autograd through its forward.
         logits = self.head(hidden[:, :-1][trained]).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        wanted = targets[trained]
         loss_sum = nn.functional.cross_entropy(logits, wanted, reduction="sum")
         correct = (logits.detach().argmax(-1) == wanted).sum()
         return loss_sum, correct

@@ -23,6 +23,7 @@ from raysft.data.packing import (
 )
 from raysft.data.sources import load_examples
 from raysft.data.tokenize import IGNORE_INDEX, tokenize_example
+from raysft.ops import PACKED_SDPA, packed_segments
 from tests.tiny import TINY_ARCHS
 
 
@@ -143,12 +144,12 @@ def _per_token_loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], with_positions: bool = True
 ) -> torch.Tensor:
     """Cross-entropy of every next-token prediction, [B, T-1], without reduction."""
+    positions = batch["position_ids"] if with_positions else None
+    # packed_sdpa gets its example spans the way TokenLoss hands them over.
+    segments = {"packed_segments": packed_segments(positions)} if positions is not None and (
+        model.config._attn_implementation == PACKED_SDPA) else {}
     with torch.no_grad():
-        logits = model(
-            input_ids=batch["input_ids"],
-            position_ids=batch["position_ids"] if with_positions else None,
-            use_cache=False,
-        ).logits
+        logits = model(input_ids=batch["input_ids"], position_ids=positions, use_cache=False, **segments).logits
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:], reduction="none"
     )
@@ -167,12 +168,15 @@ def _alone(model: torch.nn.Module, example: dict[str, Any], pad_id: int) -> torc
     return _per_token_loss(model, collate(unpacked_rows([example]), pad_id))[0]
 
 
+@pytest.mark.parametrize("attention", ["sdpa", PACKED_SDPA])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_packed_batch_equals_examples_one_by_one(
-    arch: str, tiny_model_factory: Callable[[str], Path], tiny_tokenizer: PreTrainedTokenizerBase
+    arch: str, attention: str, tiny_model_factory: Callable[[str], Path], tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_factory(arch), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_factory(arch), dtype=torch.float32, attn_implementation=attention
+    ).eval()
     pad_id = tiny_tokenizer.pad_token_id
     examples = _tokenized_examples(tiny_tokenizer)
     lengths = [len(e["input_ids"]) for e in examples]

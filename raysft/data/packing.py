@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from raysft.data.formats import DataError
@@ -121,16 +122,20 @@ def collate(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Te
                 [0, 0, 1]])
     """
     width = max(len(row["input_ids"]) for row in rows)
-    input_ids, labels, position_ids = [], [], []
-    for row in rows:
-        pad = width - len(row["input_ids"])
-        input_ids.append(list(row["input_ids"]) + [pad_token_id] * pad)
-        labels.append(list(row["labels"]) + [IGNORE_INDEX] * pad)
-        position_ids.append(list(row["position_ids"]) + list(range(pad)))
+    # Filled in preallocated arrays: the loop builds every micro-batch on the training thread.
+    input_ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.empty((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        length = len(row["input_ids"])
+        input_ids[i, :length] = row["input_ids"]
+        labels[i, :length] = row["labels"]
+        position_ids[i, :length] = row["position_ids"]
+        position_ids[i, length:] = np.arange(width - length)
     return {
-        "input_ids": torch.tensor(input_ids, dtype=torch.int64),
-        "labels": torch.tensor(labels, dtype=torch.int64),
-        "position_ids": torch.tensor(position_ids, dtype=torch.int64),
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(position_ids),
     }
 
 

@@ -1,0 +1,138 @@
+"""Per-example attention and the chunked linear cross-entropy (raysft.ops) against what they replace."""
+
+from __future__ import annotations
+
+import doctest
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+import raysft.ops
+from raysft.config import LoraConfig, ModelConfig
+from raysft.data.packing import collate, pack_examples
+from raysft.model import TokenLoss, apply_lora, load_model
+from raysft.ops import linear_cross_entropy, packed_segments
+from tests.test_packing import _tokenized_examples
+from tests.tiny import TINY_ARCHS
+
+
+def test_docstring_examples_run() -> None:
+    assert doctest.testmod(raysft.ops).failed == 0
+
+
+def _reference(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, softcap: float | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
+    return loss, (logits.detach().argmax(-1) == targets).sum()
+
+
+def _grads(tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    grads = [t.grad.clone() if t.grad is not None else None for t in tensors]
+    for t in tensors:
+        t.grad = None
+    return grads
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("head_trained", [False, True])
+def test_linear_cross_entropy_equals_head_then_cross_entropy(bias: bool, softcap: float | None, head_trained: bool) -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(16, 97, bias=bias)
+    head.requires_grad_(head_trained)
+    hidden = torch.randn(11, 16, requires_grad=True)
+    targets = torch.randint(0, 97, (11,))
+    leaves = [hidden, *head.parameters()]
+
+    expected_loss, expected_correct = _reference(hidden, head, targets, softcap)
+    (expected_loss * 0.5).backward()  # a non-unit upstream gradient, as the loop's normalization gives
+    expected_grads = _grads(leaves)
+    loss, correct = linear_cross_entropy(hidden, head, targets, softcap, chunk_size=4)  # 11 = 4 + 4 + 3
+    (loss * 0.5).backward()
+    grads = _grads(leaves)
+
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-5)
+    assert int(correct) == int(expected_correct)
+    assert (grads[1] is None) == (not head_trained)
+    for got, want in zip(grads, expected_grads, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cross_entropy_without_grad_and_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(32, 200, bias=False)
+    hidden, targets = torch.randn(20, 32, requires_grad=True), torch.randint(0, 200, (20,))
+    expected, _ = _reference(hidden, head, targets, None)
+    with torch.no_grad():
+        loss, _ = linear_cross_entropy(hidden, head, targets, chunk_size=7)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-5)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_bf16, _ = _reference(hidden, head, targets, None)
+        loss_bf16, _ = linear_cross_entropy(hidden, head, targets, chunk_size=7)
+    expected_bf16.backward()
+    (want,) = _grads([hidden])
+    loss_bf16.backward()
+    (got,) = _grads([hidden])
+    assert got is not None and want is not None and got.dtype == hidden.dtype
+    torch.testing.assert_close(loss_bf16, expected_bf16, rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
+def test_packed_segments_include_padding_as_a_span() -> None:
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8], "position_ids": [0, 1, 0, 1]},
+            {"input_ids": [9], "labels": [9], "position_ids": [0]}]
+    assert packed_segments(collate(rows, pad_token_id=0)["position_ids"]) == [[(0, 2), (2, 4)], [(0, 1), (1, 4)]]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_token_loss_with_packed_sdpa_equals_masked_sdpa(
+    arch: str, tiny_model_factory: Callable[[str], Path], tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Same loss, accuracy and LoRA gradients as one SDPA call per row under the block-diagonal mask."""
+    examples = _tokenized_examples(tiny_tokenizer)
+    lengths = [len(e["input_ids"]) for e in examples]
+    batch = collate(pack_examples(examples, max(lengths) + min(lengths) + 3), tiny_tokenizer.pad_token_id)
+    assert max(len(row) for row in packed_segments(batch["position_ids"])) > 1
+
+    results = {}
+    for attention in ("sdpa", "packed_sdpa"):
+        model_cfg = ModelConfig(name_or_path=str(tiny_model_factory(arch)), attn_implementation=attention)
+        model = apply_lora(load_model(model_cfg, torch.device("cpu")), LoraConfig(r=4, dropout=0.0), seed=0)
+        loss_module = TokenLoss(model)
+        assert loss_module.per_example_attention == (attention == "packed_sdpa")
+        loss, correct = loss_module(**batch)
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        results[attention] = (loss.detach(), int(correct), grads)
+
+    (masked_loss, masked_correct, masked_grads), (loss, correct, grads) = results["sdpa"], results["packed_sdpa"]
+    torch.testing.assert_close(loss, masked_loss, rtol=1e-6, atol=1e-5)
+    assert correct == masked_correct
+    assert grads.keys() == masked_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, masked_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_sdpa_generates_like_sdpa(tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase) -> None:
+    """Without packed segments (generation, left-padded batches) it is plain SDPA with its mask."""
+    tiny_tokenizer.padding_side = "left"
+    prompts = tiny_tokenizer(["The capital of France", "Who"], return_tensors="pt", padding=True)
+    outputs = {}
+    for attention in ("sdpa", "packed_sdpa"):
+        model = load_model(ModelConfig(name_or_path=str(tiny_model_dir), attn_implementation=attention),
+                           torch.device("cpu"), for_training=False).eval()
+        model.config.use_cache = True
+        outputs[attention] = model.generate(**prompts, max_new_tokens=8, do_sample=False,
+                                            pad_token_id=tiny_tokenizer.pad_token_id)
+    assert torch.equal(outputs["sdpa"], outputs["packed_sdpa"])
