@@ -142,8 +142,9 @@ class TokenLoss(nn.Module):
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         loss_sum = nn.functional.cross_entropy(logits, wanted, reduction="sum")
-        correct = (logits.detach().argmax(-1) == wanted).sum()
-        return loss_sum, correct
+        # Correct as linear_cross_entropy counts it: the target has the highest logit.
+        picked = logits.detach().gather(1, wanted[:, None]).squeeze(1)
+        return loss_sum, (picked >= logits.detach().amax(-1)).sum()
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -59,8 +59,9 @@ def packed_sdpa_attention(
     sliding window shorter than an example, which per-example causal attention would not apply.
     """
     window = kwargs.get("sliding_window")
-    longest = max((end - start for row in packed_segments or [] for start, end in row), default=0)
-    if packed_segments is None or query.shape[2] != key.shape[2] or (window is not None and longest > window):
+    if packed_segments is None or query.shape[2] != key.shape[2] or (
+        window is not None and any(end - start > window for row in packed_segments for start, end in row)
+    ):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     rows = []
     for row, spans in enumerate(packed_segments):
@@ -160,7 +161,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(
     hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, softcap: float | None = None, chunk_size: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy, correct argmax count) of ``head(hidden)`` against ``targets``.
+    """(summed cross-entropy, count of positions whose target has the highest logit) of ``head(hidden)``.
 
     Equal to ``cross_entropy(head(hidden).float(), targets, reduction="sum")`` and its gradients, at a
     chunk of ``chunk_size`` positions' logits in memory at a time.

@@ -136,3 +136,28 @@ def test_packed_sdpa_generates_like_sdpa(tiny_model_dir: Path, tiny_tokenizer: P
         outputs[attention] = model.generate(**prompts, max_new_tokens=8, do_sample=False,
                                             pad_token_id=tiny_tokenizer.pad_token_id)
     assert torch.equal(outputs["sdpa"], outputs["packed_sdpa"])
+
+
+def test_token_loss_with_a_wrapped_head_equals_the_linear_path(
+    tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """A head PEFT wraps (modules_to_save) takes plain autograd; it must count loss and accuracy the same."""
+    examples = _tokenized_examples(tiny_tokenizer)
+    batch = collate(pack_examples(examples, sum(len(e["input_ids"]) for e in examples)), tiny_tokenizer.pad_token_id)
+    results = {}
+    for modules_to_save in (None, ["lm_head"]):
+        base = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), torch.device("cpu"))
+        model = apply_lora(base, LoraConfig(r=4, dropout=0.0, modules_to_save=modules_to_save), seed=0)
+        loss_module = TokenLoss(model)
+        assert (type(loss_module.head) is nn.Linear) == (modules_to_save is None)
+        loss, correct = loss_module(**batch)
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad and "lora_" in name}
+        results[bool(modules_to_save)] = (loss.detach(), int(correct), grads)
+
+    (linear_loss, linear_correct, linear_grads), (loss, correct, grads) = results[False], results[True]
+    torch.testing.assert_close(loss, linear_loss, rtol=1e-6, atol=1e-5)
+    assert correct == linear_correct
+    assert grads.keys() == linear_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, linear_grads[name], rtol=1e-4, atol=1e-6, msg=name)
