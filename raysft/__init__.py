@@ -14,10 +14,10 @@ from typing import Any
 # imports raysft.data) stays fast instead of importing Ray Train, peft and transformers up front.
 _EXPORTS = {
     "Config": "raysft.config",
-    "ConfigError": "raysft.config",
+    "ConfigError": "raysft.errors",
     "load_config": "raysft.config",
     "parse_config": "raysft.config",
-    "DataError": "raysft.data.formats",
+    "DataError": "raysft.errors",
     "chat_generate": "raysft.infer",
     "load_for_inference": "raysft.infer",
     "merge_adapter": "raysft.infer",

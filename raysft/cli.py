@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raysft.config import Config, ConfigError, ModelConfig, load_config
-from raysft.data.formats import DataError
+from raysft.config import Config, ModelConfig, load_config
+from raysft.errors import ConfigError, DataError, RunError
 
 if TYPE_CHECKING:
     from raysft.tune.report import SweepResult
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, RunError) as err:
         print(f"raysft: {err}", file=sys.stderr)
         return 2
     return 0

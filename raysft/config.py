@@ -22,21 +22,17 @@ from pydantic import (
     model_validator,
 )
 
+from raysft.errors import ConfigError
+
 DataFormat = Literal["auto", "prompt_response", "prompt_completion", "alpaca", "messages", "sharegpt", "text"]
-
-
-class ConfigError(ValueError):
-    """One or more problems in a config, each naming its dotted key."""
-
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = problems
-        where = f" in {source}" if source else ""
-        super().__init__(f"{len(problems)} problem(s){where}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 class _Section(BaseModel):
     # Docstrings on fields are the help text; unknown keys are errors, never silently ignored.
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    # inf/nan are never a sensible setting (`train.lr: .inf` would turn into NaN losses inside Ray).
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True, allow_inf_nan=False
+    )
 
 
 SectionT = TypeVar("SectionT", bound=BaseModel)
@@ -122,11 +118,25 @@ class DataConfig(_Section):
     """Ray Data actors that tokenize in parallel."""
     cache_dir: str | None = None
     """Tokenized-data cache (default ~/.cache/raysft/tokenized); keyed by content, not seq_len."""
+    parse_special_tokens: bool = False
+    """Read special-token spellings inside message text (e.g. a user typing `<|im_end|>`) as the control
+    tokens themselves. Off: content is tokenized as plain text, so data cannot forge turn boundaries;
+    only the chat template's own markers are control tokens."""
+    max_row_chars: int = Field(default=1_000_000, gt=0)
+    """Rows with more characters than this (all text fields together) are invalid rows (reported with
+    their file:line, or skipped with `invalid_rows: skip`): one giant row must not exhaust a tokenizer."""
 
     @field_validator("train", "eval", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, dict) else value
+
+    @field_validator("train")
+    @classmethod
+    def _some_training_data(cls, value: list[SourceConfig]) -> list[SourceConfig]:
+        if not value:
+            raise ValueError("no training source given; add at least one (path, hf_dataset or rows)")
+        return value
 
 
 class LoraConfig(_Section):
@@ -170,11 +180,11 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw", "adamw_8bit", "adafactor"] = "adamw"
     """adamw (torch), adamw_8bit (bitsandbytes) or adafactor (torch)."""
     betas: tuple[float, float] = (0.9, 0.999)
-    """Adam betas."""
+    """Adam betas, each in [0, 1)."""
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     """Clip the global gradient norm to this; null disables clipping."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast dtype. fp16 uses a GradScaler and needs CUDA."""
+    """Autocast dtype. fp16 uses a GradScaler and needs CUDA (`scaling.use_gpu: true`); on CPU use bf16 or fp32."""
     eval_every: int | None = Field(default=None, gt=0)
     """Evaluate every N steps (and always at the end when there is eval data)."""
     log_every: int = Field(default=1, gt=0)
@@ -187,6 +197,13 @@ class TrainConfig(_Section):
     """A NaN/inf loss or gradient: skip that step's update, or stop the run."""
     resume: bool = False
     """Continue from the newest verified checkpoint in output_dir if there is one."""
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_unit_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in value):
+            raise ValueError(f"each Adam beta must be in [0, 1) (got {list(value)})")
+        return value
 
 
 class ScalingSection(_Section):
@@ -202,6 +219,9 @@ class ScalingSection(_Section):
     """Ray cluster to join (else RAY_ADDRESS, else a local Ray is started)."""
     storage_path: str | None = None
     """Where Ray Train stores checkpoints (shared storage / s3:// for multi-node); default output_dir."""
+    resource_wait_s: float = Field(default=600.0, ge=0)
+    """On an autoscaling cluster, how long to wait for nodes that can hold the workers before giving up.
+    Without an autoscaler a request the cluster cannot hold fails at once."""
 
 
 class TrackingConfig(_Section):
@@ -229,6 +249,24 @@ class Config(_Section):
     scaling: ScalingSection = ScalingSection()
     tracking: TrackingConfig = TrackingConfig()
 
+    @model_validator(mode="after")
+    def _device_needs(self) -> "Config":
+        # Checked here, not on a worker: a GPU-only setting on CPU workers would fail after Ray started.
+        problems = []
+        if not self.scaling.use_gpu and self.train.precision == "fp16":
+            problems.append(
+                "train.precision: fp16 (with its GradScaler) needs CUDA GPUs (scaling.use_gpu: true); "
+                "on CPU use bf16 or fp32"
+            )
+        if not self.scaling.use_gpu and self.model.attn_implementation == "flash_attention_2":
+            problems.append(
+                "model.attn_implementation: flash_attention_2 needs CUDA GPUs (scaling.use_gpu: true) "
+                "and the flash-attn package; on CPU use packed_sdpa (the default) or sdpa"
+            )
+        if problems:
+            raise ValueError(_CROSS_FIELD + "\n".join(problems))
+        return self
+
 
 class SchedulerConfig(_Section):
     name: Literal["asha", "fifo"] = "asha"
@@ -251,8 +289,9 @@ class SweepConfig(_Section):
     """The train config every trial starts from: a path to a train YAML, or the config inline."""
     space: dict[str, Any]
     """Dotted config key -> search domain, e.g. `lora.r: choice [8, 16, 32]` or `train.lr: {loguniform: [1e-5, 1e-3]}`."""
-    name: str = "sweep"
-    """Sweep name: the default output folder name and the W&B group."""
+    name: str = Field(default="sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Sweep name: the default output folder name and the W&B group. Letters, digits, `_`, `.`, `-`
+    (it becomes a folder name, so no `/` and no leading `.`)."""
     output_dir: str | None = None
     """Sweep folder: trials/, tune/, results.csv, best/, report.png (default runs/sweeps/<name>)."""
     metric: SweepMetric = "eval_loss"
@@ -282,6 +321,10 @@ class SweepConfig(_Section):
         if self.output_dir is None:
             self.output_dir = f"runs/sweeps/{self.name}"
         return self
+
+
+# Marks a cross-field validator's message: one or more "dotted.key: problem" lines, reported as they are.
+_CROSS_FIELD = "cross-field:"
 
 
 def default_cache_root() -> Path:
@@ -347,9 +390,12 @@ def _describe(error: Any, root: type[BaseModel]) -> str:
             suggestion = f"; did you mean '{_dotted(loc[:-1] + (close,))}'?" if close else ""
             suggestion += f" (valid keys: {', '.join(section.model_fields)})"
         return f"{key}: unknown key{suggestion}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "value_error":  # our own validators: the message already says what was given
+        return message.removeprefix(_CROSS_FIELD) if message.startswith(_CROSS_FIELD) else f"{key or '<root>'}: {message}"
     given = error.get("input")
     shown = "" if isinstance(given, dict) else f" (got {given!r})"
-    return f"{key or '<root>'}: {error['msg']}{shown}"
+    return f"{key or '<root>'}: {message}{shown}"
 
 
 def validate_section(root: type[SectionT], raw: dict[str, Any], source: str | None = None) -> SectionT:
@@ -357,7 +403,8 @@ def validate_section(root: type[SectionT], raw: dict[str, Any], source: str | No
     try:
         return root.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError([_describe(e, root) for e in err.errors()], source) from None
+        described = [_describe(e, root) for e in err.errors()]
+        raise ConfigError([line for text in described for line in text.split("\n")], source) from None
 
 
 def parse_config(raw: dict[str, Any], source: str | None = None) -> Config:

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raysft.config import SourceConfig
-from raysft.data.formats import DataError, detect_format, normalize_row
+from raysft.data.formats import detect_format, normalize_row
+from raysft.errors import DataError
 from raysft.data.sources import MAX_PROBLEMS, load_examples, read_source
 
 QA_ROWS = [

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from raysft.config import SourceConfig
-from raysft.data.formats import DataError
+from raysft.errors import DataError
 from raysft.data.packing import (
     apply_length_policy,
     best_fit_decreasing,

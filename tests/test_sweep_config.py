@@ -9,7 +9,8 @@ import pytest
 import yaml
 from ray import tune
 
-from raysft.config import ConfigError, load_yaml_text
+from raysft.config import load_yaml_text
+from raysft.errors import ConfigError
 from raysft.tune.space import Domain, parse_space, to_param_space
 from raysft.tune.sweep import (
     default_max_concurrent,

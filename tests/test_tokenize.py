@@ -13,7 +13,8 @@ import ray
 from transformers import PreTrainedTokenizerBase
 
 from raysft.config import SourceConfig
-from raysft.data.formats import DataError, normalize_row
+from raysft.data.formats import normalize_row
+from raysft.errors import DataError
 from raysft.data.sources import load_examples
 from raysft.data.tokenize import (
     CHATML_TEMPLATE,

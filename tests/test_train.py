@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import raysft
-from raysft.config import ConfigError
+from raysft.errors import ConfigError
 from raysft.training.checkpoint import latest_verified, list_checkpoints, verify
 from raysft.training.loop import FAULT_ENV, epoch_order
 from tests.runs import losses, tiny_config

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from raysft.config import SourceConfig
+from raysft.errors import DataError
 
 FORMATS = ("prompt_response", "prompt_completion", "alpaca", "messages", "sharegpt", "text")
 
@@ -28,10 +29,6 @@ SHAREGPT_ROLES = {
 }
 
 ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """A problem in the input data; the message starts with where it is (``file:LINE: ...``)."""
 
 
 def source_name(source: SourceConfig) -> str:

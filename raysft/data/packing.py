@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from raysft.data.formats import DataError
+from raysft.errors import DataError
 from raysft.data.tokenize import IGNORE_INDEX, count_trained
 
 LengthPolicy = Literal["drop", "truncate", "raise"]

@@ -22,7 +22,7 @@ import ray.data
 from transformers import PreTrainedTokenizerBase
 
 from raysft.config import Config, DataConfig, SourceConfig, default_cache_root
-from raysft.data.formats import DataError
+from raysft.errors import DataError
 from raysft.data.packing import (
     apply_length_policy,
     pack_examples,

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from raysft.config import SourceConfig
-from raysft.data.formats import DataError, detect_format, normalize_row
+from raysft.data.formats import detect_format, normalize_row
+from raysft.errors import DataError
 
 log = logging.getLogger(__name__)
 

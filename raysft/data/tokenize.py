@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from raysft.data.formats import DataError
+from raysft.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -1,0 +1,21 @@
+"""The errors raysft raises for things a user can fix. The CLI prints them without a traceback (exit 2)."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """One or more problems in a config, each naming its dotted key (or file:line)."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        where = f" in {source}" if source else ""
+        super().__init__(f"{len(problems)} problem(s){where}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class DataError(ValueError):
+    """A problem in the input data; the message starts with where it is (``file:LINE: ...``)."""
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or go on for a reason outside the config's types: the cluster cannot hold
+    the workers, storage is not writable, a resume does not match its run. The message says what to do."""
