@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raysft.config import Config, ModelConfig, load_config
-from raysft.errors import ConfigError, DataError, RunError
+from raysft.errors import USER_ERRORS, ConfigError, RunError
 
 if TYPE_CHECKING:
     from raysft.tune.report import SweepResult
@@ -55,6 +55,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     result = sweep(load_sweep(args.config, args.overrides), resume=args.resume)
     _print_sweep_summary(result)
+    if result.best is None:
+        raise RunError(f"no trial of the sweep completed; each trial's error is in {result.sweep_dir / 'tune'}/<trial>/error.txt")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -81,9 +83,15 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from raysft.infer import chat_generate, load_for_inference
+    from raysft.infer import chat_generate, check_adapter, load_for_inference
+    from raysft.model import check_model_source
 
     model_cfg = ModelConfig(name_or_path=args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
+    # The same checks load_for_inference makes, here so that the errors name the flags.
+    problems = check_model_source(model_cfg, "--model")
+    problems += check_adapter(args.adapter, "--adapter") if args.adapter is not None else []
+    if problems:
+        raise ConfigError(problems)
     model, tokenizer = load_for_inference(model_cfg, args.adapter)
     for prompt, answer in zip(args.prompt, chat_generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature)):
         print(f"> {prompt}\n{answer}\n")
@@ -92,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from raysft.infer import merge_adapter
 
-    print(f"[raysft] merged model written to {merge_adapter(args.run_dir, args.merge)}")
+    print(f"[raysft] merged model written to {merge_adapter(args.run_dir, args.merge, overwrite=args.overwrite)}")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -120,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(run=cmd_sweep)
 
     report = commands.add_parser("report", help="rewrite results.csv, best/ and report.png of a sweep folder")
-    report.add_argument("sweep_dir", help="a sweep output_dir")
+    report.add_argument("sweep_dir", help="a sweep output_dir (the folder holding sweep.yaml)")
     report.set_defaults(run=cmd_report)
 
     data = commands.add_parser("data", help="dataset statistics and rendered examples with trained tokens marked")
@@ -140,7 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="merge a run's adapter into its base model")
     export.add_argument("run_dir", help="a train output_dir")
-    export.add_argument("--merge", required=True, metavar="MERGED_DIR", help="where to write the merged model")
+    export.add_argument(
+        "--merge", required=True, metavar="MERGED_DIR",
+        help="where to write the merged model: a new or empty folder (never the run folder, inside it, or above it)",
+    )
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace MERGED_DIR if an earlier `raysft export` wrote it (and only then)"
+    )
     export.set_defaults(run=cmd_export)
 
     quickstart = commands.add_parser("quickstart", help="fine-tune SmolLM2-135M on a generated task, before/after")
@@ -154,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ConfigError, DataError, RunError) as err:
+    except USER_ERRORS as err:
         print(f"raysft: {err}", file=sys.stderr)
         return 2
     return 0

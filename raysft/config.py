@@ -502,6 +502,36 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return parse_config(apply_overrides(raw, overrides or []), str(path))
 
 
+def is_uri(location: str) -> bool:
+    """True for `s3://...`, `gs://...` and other URIs (a Windows drive letter is not one)."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", location) is not None
+
+
+def _absolute(location: str) -> str:
+    return location if is_uri(location) else str(Path(os.path.abspath(Path(location).expanduser())))
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """`cfg` with every local path made absolute against the current directory, once, in the driver.
+
+    Ray Tune runs each trial in a working directory of its own and Ray Train workers may run on
+    other nodes, so a relative path means something else there: it must never leave the driver.
+    Hub ids (a model or dataset name that is not an existing path) are left as they are.
+    """
+    raw = cfg.model_dump(mode="json")
+    if Path(raw["model"]["name_or_path"]).expanduser().exists():
+        raw["model"]["name_or_path"] = _absolute(raw["model"]["name_or_path"])
+    for source in [*raw["data"]["train"], *(raw["data"]["eval"] or [])]:
+        if source["path"] is not None:
+            source["path"] = _absolute(source["path"])
+        if source["hf_dataset"] is not None and Path(source["hf_dataset"]).expanduser().exists():
+            source["hf_dataset"] = _absolute(source["hf_dataset"])
+    for section, key in (("data", "cache_dir"), ("train", "output_dir"), ("scaling", "storage_path")):
+        if raw[section][key] is not None:
+            raw[section][key] = _absolute(raw[section][key])
+    return Config.model_validate(raw)
+
+
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML. Inline rows are summarized; it holds no secrets by construction."""
     data = cfg.model_dump(mode="json")

@@ -8,8 +8,13 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[str], source: str | None = None):
         self.problems = problems
+        self.source = source
         where = f" in {source}" if source else ""
         super().__init__(f"{len(problems)} problem(s){where}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    def __reduce__(self) -> tuple[type, tuple[list[str], str | None]]:
+        # Raised on a Ray worker, it is pickled back to the driver: rebuild it from its parts.
+        return (type(self), (self.problems, self.source))
 
 
 class DataError(ValueError):
@@ -19,3 +24,7 @@ class DataError(ValueError):
 class RunError(RuntimeError):
     """A run that cannot start or go on for a reason outside the config's types: the cluster cannot hold
     the workers, storage is not writable, a resume does not match its run. The message says what to do."""
+
+
+USER_ERRORS = (ConfigError, DataError, RunError)
+"""What the command line reports as one message (exit 2) instead of a traceback."""

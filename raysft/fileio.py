@@ -1,13 +1,56 @@
-"""Writing files so that a crash never leaves one half-written: write a staging name, rename last."""
+"""Writing files and folders so that a crash never leaves one half-written: write a staging name, rename last."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
+
+from raysft.errors import RunError
 
 
 def write_text_atomically(path: Path, text: str) -> None:
     """Replace `path` with `text` in one rename (readers see the old file or the new one, never a mix)."""
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
+    try:
+        staging.write_text(text)
+        os.replace(staging, path)
+    except OSError as err:
+        staging.unlink(missing_ok=True)
+        raise write_error(path, err) from err
+
+
+def replace_dir_atomically(staging: Path, target: Path) -> None:
+    """Put the finished folder `staging` at `target`, replacing the folder there (if any) whole.
+
+    `target` is never a mix of old and new files: both moves are renames within one parent. Between
+    the two renames `target` is briefly absent; a crash there leaves the old folder beside it under a
+    dot-name, whole. The caller decides that `target` may be replaced; this deletes the old folder.
+    """
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    old = target.with_name(f".{target.name}.{os.getpid()}.old")
+    os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old)
+
+
+def write_error(path: Path, err: BaseException) -> RunError:
+    """A RunError naming `path` and what went wrong, ENOSPC spelled out.
+
+    torch.save on a full disk raises a bare `RuntimeError: ... iostream error` with no path and no
+    errno: the free space of `path`'s file system tells that case apart.
+    """
+    code = getattr(err, "errno", None)
+    existing = next((p for p in (path, *path.parents) if p.exists()), path)
+    if code is None and shutil.disk_usage(existing).free < 1 << 20:
+        code = errno.ENOSPC
+    if code == errno.ENOSPC:
+        reason = "no space left on device (ENOSPC); free some space, or set another folder, then resume"
+    elif code is not None:
+        reason = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+    else:
+        reason = str(err)
+    return RunError(f"writing {path}: {reason}")

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _source(cfg: ModelConfig) -> tuple[str, dict[str, object]]:
+def model_location(cfg: ModelConfig) -> tuple[str, dict[str, object]]:
     """Folder/id to load from and the keyword arguments shared by model and tokenizer."""
     location, gguf_file = cfg.name_or_path, cfg.gguf_file
     if location.endswith(".gguf") and gguf_file is None:
@@ -41,7 +41,7 @@ def _source(cfg: ModelConfig) -> tuple[str, dict[str, object]]:
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The model's tokenizer with a chat template (the configured fallback if it ships none)."""
-    location, kwargs = _source(cfg)
+    location, kwargs = model_location(cfg)
     tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     ensure_chat_template(tokenizer, cfg.chat_template)
     if tokenizer.pad_token_id is None:
@@ -52,7 +52,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 def load_model(cfg: ModelConfig, device: torch.device, for_training: bool = True) -> PreTrainedModel:
     """Load the base causal LM on `device`, quantized if asked."""
-    location, kwargs = _source(cfg)
+    location, kwargs = model_location(cfg)
     if cfg.quantization != "none":
         compute = torch.bfloat16 if cfg.dtype == "float32" and device.type == "cuda" else _DTYPES[cfg.dtype]
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -150,3 +150,43 @@ class TokenLoss(nn.Module):
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the parameters being trained (the adapter for LoRA), detached on CPU."""
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def check_model_source(cfg: ModelConfig, key: str = "model.name_or_path") -> list[str]:
+    """Problems with where `cfg` says the model is ([] when fine), found before anything is loaded.
+
+    A local path must exist and hold a model; a hub id ('owner/name', or a legacy bare name like
+    'gpt2') cannot be checked offline, so it passes.
+
+    Example:
+        >>> check_model_source(ModelConfig(name_or_path="./no/such/dir"))  # doctest: +ELLIPSIS
+        ["model.name_or_path: './no/such/dir' does not exist ..."]
+    """
+    name = cfg.name_or_path
+    path = Path(name)
+    if not path.exists():
+        parts = name.split("/")
+        could_be_hub_id = len(parts) <= 2 and "\\" not in name and all(p and p not in (".", "..") for p in parts)
+        # Anything that cannot be a hub id is a path the user meant, so its absence is the problem.
+        if path.is_absolute() or name.startswith(("./", "../", "~")) or name.endswith(".gguf") or not could_be_hub_id:
+            # raysft passes the name to transformers as written, so a '~' is never expanded.
+            tilde = "; '~' is not expanded, write the full path" if name.startswith("~") else ""
+            return [f"{key}: {name!r} does not exist (looked for {path.absolute()}{tilde}); "
+                    "give an existing model folder, a .gguf file, or a hub id like 'owner/name'"]
+        return []
+    if path.is_file():
+        if name.endswith(".gguf"):
+            return []
+        return [f"{key}: {name!r} is a file; give a model folder (with config.json), a .gguf file, or a hub id"]
+    if cfg.gguf_file is not None:
+        if not (path / cfg.gguf_file).is_file():
+            return [f"{key}: the GGUF file {cfg.gguf_file!r} (gguf_file) is not inside the folder {name!r}"]
+        return []
+    if (path / "config.json").is_file():
+        return []
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if ggufs:
+        # transformers loads a GGUF only when told which file; it never picks one from a folder.
+        return [f"{key}: {name!r} holds no config.json but GGUF file(s) {', '.join(ggufs)}; "
+                "point at the .gguf file itself or set gguf_file"]
+    return [f"{key}: {name!r} is not a model folder (no config.json and no .gguf file inside)"]

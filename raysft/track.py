@@ -3,11 +3,40 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from raysft.config import Config, to_yaml
+from raysft.fileio import write_error
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every record of a metrics.jsonl ([] when there is none yet).
+
+    A line that does not parse is what a crash or a full disk leaves while appending (a torn last
+    line): it is dropped with a warning, never trusted and never fatal, so the run stays resumable.
+    """
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or "step" not in record:
+            log.warning("%s:%d: dropping a partial or damaged metrics line (%.60r)", path, number, line)
+            continue
+        records.append(record)
+    return records
 
 
 class Tracker:
@@ -16,7 +45,7 @@ class Tracker:
     def __init__(self, cfg: Config, output_dir: Path, total_steps: int):
         self.total_steps = total_steps
         self.console = cfg.tracking.console
-        self.metrics_file = (output_dir / "metrics.jsonl").open("a", buffering=1)
+        self.metrics_file = (output_dir / METRICS_FILE).open("a", buffering=1)
         self.tensorboard = None
         self.wandb_run = None
         if cfg.tracking.tensorboard:
@@ -39,7 +68,10 @@ class Tracker:
             )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        try:
+            self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        except OSError as err:  # a full disk: name the file, so the message says what to free
+            raise write_error(Path(self.metrics_file.name), err) from err
         if self.tensorboard is not None:
             for name, value in metrics.items():
                 self.tensorboard.add_scalar(f"{'eval' if name.startswith('eval_') else 'train'}/{name}", value, step)

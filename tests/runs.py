@@ -6,6 +6,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from raysft.cli import main
 from raysft.config import Config, apply_overrides, parse_config
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -39,3 +42,26 @@ def tiny_config(model_dir: Path, output_dir: Path, overrides: list[str] | None =
 
 def losses(history: list[dict[str, Any]]) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def snapshot(*roots: Path) -> dict[str, tuple[bool, int, int]]:
+    """Every path under `roots` with its kind, size and mtime: a write, an addition or a deletion shows."""
+    return {
+        str(p): (p.is_dir(), p.stat().st_size, p.stat().st_mtime_ns)
+        for root in roots if root.exists() for p in [root, *root.rglob("*")]
+    }
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
+    """Run the raysft command line in this process: (exit status, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_refused(code: int, err: str, *named: str | Path) -> None:
+    """A refusal as users see it: exit 2, one `raysft: ...` message naming each of `named`, no traceback."""
+    assert code == 2, err
+    assert "raysft: " in err and "Traceback" not in err, err
+    for name in named:
+        assert str(name) in err, (name, err)

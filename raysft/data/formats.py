@@ -72,8 +72,13 @@ def detect_format(row: dict[str, Any], source: SourceConfig, origin: str | None 
     )
 
 
-def normalize_row(row: dict[str, Any], fmt: str, source: SourceConfig, origin: str) -> dict[str, Any]:
+def normalize_row(
+    row: dict[str, Any], fmt: str, source: SourceConfig, origin: str, max_chars: int | None = None
+) -> dict[str, Any]:
     """Turn one raw row of format `fmt` into the internal schema, validating it.
+
+    A row with more than `max_chars` characters of text (None: no limit) is invalid: one giant row
+    would exhaust the memory of the actor that tokenizes it.
 
     Example:
         >>> src = SourceConfig(rows=[{}])
@@ -84,7 +89,17 @@ def normalize_row(row: dict[str, Any], fmt: str, source: SourceConfig, origin: s
         text = _string_column(row, "text", origin)
         if not text:
             raise DataError(f"{origin}: column 'text' is empty")
-        return {"messages": None, "text": text, "origin": origin}
+        example = {"messages": None, "text": text, "origin": origin}
+    else:
+        messages = _conversation(row, fmt, source, origin)
+        validate_conversation(messages, origin)
+        example = {"messages": messages, "text": None, "origin": origin}
+    if max_chars is not None:
+        _check_size(example, max_chars)
+    return example
+
+
+def _conversation(row: dict[str, Any], fmt: str, source: SourceConfig, origin: str) -> list[dict[str, str]]:
     if fmt == "messages":
         messages = _messages_column(row, origin)
     elif fmt == "sharegpt":
@@ -100,8 +115,18 @@ def normalize_row(row: dict[str, Any], fmt: str, source: SourceConfig, origin: s
         raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS}")
     if source.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": source.system_prompt}, *messages]
-    validate_conversation(messages, origin)
-    return {"messages": messages, "text": None, "origin": origin}
+    return messages
+
+
+def _check_size(example: dict[str, Any], max_chars: int) -> None:
+    texts = [m["content"] for m in example["messages"]] if example["messages"] is not None else [example["text"]]
+    chars = sum(len(text) for text in texts)
+    if chars > max_chars:
+        raise DataError(
+            f"{example['origin']}: the row holds {chars:,} characters of text, more than data.max_row_chars "
+            f"({max_chars:,}); drop or shorten the row, or raise data.max_row_chars if the tokenize workers "
+            "have the memory for it"
+        )
 
 
 def validate_conversation(messages: list[dict[str, str]], origin: str) -> None:

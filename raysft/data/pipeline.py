@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,18 +24,22 @@ import ray.data
 from transformers import PreTrainedTokenizerBase
 
 from raysft.config import Config, DataConfig, SourceConfig, default_cache_root
-from raysft.errors import DataError
+from raysft.errors import DataError, RunError
 from raysft.data.packing import (
     apply_length_policy,
     pack_examples,
     packing_efficiency,
     unpacked_rows,
 )
-from raysft.data.sources import load_examples
+from raysft.data.sources import MAX_PROBLEMS, load_examples
 from raysft.data.tokenize import TokenizeBatch
 
 # Bump when tokenization or masking changes meaning, so old caches are not reused.
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: special tokens spelled in content are plain text unless data.parse_special_tokens
+
+# A tokenize actor that dies (most often OOM-killed by a row too large for its memory) is restarted and
+# its batch retried this many times; Ray Data's default is forever, which hangs the run on such a row.
+TOKENIZE_RETRIES = 1
 
 
 def _hash_path(path: Path, digest: Any) -> None:
@@ -67,8 +73,10 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return digest.hexdigest()
 
 
-def cache_key(sources: list[SourceConfig], tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool) -> str:
-    digest = hashlib.sha256(f"{CACHE_VERSION}|{train_on_inputs}|{tokenizer_fingerprint(tokenizer)}".encode())
+def cache_key(sources: list[SourceConfig], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> str:
+    # Every data option that changes which rows are kept or how they are tokenized, and nothing else.
+    options = f"{cfg.train_on_inputs}|{cfg.parse_special_tokens}|{cfg.max_row_chars}"
+    digest = hashlib.sha256(f"{CACHE_VERSION}|{options}|{tokenizer_fingerprint(tokenizer)}".encode())
     for source in sources:
         _source_fingerprint(source, digest)
     return digest.hexdigest()[:24]
@@ -90,8 +98,9 @@ def read_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Spl
     for name, sources in (("train", cfg.train), ("eval", cfg.eval)):
         if not sources:
             continue
-        cache_file = cache_root / cache_key(sources, tokenizer, cfg.train_on_inputs) / "examples.parquet"
-        splits.append(Split(name, cache_file, None if cache_file.exists() else load_examples(sources)))
+        cache_file = cache_root / cache_key(sources, tokenizer, cfg) / "examples.parquet"
+        examples = None if cache_file.exists() else load_examples(sources, cfg.max_row_chars)
+        splits.append(Split(name, cache_file, examples))
     return splits
 
 
@@ -100,14 +109,46 @@ def _tokenize_with_ray(examples: list[dict[str, Any]], tokenizer: PreTrainedToke
     context.execution_options.preserve_order = True  # the cache (and so the data order) must be deterministic
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    dataset = ray.data.from_items(examples).map_batches(
-        TokenizeBatch,
-        fn_constructor_args=(tokenizer, cfg.train_on_inputs),
-        compute=ray.data.ActorPoolStrategy(size=min(cfg.num_tokenize_workers, max(1, len(examples) // 256))),
-        batch_size=256,
-        batch_format="numpy",
-    )
-    return pa.Table.from_pandas(dataset.select_columns(["input_ids", "labels", "origin"]).to_pandas(), preserve_index=False)
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates **ray_remote_args but has no named parameter for restarts or retries yet.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        dataset = ray.data.from_items(examples).map_batches(
+            TokenizeBatch,
+            fn_constructor_args=(tokenizer, cfg.train_on_inputs, cfg.parse_special_tokens),
+            compute=ray.data.ActorPoolStrategy(size=min(cfg.num_tokenize_workers, max(1, len(examples) // 256))),
+            batch_size=256,
+            batch_format="numpy",
+            max_restarts=TOKENIZE_RETRIES,
+            max_task_retries=TOKENIZE_RETRIES,
+        )
+    try:
+        frame = dataset.select_columns(["input_ids", "labels", "origin", "error"]).to_pandas()
+    except ray.exceptions.RayError as err:
+        raise RunError(
+            f"the tokenize job (Ray Data) failed: {_one_line(err)}. The likely cause is a row too large for "
+            "the tokenize actors' memory: lower data.max_row_chars (longer rows are then reported before "
+            "tokenizing) or give the workers more memory"
+        ) from None
+    problems = [error for error in frame["error"] if error]
+    if problems:
+        more = f"\n(and {len(problems) - MAX_PROBLEMS} more)" if len(problems) > MAX_PROBLEMS else ""
+        raise DataError("\n".join(problems[:MAX_PROBLEMS]) + more)
+    return pa.Table.from_pandas(frame.drop(columns="error"), preserve_index=False)
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+# A task error's text is a remote traceback; its first "SomeError: message" line names what went wrong.
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(?:Error|Exception)\b.*$", re.MULTILINE)
+
+
+def _one_line(err: Exception) -> str:
+    """The reason a Ray job failed, on one line (Ray's own text runs to tracebacks and node details)."""
+    text = _ANSI_ESCAPE.sub("", str(err))
+    found = _EXCEPTION_LINE.search(text)
+    if found:
+        return found.group()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def _write_atomically(table: pa.Table, target: Path) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from raysft.config import SourceConfig
+from raysft.config import DataConfig, SourceConfig
 from raysft.data.formats import detect_format, normalize_row
 from raysft.errors import DataError
 
@@ -28,6 +28,9 @@ FILE_TYPES = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv":
 MAX_PROBLEMS = 10
 
 _WHITESPACE = re.compile(r"\s*")
+
+# For callers that load sources without a DataConfig: the config's own default, not a second number.
+DEFAULT_MAX_ROW_CHARS: int = DataConfig.model_fields["max_row_chars"].default
 
 
 def read_source(source: SourceConfig) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -46,8 +49,10 @@ def read_source(source: SourceConfig) -> Iterator[tuple[str, dict[str, Any]]]:
     return itertools.islice(rows, source.limit)
 
 
-def load_examples(sources: list[SourceConfig]) -> list[dict[str, Any]]:
+def load_examples(sources: list[SourceConfig], max_row_chars: int = DEFAULT_MAX_ROW_CHARS) -> list[dict[str, Any]]:
     """Read, detect the format of, and normalize every source; raise one DataError listing the problems.
+
+    Rows with more than `max_row_chars` characters of text are invalid rows, like any other bad row.
 
     Example:
         >>> load_examples([SourceConfig(rows=[{"prompt": "Hi", "response": "Hello"}])])[0]["messages"][1]
@@ -56,7 +61,7 @@ def load_examples(sources: list[SourceConfig]) -> list[dict[str, Any]]:
     examples: list[dict[str, Any]] = []
     problems: list[str] = []
     for source in sources:
-        _load_source(source, examples, problems)
+        _load_source(source, max_row_chars, examples, problems)
         if len(problems) >= MAX_PROBLEMS:
             break
     if problems:
@@ -69,7 +74,9 @@ def load_examples(sources: list[SourceConfig]) -> list[dict[str, Any]]:
     return examples
 
 
-def _load_source(source: SourceConfig, examples: list[dict[str, Any]], problems: list[str]) -> None:
+def _load_source(
+    source: SourceConfig, max_row_chars: int, examples: list[dict[str, Any]], problems: list[str]
+) -> None:
     """Append one source's normalized rows to `examples` and its problems to `problems`."""
     fmt: str | None = None if source.format == "auto" else source.format
     try:
@@ -79,7 +86,7 @@ def _load_source(source: SourceConfig, examples: list[dict[str, Any]], problems:
                 # don't fit it are reported as the data problems they are.
                 fmt = detect_format(row, source, origin)
             try:
-                examples.append(normalize_row(row, fmt, source, origin))
+                examples.append(normalize_row(row, fmt, source, origin, max_row_chars))
             except DataError as err:
                 if source.invalid_rows == "skip":
                     log.warning("skipping invalid row: %s", err)
@@ -104,9 +111,12 @@ def _read_paths(path: str, file_type: str) -> Iterator[tuple[str, dict[str, Any]
         kind = file_type if file_type != "auto" else FILE_TYPES[file.suffix.lower()]
         reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}[kind]
         yielded = False
-        for item in reader(file):
-            yielded = True
-            yield item
+        try:
+            for item in reader(file):
+                yielded = True
+                yield item
+        except UnicodeDecodeError:
+            raise _not_utf8(file) from None
         if not yielded:
             raise DataError(f"{file}: the file holds no rows")
 
@@ -194,25 +204,53 @@ def _json_array_items(path: Path, text: str, start: int) -> Iterator[tuple[str, 
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    # Python's csv refuses cells over 128 KiB by default; a long row is judged by data.max_row_chars instead.
+    csv.field_size_limit(2**31 - 1)
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         next_line = 2  # the header is line 1
-        for row in reader:
-            # A quoted cell may span lines; report the line the record starts on.
-            origin, next_line = f"{path}:{next_line}", reader.line_num + 1
-            if None in row:
-                raise DataError(f"{origin}: the row has more cells than the header has columns")
-            yield origin, row
+        try:
+            for row in reader:
+                # A quoted cell may span lines; report the line the record starts on.
+                origin, next_line = f"{path}:{next_line}", reader.line_num + 1
+                if None in row:
+                    raise DataError(f"{origin}: the row has more cells than the header has columns")
+                yield origin, row
+        except csv.Error as err:
+            raise DataError(f"{path}:{reader.line_num}: not readable as CSV: {err}") from None
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     number = 0
-    for batch in pq.ParquetFile(path).iter_batches():
-        for row in batch.to_pylist():
-            number += 1
-            yield f"{path}:row {number}", row
+    try:
+        for batch in pq.ParquetFile(path).iter_batches():
+            for row in batch.to_pylist():
+                number += 1
+                yield f"{path}:row {number}", row
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file: {err}") from None
+
+
+def _not_utf8(path: Path) -> DataError:
+    """The error for a text file that is not UTF-8, naming the line (and byte) where decoding fails.
+
+    Decoding line by line finds the same first bad byte as decoding the whole file: a newline byte
+    never occurs inside a multi-byte UTF-8 sequence.
+    """
+    with path.open("rb") as handle:
+        for line_number, line in enumerate(handle, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return DataError(
+                    f"{path}:{line_number}: not UTF-8 text (byte 0x{line[err.start]:02x} at byte {err.start + 1} "
+                    "of the line); save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or point the source "
+                    "at the data file if this one is not text"
+                )
+    return DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
 def _read_hf(source: SourceConfig) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -4,11 +4,17 @@ Assistant turns are located by rendering growing prefixes of the conversation wi
 template, so masking works for any template: no ``{% generation %}`` markers are needed. A token is
 trained when it starts inside an assistant turn; the end-of-turn token is part of the turn, and EOS
 is always trained so the model learns to stop.
+
+Only the template's own markers are control tokens: a special token spelled inside message content
+(a user typing ``<|im_end|>``) is tokenized as plain text unless ``parse_special_tokens`` is set, so
+data cannot forge turn boundaries.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,9 +58,14 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, template: str | Non
 
 
 def tokenize_example(
-    example: dict[str, Any], tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool
+    example: dict[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    train_on_inputs: bool,
+    parse_special_tokens: bool = False,
 ) -> dict[str, Any]:
     """Tokenize one normalized row into ``input_ids`` and ``labels`` (IGNORE_INDEX where not trained).
+
+    With `parse_special_tokens` false, special-token spellings inside the content are plain text.
 
     Example:
         >>> row = {"messages": None, "text": "Hello", "origin": "rows[0]"}
@@ -65,21 +76,29 @@ def tokenize_example(
     if eos_id is None:
         raise ValueError(f"the tokenizer {tokenizer.name_or_path} has no eos_token; set one so that examples can end")
     if example["messages"] is None:
-        input_ids = list(tokenizer(example["text"], add_special_tokens=True)["input_ids"])
+        # All of a text row is content. Asking for plain text only where a special token is spelled
+        # leaves every other row's encoding exactly as it always was.
+        spelled = not parse_special_tokens and _special_pattern(tokenizer).search(example["text"]) is not None
+        options = {"split_special_tokens": True} if spelled else {}
+        input_ids = list(tokenizer(example["text"], add_special_tokens=True, **options)["input_ids"])
         if not input_ids or input_ids[-1] != eos_id:
             input_ids.append(eos_id)
         return {"input_ids": input_ids, "labels": list(input_ids), "origin": example["origin"]}
 
     full, spans = assistant_spans(example["messages"], tokenizer, example["origin"])
+    forged = [] if parse_special_tokens else _forged_spans(full, example["messages"], tokenizer, example["origin"])
     # The last turn's span reaches the end of the rendering (bar whitespace after its end-of-turn
     # marker), so EOS is trained already when the template emits it. Otherwise EOS is appended, and
     # the last turn is trained through to it so that nothing untrained sits between the two.
-    append_eos = bool(spans) and tokenizer.eos_token not in full[spans[-1][0] : spans[-1][1]]
+    unforged = _blank_out(full, forged)  # a spelled EOS in content is text, not the end of the turn
+    append_eos = bool(spans) and tokenizer.eos_token not in unforged[spans[-1][0] : spans[-1][1]]
     if append_eos:
         spans[-1] = (spans[-1][0], len(full))
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoded["input_ids"])
-    labels = _mask_outside(input_ids, encoded["offset_mapping"], spans)
+    input_ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+    if forged:
+        input_ids, offsets = _as_plain_text(full, input_ids, offsets, forged, tokenizer)
+    labels = _mask_outside(input_ids, offsets, spans)
     if append_eos:
         input_ids.append(eos_id)
         labels.append(eos_id)
@@ -127,20 +146,32 @@ class TokenizeBatch:
     The tokenizer travels to the actors pickled in the constructor arguments, so actors on any node
     of a cluster get the exact tokenizer (chat template included) without reading a local folder.
 
+    A row that cannot be tokenized (a DataError) comes out with empty ids and its message in the
+    ``error`` column, so the driver reports every such row by its origin instead of the whole Ray job
+    failing on the first one.
+
     Example:
-        >>> ds.map_batches(TokenizeBatch, fn_constructor_args=(tokenizer, False),
+        >>> ds.map_batches(TokenizeBatch, fn_constructor_args=(tokenizer, False, False),
         ...                compute=ray.data.ActorPoolStrategy(size=2), batch_format="numpy")  # doctest: +SKIP
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool, parse_special_tokens: bool = False):
         self.tokenizer = tokenizer
         self.train_on_inputs = train_on_inputs
+        self.parse_special_tokens = parse_special_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "origin": [], "num_tokens": [], "num_trained": []}
+        out: dict[str, list[Any]] = {
+            "input_ids": [], "labels": [], "origin": [], "num_tokens": [], "num_trained": [], "error": []
+        }
         for messages, text, origin in zip(batch["messages"], batch["text"], batch["origin"], strict=True):
             example = {"messages": _as_messages(messages), "text": text, "origin": str(origin)}
-            tokenized = tokenize_example(example, self.tokenizer, self.train_on_inputs)
+            try:
+                tokenized = tokenize_example(example, self.tokenizer, self.train_on_inputs, self.parse_special_tokens)
+                out["error"].append("")
+            except DataError as err:
+                tokenized = {"input_ids": [], "labels": [], "origin": example["origin"]}
+                out["error"].append(str(err))
             out["input_ids"].append(tokenized["input_ids"])
             out["labels"].append(tokenized["labels"])
             out["origin"].append(tokenized["origin"])
@@ -164,11 +195,96 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], 
     return rendered
 
 
+def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
+    """The added tokens marked special: the ones ``split_special_tokens=True`` encodes as plain text."""
+    return tuple(sorted({token.content for token in tokenizer.added_tokens_decoder.values() if token.special}))
+
+
 def _end_of_turn_markers(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
-    special = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
-    if tokenizer.eos_token:
-        special.add(tokenizer.eos_token)
-    return tuple(sorted(special))
+    eos = (tokenizer.eos_token,) if tokenizer.eos_token else ()
+    return tuple(sorted({*_special_tokens(tokenizer), *eos}))
+
+
+def _special_pattern(tokenizer: PreTrainedTokenizerBase) -> re.Pattern[str]:
+    return _any_of(_special_tokens(tokenizer))
+
+
+@functools.lru_cache(maxsize=16)
+def _any_of(tokens: tuple[str, ...]) -> re.Pattern[str]:
+    # Cached: escaping a few hundred tokens (Llama 3 reserves 256) costs more than searching a row.
+    # Longest first, so a token wins over a shorter token it contains; "(?!)" never matches.
+    longest_first = sorted(tokens, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
+
+
+def _forged_spans(
+    full: str, messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, origin: str
+) -> list[tuple[int, int]]:
+    """The character spans of the rendering `full` where message content spells a special token.
+
+    The conversation is rendered again with each spelling replaced by a stand-in character that the
+    rendering does not otherwise hold, so the stand-ins land exactly where content put spellings,
+    never on the template's own markers. Empty (and no second rendering) when no content spells one.
+    """
+    pattern = _special_pattern(tokenizer)
+    spellings = [match.group() for message in messages for match in pattern.finditer(message["content"])]
+    if not spellings:
+        return []
+    stand_in = next(chr(code) for code in range(0xE000, 0xF900) if chr(code) not in full)  # Unicode private use
+    marked = [{"role": m["role"], "content": pattern.sub(stand_in, m["content"])} for m in messages]
+    pieces = _render(tokenizer, marked, add_generation_prompt=False).split(stand_in)
+    spans: list[tuple[int, int]] = []
+    rebuilt, position = [pieces[0]], len(pieces[0])
+    for spelling, piece in zip(spellings, pieces[1:]):
+        spans.append((position, position + len(spelling)))
+        rebuilt += [spelling, piece]
+        position += len(spelling) + len(piece)
+    if len(pieces) != len(spellings) + 1 or "".join(rebuilt) != full:
+        raise DataError(
+            f"{origin}: message content spells the special token {spellings[0]!r}, and the chat template "
+            "changes content in a way that hides where it is; remove it from the data, or set "
+            "data.parse_special_tokens=true to read it as the control token"
+        )
+    return spans
+
+
+def _blank_out(text: str, spans: list[tuple[int, int]]) -> str:
+    """`text` with every span overwritten by NULs: same length, so positions still match."""
+    for start, end in spans:
+        text = text[:start] + "\0" * (end - start) + text[end:]
+    return text
+
+
+def _as_plain_text(
+    full: str,
+    input_ids: list[int],
+    offsets: list[tuple[int, int]],
+    forged: list[tuple[int, int]],
+    tokenizer: PreTrainedTokenizerBase,
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Re-encode the tokens covering each forged span with special tokens read as plain text.
+
+    Every other token stays as it was: a special token splits the text around it either way, so its
+    neighbours are the same tokens whether it is parsed or not.
+    """
+    ids_out: list[int] = []
+    offsets_out: list[tuple[int, int]] = []
+    index = 0
+    for start, end in forged:
+        while index < len(input_ids) and offsets[index][1] <= start:
+            ids_out.append(input_ids[index])
+            offsets_out.append(offsets[index])
+            index += 1
+        low, high = start, end
+        while index < len(input_ids) and offsets[index][0] < end:  # the tokens overlapping the span
+            low, high = min(low, offsets[index][0]), max(high, offsets[index][1])
+            index += 1
+        plain = tokenizer(
+            full[low:high], add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True
+        )
+        ids_out += plain["input_ids"]
+        offsets_out += [(low + a, low + b) for a, b in plain["offset_mapping"]]
+    return ids_out + input_ids[index:], offsets_out + offsets[index:]
 
 
 def _end_after_marker(full: str, start: int, end: int, markers: tuple[str, ...]) -> int:

@@ -25,9 +25,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from raysft.fileio import write_error
+
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+STAGING_PREFIX = ".staging_"
 
 
 def _sha256(path: Path) -> str:
@@ -61,24 +64,38 @@ def save_checkpoint(
 ) -> Path:
     """Collectively write checkpoint `step` (every rank calls this). Returns its final folder."""
     final = root / f"step_{step:06d}"
-    staging = root / f".staging_step_{step:06d}"
-    if rank == 0:
+    staging = root / f"{STAGING_PREFIX}step_{step:06d}"
+    try:
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        _barrier()
+        torch.save(_rng_state(), staging / f"rng_rank{rank}.pt")
+        _barrier()
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in trainable.items()}, str(staging / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+            (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+            files = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
+            (staging / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            _prune(root, keep)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    _barrier()
-    torch.save(_rng_state(), staging / f"rng_rank{rank}.pt")
-    _barrier()
-    if rank == 0:
-        save_file({k: v.contiguous() for k, v in trainable.items()}, str(staging / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        files = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
-        (staging / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        _prune(root, keep)
+        raise write_error(staging, err) from err
     _barrier()
     return final
+
+
+def remove_staging(folder: Path) -> None:
+    """Delete what an interrupted save left (`.staging_*` in `folder`): it was never trusted, and it takes space."""
+    if folder.is_dir():
+        for leftover in folder.glob(f"{STAGING_PREFIX}*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
 
 def _prune(root: Path, keep: int | None) -> None:
@@ -115,11 +132,16 @@ def latest_verified(root: Path) -> Path | None:
     return None
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """state.json of a checkpoint: step, data fingerprint, tokens seen, grad-scaler state."""
+    return json.loads((path / "state.json").read_text())
+
+
 def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Return (trainable tensors, optimizer state, state.json) and restore this rank's RNG."""
     trainable = load_file(str(path / "trainable.safetensors"))
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path)
     rng_file = path / f"rng_rank{rank}.pt"
     if rng_file.exists():
         rng = torch.load(rng_file, weights_only=True)

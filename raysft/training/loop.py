@@ -25,7 +25,6 @@ from torch import nn
 
 from raysft.config import Config
 from raysft.data.packing import collate
-from raysft.fileio import write_text_atomically
 from raysft.model import (
     TokenLoss,
     apply_lora,
@@ -33,13 +32,35 @@ from raysft.model import (
     load_tokenizer,
     trainable_state_dict,
 )
-from raysft.track import Tracker
-from raysft.training.checkpoint import latest_verified, load_checkpoint, save_checkpoint
+from raysft.fileio import write_error, write_text_atomically
+from raysft.track import METRICS_FILE, Tracker, read_metrics
+from raysft.training.checkpoint import (
+    STAGING_PREFIX,
+    latest_verified,
+    load_checkpoint,
+    remove_staging,
+    save_checkpoint,
+)
 from raysft.training.optim import build_optimizer, lr_at, set_lr
 
 # Fault injection for resilience tests: "STEP:MARKER_FILE" in the driver's environment makes rank 0
 # die once at STEP (the marker file records that it happened, so the restarted worker carries on).
 FAULT_ENV = "RAYSFT_FAULT_AT_STEP"
+
+
+@dataclass(frozen=True)
+class LoopInputs:
+    """What the driver hands every worker: the checked config and what it prepared for the run."""
+
+    config: Config
+    output_dir: Path
+    checkpoint_root: Path
+    data_fingerprint: str
+    """Hash of the packed rows; a checkpoint made on other data is never resumed."""
+    pad_token_id: int
+    has_eval: bool
+    fault_at_step: str | None = None
+    """Tests only: "STEP:MARKER_FILE" kills rank 0 once at STEP (see FAULT_ENV)."""
 
 
 @dataclass(frozen=True)
@@ -156,39 +177,41 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
     """
     if not path.exists():
         return
-    lines = path.read_text().splitlines() if after_step > 0 else []
-    kept = [line for line in lines if json.loads(line)["step"] <= after_step]
-    write_text_atomically(path, "".join(line + "\n" for line in kept))
+    kept = [record for record in read_metrics(path) if record["step"] <= after_step] if after_step > 0 else []
+    write_text_atomically(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def _save_final(model: nn.Module, cfg: Config, output_dir: Path) -> None:
-    final, staging = output_dir / "final", output_dir / ".staging_final"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    load_tokenizer(cfg.model).save_pretrained(staging)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
+    final, staging = output_dir / "final", output_dir / f"{STAGING_PREFIX}final"
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging, safe_serialization=True)
+        load_tokenizer(cfg.model).save_pretrained(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise write_error(staging, err) from err
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point. `loop_config` holds the resolved config and run paths."""
-    cfg = Config.model_validate(loop_config["config"])
-    output_dir = Path(loop_config["output_dir"])
-    checkpoint_root = Path(loop_config["checkpoint_root"])
+    """Ray Train entry point. `loop_config["inputs"]` is the driver's LoopInputs."""
+    inputs: LoopInputs = loop_config["inputs"]
+    cfg, output_dir, checkpoint_root = inputs.config, inputs.output_dir, inputs.checkpoint_root
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed + rank)
 
     train_rows = read_rows("train")
-    eval_rows = read_rows("eval") if loop_config["has_eval"] else None
+    eval_rows = read_rows("eval") if inputs.has_eval else None
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
     global_batch = world * micro * accum
     per_epoch = steps_per_epoch(len(train_rows), global_batch)
     num_steps = total_steps(cfg, len(train_rows), world)
 
     model = apply_lora(load_model(cfg.model, device), cfg.lora, cfg.train.seed)
-    pad_id = int(loop_config["pad_token_id"])
+    pad_id = inputs.pad_token_id
     loss_module = TokenLoss(model)
     forward: nn.Module = loss_module
     if world > 1:
@@ -197,13 +220,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, cfg.train)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
 
-    start_step = 0
+    start_step, seen_tokens = 0, 0
     # The driver refuses to start over an existing run without --resume, so a checkpoint here means
     # either --resume or a restart after a worker failure: both continue from the newest verified one.
     resume_from = latest_verified(checkpoint_root)
     if resume_from is not None:
         trainable, optimizer_state, state = load_checkpoint(resume_from, rank)
-        if state["data_fingerprint"] != loop_config["data_fingerprint"]:
+        if state["data_fingerprint"] != inputs.data_fingerprint:
             raise RuntimeError(f"{resume_from} was made with different data; start a new output_dir")
         named = dict(model.named_parameters())
         with torch.no_grad():
@@ -212,10 +235,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(optimizer_state)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        start_step = state["step"]
+        start_step, seen_tokens = state["step"], state.get("num_tokens", 0)
 
     if rank == 0:
-        _truncate_metrics(output_dir / "metrics.jsonl", start_step)  # before the tracker opens it for appending
+        remove_staging(checkpoint_root)
+        remove_staging(output_dir)
+        _truncate_metrics(output_dir / METRICS_FILE, start_step)  # before the tracker opens it for appending
     tracker = Tracker(cfg, output_dir, total_steps=num_steps) if rank == 0 else None
     if tracker is not None:
         tracker.log_text(f"resuming from {resume_from} at step {start_step}" if resume_from else
@@ -231,11 +256,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     loss_module.train()
     order, order_epoch = np.empty(0, dtype=np.int64), -1
-    seen_tokens = 0
     interval_start, interval_tokens = time.perf_counter(), 0  # after the first eval, so it is not counted
     step = start_step
     for step in range(start_step, num_steps):
-        _maybe_inject_fault(loop_config["fault_at_step"], step, rank)
+        _maybe_inject_fault(inputs.fault_at_step, step, rank)
         epoch, index = divmod(step, per_epoch)
         if epoch != order_epoch:
             order, order_epoch = epoch_order(len(train_rows), cfg.train.seed, epoch), epoch
@@ -291,7 +315,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < num_steps:
             trainable = trainable_state_dict(model)
             if all(torch.isfinite(t).all() for t in trainable.values()):
-                state = {"data_fingerprint": loop_config["data_fingerprint"], "scaler": scaler.state_dict()}
+                state = {"data_fingerprint": inputs.data_fingerprint, "num_tokens": seen_tokens,
+                         "scaler": scaler.state_dict()}
                 save_checkpoint(checkpoint_root, done, trainable, optimizer, state, rank, cfg.train.checkpoints_to_keep)
             elif tracker is not None:
                 tracker.log_text(f"step {done}: weights are not finite; checkpoint not written")

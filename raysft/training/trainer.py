@@ -1,9 +1,11 @@
-"""Wiring: config -> data pipeline -> Ray Train TorchTrainer running `train_loop_per_worker`."""
+"""Wiring: config -> pre-flight checks -> data pipeline -> Ray Train TorchTrainer running `train_loop_per_worker`."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from transformers import PreTrainedTokenizerBase
 
-from raysft.config import Config, ConfigError, to_yaml
+from raysft.config import Config, with_absolute_paths
 from raysft.data.pipeline import (
     PreparedData,
     read_splits,
@@ -22,11 +24,21 @@ from raysft.data.pipeline import (
     stats_json,
     tokenize_splits,
 )
+from raysft.errors import USER_ERRORS, ConfigError, RunError
 from raysft.fileio import write_text_atomically
 from raysft.model import load_tokenizer
-from raysft.training.checkpoint import list_checkpoints
-from raysft.training.loop import FAULT_ENV, train_loop_per_worker
-
+from raysft.track import METRICS_FILE, read_metrics
+from raysft.training.checkpoint import latest_verified, read_state
+from raysft.training.loop import FAULT_ENV, LoopInputs, train_loop_per_worker
+from raysft.training.preflight import preflight
+from raysft.training.run_folder import (
+    DATA_STATS_FILE,
+    FINAL_DIR,
+    check_run_folder,
+    checkpoint_root,
+    output_path,
+    write_run_config,
+)
 
 @dataclass(frozen=True)
 class RunResult:
@@ -38,28 +50,13 @@ class RunResult:
 
     def history(self) -> list[dict[str, Any]]:
         """Every line of metrics.jsonl."""
-        return [json.loads(line) for line in (self.output_dir / "metrics.jsonl").read_text().splitlines()]
+        return read_metrics(self.output_dir / METRICS_FILE)
 
 
 def ensure_ray(address: str | None) -> None:
     """Join `address` (or RAY_ADDRESS), or start a local Ray; reuse a running session."""
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True, configure_logging=False)
-
-
-def checkpoint_root(cfg: Config) -> Path:
-    return Path(cfg.scaling.storage_path or cfg.train.output_dir).expanduser().resolve() / "checkpoints"
-
-
-def _refuse_to_overwrite(cfg: Config) -> None:
-    output_dir = Path(cfg.train.output_dir)
-    earlier = [p for p in (output_dir / "metrics.jsonl", output_dir / "final") if p.exists()]
-    earlier += list_checkpoints(checkpoint_root(cfg))[-1:]
-    if earlier and not cfg.train.resume:
-        raise ConfigError(
-            [f"train.output_dir: {output_dir} already holds a run ({earlier[0].name}); "
-             "resume it with --resume (train.resume=true) or choose a new output_dir"]
-        )
 
 
 def scaling_config(cfg: Config) -> ScalingConfig:
@@ -71,6 +68,64 @@ def scaling_config(cfg: Config) -> ScalingConfig:
     )
 
 
+def _workers_that_fit(node: dict[str, float], bundle: dict[str, float]) -> int:
+    return min((int(node.get(resource, 0.0) // amount) for resource, amount in bundle.items() if amount > 0), default=0)
+
+
+# The node type Ray's read-only autoscaler (a cluster without autoscaling) gives every node: node_<id>.
+_READ_ONLY_NODE_TYPE = re.compile(r"^node_[0-9a-f]+$")
+
+
+def _has_autoscaler() -> bool:
+    """Whether an autoscaler that can add nodes runs.
+
+    Autoscaler v2 (KubeRay) is announced by its environment variable. The v1 monitor runs on every
+    cluster and reports its node types; without an autoscaling config it names each node `node_<id>`.
+    """
+    if os.environ.get("RAY_enable_autoscaler_v2") == "1":
+        return True
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    report = json.loads(status).get("autoscaler_report") if status else None
+    node_types = (report or {}).get("node_type_mapping") or {}
+    return any(not _READ_ONLY_NODE_TYPE.match(node_type) for node_type in node_types.values())
+
+
+def wait_for_worker_resources(cfg: Config, poll_s: float = 5.0) -> None:
+    """Return once the cluster's nodes can hold the run's workers; RunError when they never will.
+
+    Ray Train would otherwise wait for its worker group, time out and retry without end. Without an
+    autoscaler the answer is known at once; with one, nodes may come: wait `scaling.resource_wait_s`.
+    """
+    if cfg.scaling.num_workers == 0:
+        return  # local mode: the loop runs in this process
+    bundle = scaling_config(cfg)._resources_per_worker_not_none
+    wanted = cfg.scaling.num_workers
+    deadline, said = time.monotonic() + cfg.scaling.resource_wait_s, False
+    while True:
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        if sum(_workers_that_fit(node, bundle) for node in nodes) >= wanted:
+            return
+        autoscaling = _has_autoscaler()
+        if not autoscaling or time.monotonic() > deadline:
+            has = "; ".join(", ".join(f"{k} {n.get(k, 0):g}" for k in sorted({"CPU", "GPU", *bundle})) for n in nodes)
+            why = (f"no node came within scaling.resource_wait_s={cfg.scaling.resource_wait_s:g} s" if autoscaling
+                   else "and no autoscaler to add nodes")
+            raise RunError(
+                f"scaling: the cluster cannot hold {wanted} worker(s) of {bundle} each (scaling.num_workers="
+                f"{wanted}, scaling.use_gpu={str(cfg.scaling.use_gpu).lower()}, scaling.resources_per_worker="
+                f"{cfg.scaling.resources_per_worker}); its nodes have [{has}], {why}. Lower scaling.num_workers "
+                "or the per-worker resources, or add nodes"
+            )
+        if not said:
+            print(f"[raysft] waiting up to {cfg.scaling.resource_wait_s:g} s for the autoscaler to add nodes for "
+                  f"{wanted} worker(s) of {bundle}", flush=True)
+            said = True
+        time.sleep(poll_s)
+
+
 def prepare_data(cfg: Config) -> tuple[PreTrainedTokenizerBase, PreparedData]:
     """Read, tokenize (on Ray Data, cached) and pack the data of `cfg`. Starts Ray if needed."""
     tokenizer = load_tokenizer(cfg.model)
@@ -79,8 +134,42 @@ def prepare_data(cfg: Config) -> tuple[PreTrainedTokenizerBase, PreparedData]:
     return tokenizer, shape_splits(tokenize_splits(splits, tokenizer, cfg.data), cfg)
 
 
+def _worker_user_error(err: ray.train.WorkerGroupError) -> Exception | None:
+    """The raysft error (full disk, changed data, ...) a worker stopped with, to be raised as it is."""
+    for failure in err.worker_failures.values():
+        cause = getattr(failure, "cause", failure)  # a RayTaskError carries the worker's own exception
+        if isinstance(cause, USER_ERRORS):
+            return cause
+    return None
+
+
+def check_batch_fits(cfg: Config, num_rows: int) -> None:
+    """One optimizer step needs a global batch of rows; say which keys to lower when the data is smaller."""
+    global_batch = max(1, cfg.scaling.num_workers) * cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+    if num_rows < global_batch:
+        raise ConfigError([
+            f"train.micro_batch_size: the training data packs into {num_rows} row(s), but one optimizer step "
+            f"needs {global_batch} (scaling.num_workers x train.micro_batch_size x train.grad_accum_steps = "
+            f"{max(1, cfg.scaling.num_workers)} x {cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps}); "
+            "lower those or add data"
+        ])
+
+
+def _check_same_data(cfg: Config, fingerprint: str) -> None:
+    """A resume must continue on the data its checkpoint was trained on (the files may have changed since)."""
+    newest = latest_verified(checkpoint_root(cfg)) if cfg.train.resume else None
+    if newest is not None and read_state(newest)["data_fingerprint"] != fingerprint:
+        raise RunError(
+            f"data: the training data differs from the data checkpoint {newest} was trained on (the files "
+            "changed since); a resume must see the same rows. Restore the data, or start a new train.output_dir"
+        )
+
+
 def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
     """Fine-tune the model of `cfg` on Ray and write the run folder (see README, "Output").
+
+    Everything that can be checked before Ray starts is (README, "What raysft guarantees"); a refused
+    run writes nothing.
 
     Example:
         >>> import raysft
@@ -88,29 +177,33 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
         >>> result = raysft.train(cfg)  # doctest: +SKIP
         >>> result.final_dir  # a PEFT adapter folder  # doctest: +SKIP
     """
-    _refuse_to_overwrite(cfg)
+    cfg = with_absolute_paths(cfg)
+    resume_changes = check_run_folder(cfg)
+    preflight(cfg)
     tokenizer, prepared = prepare_data(cfg)
-    output_dir = Path(cfg.train.output_dir).expanduser().resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(output_dir / "config.yaml", to_yaml(cfg))
-    write_text_atomically(output_dir / "data_stats.json", stats_json(prepared.stats))
+    check_batch_fits(cfg, len(prepared.rows["train"]))
+    _check_same_data(cfg, prepared.fingerprint)
+    wait_for_worker_resources(cfg)
 
-    storage = Path(cfg.scaling.storage_path or output_dir).expanduser().resolve()
+    output_dir = output_path(cfg)
+    write_run_config(cfg, resume_changes)
+    write_text_atomically(output_dir / DATA_STATS_FILE, stats_json(prepared.stats))
+    inputs = LoopInputs(
+        config=cfg,
+        output_dir=output_dir,
+        checkpoint_root=checkpoint_root(cfg),
+        data_fingerprint=prepared.fingerprint,
+        pad_token_id=int(tokenizer.pad_token_id),
+        has_eval="eval" in prepared.rows,
+        fault_at_step=os.environ.get(FAULT_ENV),
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.model_dump(mode="json"),
-            "output_dir": str(output_dir),
-            "checkpoint_root": str(checkpoint_root(cfg)),
-            "data_fingerprint": prepared.fingerprint,
-            "pad_token_id": tokenizer.pad_token_id,
-            "has_eval": "eval" in prepared.rows,
-            "fault_at_step": os.environ.get(FAULT_ENV),
-        },
+        train_loop_config={"inputs": inputs},
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name="ray_train",
-            storage_path=str(storage),
+            storage_path=str(Path(cfg.scaling.storage_path or output_dir)),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             callbacks=callbacks,
         ),
@@ -119,5 +212,8 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
         # that is what makes N workers equal one worker and resume exact.
         dataset_config=DataConfig(datasets_to_split=[]),
     )
-    result = trainer.fit()
-    return RunResult(output_dir, output_dir / "final", dict(result.metrics or {}))
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as err:
+        raise _worker_user_error(err) or err
+    return RunResult(output_dir, output_dir / FINAL_DIR, dict(result.metrics or {}))

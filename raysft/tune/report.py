@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
-from raysft.fileio import write_text_atomically
+from raysft.errors import RunError
+from raysft.fileio import replace_dir_atomically, write_text_atomically
+from raysft.track import read_metrics
 from raysft.tune.space import parse_domain
 
 STATUSES = ("completed", "stopped_early", "error")
@@ -65,7 +67,7 @@ class SweepResult:
 def _read_trial(trial_dir: Path, sweep_dir: Path, metric: str) -> TrialSummary:
     info = json.loads((trial_dir / "trial.json").read_text())
     metrics_file = trial_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+    records = read_metrics(metrics_file)  # a trial killed mid-append leaves a torn last line
     if (trial_dir / "final").is_dir():
         status = "completed"
     elif (sweep_dir / "tune" / trial_dir.name / "error.txt").exists():
@@ -84,8 +86,25 @@ def _read_trial(trial_dir: Path, sweep_dir: Path, metric: str) -> TrialSummary:
     )
 
 
+def _check_sweep_dir(sweep_dir: Path) -> None:
+    if (sweep_dir / "sweep.yaml").is_file():
+        return
+    if not sweep_dir.exists():
+        why = "does not exist"
+    elif not sweep_dir.is_dir():
+        why = "is a file"
+    elif (sweep_dir / "trial.json").is_file():
+        why = f"is one trial of a sweep; report on the sweep folder {sweep_dir.resolve().parent.parent}"
+    elif (sweep_dir / "config.yaml").is_file() and (sweep_dir / "metrics.jsonl").is_file():
+        why = f"looks like a train run, not a sweep; its metrics are in {sweep_dir / 'metrics.jsonl'}"
+    else:
+        why = "holds no sweep.yaml"
+    raise RunError(f"{sweep_dir} is not a sweep folder: it {why}. `raysft report` reads the output_dir of `raysft sweep`.")
+
+
 def summarize(sweep_dir: str | Path) -> SweepResult:
     """Read every trial of the sweep in `sweep_dir` and pick the best completed one by its final metric."""
+    _check_sweep_dir(Path(sweep_dir).expanduser())  # before resolving: errors show the path as given
     sweep_dir = Path(sweep_dir).expanduser().resolve()
     settings = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
     metric, mode = settings["metric"], settings["mode"]
@@ -113,16 +132,12 @@ def _copy_best(result: SweepResult) -> None:
     if result.best is None:
         return
     trial_dir = result.sweep_dir / "trials" / result.best.name
-    staging, old = result.sweep_dir / ".best.tmp", result.sweep_dir / ".best.old"
-    for leftover in (staging, old):
-        shutil.rmtree(leftover, ignore_errors=True)
+    staging = result.sweep_dir / ".best.tmp"
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed report left; raysft's own name
     shutil.copytree(trial_dir / "final", staging)
     for name in ("config.yaml", "metrics.jsonl", "trial.json"):
         shutil.copy2(trial_dir / name, staging / name)
-    if result.best_dir.exists():
-        os.replace(result.best_dir, old)
-    os.replace(staging, result.best_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir_atomically(staging, result.best_dir)
 
 
 def _plot(result: SweepResult, space: dict[str, Any], path: Path) -> None:

@@ -35,9 +35,11 @@ from raysft.config import (
     set_dotted,
     to_yaml,
     validate_section,
+    with_absolute_paths,
 )
 from raysft.fileio import write_text_atomically
-from raysft.training.trainer import prepare_data, scaling_config, train
+from raysft.training.preflight import preflight
+from raysft.training.trainer import prepare_data, scaling_config, train, wait_for_worker_resources
 from raysft.tune.report import SweepResult, write_report
 from raysft.tune.space import Domain, parse_space, to_param_space
 
@@ -123,8 +125,7 @@ def trial_config(cfg: SweepConfig, params: dict[str, Any], name: str) -> Config:
     raw = copy.deepcopy(cfg.base.model_dump(mode="json"))
     for key, value in params.items():
         set_dotted(raw, key, value)
-    sweep_dir = Path(str(cfg.output_dir)).expanduser().resolve()
-    raw["train"]["output_dir"] = str(sweep_dir / "trials" / name)
+    raw["train"]["output_dir"] = str(Path(str(cfg.output_dir)) / "trials" / name)  # absolute: see sweep()
     # A trial restarted by --resume continues from its own newest checkpoint (a fresh one finds none).
     raw["train"]["resume"] = True
     if raw["scaling"].get("storage_path"):
@@ -278,16 +279,23 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
         >>> result = raysft.sweep(raysft.load_sweep("sweeps/lora_rank_lr.yaml"))  # doctest: +SKIP
         >>> result.best.name, result.best_dir  # doctest: +SKIP
     """
+    # Every path is resolved here, once: each trial runs in a working directory Tune chose, where a
+    # relative output folder or data path would point somewhere else (and the results would be lost).
     sweep_dir = Path(str(cfg.output_dir)).expanduser().resolve()
+    cfg = cfg.model_copy(update={"output_dir": str(sweep_dir), "base": with_absolute_paths(cfg.base)})
     tune_dir = sweep_dir / "tune"
     if resume and not tune.Tuner.can_restore(str(tune_dir)):
         raise ConfigError([f"output_dir: no sweep to resume in {sweep_dir}"])
     if not resume and tune_dir.exists():
         raise ConfigError([f"output_dir: {sweep_dir} already holds a sweep; continue it with --resume or choose a new output_dir"])
     domains = check_sweep(cfg)  # configs built in Python get the same checks as loaded YAML
+    # The whole base config, data included, is checked before any trial starts: a mistake there would
+    # otherwise fail every trial, one by one.
+    preflight(cfg.base.model_copy(update={"train": cfg.base.train.model_copy(update={"output_dir": str(sweep_dir)})}))
     # Tokenize once for every trial: the cache is keyed by content, not max_seq_len, so trials that
     # differ in sequence length only re-pack.
     prepare_data(cfg.base)
+    wait_for_worker_resources(cfg.base)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomically(sweep_dir / SWEEP_FILE, sweep_yaml(cfg))
 

@@ -1,0 +1,122 @@
+"""Everything knowable about a run before Ray starts, checked in the driver and reported together.
+
+The config's own types are checked when it is loaded (raysft/config.py); what needs the file system or
+the model's structure is checked here: folders that must be writable, the model's location, LoRA
+target modules against the model's real module names (built on the meta device: no weights are read),
+and the sequence length against the model's positions. Data rows are checked when they are read
+(raysft/data/), also before Ray starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raysft.config import Config, ModelConfig, default_cache_root, is_uri
+from raysft.errors import ConfigError
+from raysft.model import check_model_source, model_location
+
+log = logging.getLogger(__name__)
+
+
+def writable_folder_problem(folder: Path, key: str) -> str | None:
+    """Why `folder` (which may not exist yet) cannot be written, or None; judged by the folder or its
+    nearest existing parent, without writing anything (a refused run leaves no trace).
+
+    A read-only mount is read from the file system's flags: permission bits say nothing about it
+    (and, for root, nothing at all).
+    """
+    folder = folder.expanduser()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return f"{key}: {folder} cannot be created: {existing} is a file, not a folder"
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return f"{key}: {folder} is not writable ({existing} is on a read-only file system)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{key}: {folder} is not writable (no write permission on {existing})"
+    return None
+
+
+def _folder_problems(cfg: Config) -> list[str]:
+    problems = []
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_root() / "tokenized"
+    folders = [(Path(cfg.train.output_dir), "train.output_dir"), (cache, "data.cache_dir")]
+    storage = cfg.scaling.storage_path
+    if storage is not None and is_uri(storage):
+        problems.append(
+            f"scaling.storage_path: {storage}: object storage URIs are not supported yet (checkpoints are written "
+            "by the workers to a file system path); use a local path, or a shared file system (NFS) mounted on "
+            "every node"
+        )
+    elif storage is not None:
+        folders.append((Path(storage), "scaling.storage_path"))
+    for folder, key in folders:
+        if (problem := writable_folder_problem(folder, key)) is not None:
+            problems.append(problem)
+    return problems
+
+
+def _model_config(cfg: ModelConfig):  # -> transformers.PretrainedConfig | None
+    """The model's config.json (or GGUF metadata) when it is at hand without a download, else None."""
+    from transformers import AutoConfig
+
+    location, kwargs = model_location(cfg)
+    try:
+        return AutoConfig.from_pretrained(location, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as err:
+        # A hub id not cached yet: the workers download it; its structure is checked there.
+        log.info("model %s not checked before start (%s)", cfg.name_or_path, err)
+        return None
+
+
+def _module_names(model_config, trust_remote_code: bool) -> tuple[set[str], set[str]]:  # noqa: ANN001
+    """(every module's dotted name, the last name part of every linear layer), from a meta-device model."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    names = {name for name, _ in model.named_modules() if name}
+    linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    return names, linear
+
+
+def _matches(target: str, names: set[str]) -> bool:
+    # PEFT's rule for a list of names: a module matches when its dotted name is, or ends with, the target.
+    return any(name == target or name.endswith("." + target) for name in names)
+
+
+def _model_problems(cfg: Config) -> list[str]:
+    problems = check_model_source(cfg.model, "model.name_or_path")
+    if problems:
+        return problems
+    model_config = _model_config(cfg.model)
+    if model_config is None:
+        return []
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions and cfg.data.max_seq_len > positions:
+        problems.append(
+            f"data.max_seq_len: {cfg.data.max_seq_len} is beyond the {positions} positions the model was built for "
+            "(max_position_embeddings); lower it"
+        )
+    targets = [] if cfg.lora.target_modules == "all-linear" else cfg.lora.target_modules
+    wanted = [("lora.target_modules", t) for t in targets] + [("lora.modules_to_save", m) for m in cfg.lora.modules_to_save or []]
+    if cfg.lora.enabled and wanted:
+        names, linear = _module_names(model_config, cfg.model.trust_remote_code)
+        for key, target in wanted:
+            if not _matches(target, names):
+                problems.append(
+                    f"{key}: '{target}' matches no module of {cfg.model.name_or_path} (its linear layers: "
+                    f"{', '.join(sorted(linear))}; or use target_modules: all-linear)"
+                )
+    return problems
+
+
+def preflight(cfg: Config) -> None:
+    """Raise one ConfigError listing every problem of `cfg` that can be known before Ray starts."""
+    problems = _folder_problems(cfg) + _model_problems(cfg)
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,155 @@
+"""The run folder (`train.output_dir`) as the driver sees it: what may be started or resumed there, and
+what a resume may change.
+
+A fresh run never starts over anything: it refuses a folder holding any file it would write. A resume
+is checked here, in the driver, before anything is written or Ray Train starts: settings that change
+what is trained (model, data, LoRA shape, batch, optimizer, seed) are refused with their key named;
+settings that only change how long or how visibly the run goes on are allowed and recorded in
+`config_history.jsonl`, while `config.yaml` keeps the config the run started with.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raysft.config import Config, to_yaml
+from raysft.errors import ConfigError
+from raysft.fileio import write_text_atomically
+from raysft.track import METRICS_FILE
+
+CONFIG_FILE = "config.yaml"
+HISTORY_FILE = "config_history.jsonl"
+DATA_STATS_FILE = "data_stats.json"
+FINAL_DIR = "final"
+CHECKPOINTS_DIR = "checkpoints"
+# Everything a run writes at the top of its folder: a fresh run refuses to start where any of these exists.
+RUN_FILES = (CONFIG_FILE, HISTORY_FILE, DATA_STATS_FILE, METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR, "tensorboard", "wandb")
+# What a run leaves once it has trained (as opposed to files of the user's that happen to share a name).
+_TRAINED_MARKS = (METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR)
+
+# Settings a resume may change: they decide how long the run goes on and what it reports, not what a
+# step computes. A dotted prefix allows the whole section.
+RESUMABLE_CHANGES = (
+    "train.max_steps",
+    "train.epochs",
+    "train.eval_every",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.checkpoints_to_keep",
+    "train.on_nonfinite",
+    "train.output_dir",  # the run folder was moved: where it is, not what it computes
+    "scaling.max_failures",
+    "scaling.ray_address",
+    "scaling.resource_wait_s",
+    "data.num_tokenize_workers",
+    "data.cache_dir",
+    "tracking.",
+)
+
+
+def output_path(cfg: Config) -> Path:
+    """The run folder, absolute (`~` expanded): the one spelling every check and write uses."""
+    return Path(cfg.train.output_dir).expanduser().resolve()
+
+
+def checkpoint_root(cfg: Config) -> Path:
+    return Path(cfg.scaling.storage_path or cfg.train.output_dir).expanduser().resolve() / CHECKPOINTS_DIR
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": [{"c": 1}]}}` -> `{"a.b.0.c": 1}`: every leaf under its dotted key."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list) and any(isinstance(item, (dict, list)) for item in tree):
+        items = enumerate(tree)
+    else:
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in items:
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _public(cfg: Config) -> dict[str, Any]:
+    # As config.yaml holds it (inline rows summarized), so a saved and a new config compare alike.
+    return yaml.safe_load(to_yaml(cfg))
+
+
+def _started_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config the run in `run_dir` last ran with: config.yaml plus every recorded resume change."""
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        return None
+    flat = flatten(yaml.safe_load(path.read_text()))
+    history = run_dir / HISTORY_FILE
+    if history.exists():
+        for line in history.read_text().splitlines():
+            try:
+                changes = json.loads(line)["changes"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a torn last line: the resume it describes never started
+            flat.update({key: change["to"] for key, change in changes.items()})
+    return flat
+
+
+def _allowed(key: str) -> bool:
+    return any(key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUMABLE_CHANGES)
+
+
+def resume_changes(cfg: Config, run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The settings `cfg` changes against the run in `run_dir`; ConfigError naming each one a resume may not change."""
+    before = _started_config(run_dir)
+    if before is None:
+        return {}
+    after = flatten(_public(cfg))
+    changed = {
+        key: {"from": before.get(key), "to": after.get(key)}
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key) and key != "train.resume"  # resuming is the mode, not a setting
+    }
+    refused = [key for key in changed if not _allowed(key)]
+    if refused:
+        raise ConfigError(
+            [f"{key}: the run in {run_dir} was started with {changed[key]['from']!r}, not {changed[key]['to']!r}; "
+             "a resume continues the same training, so this cannot change (set it back, or start a new "
+             "train.output_dir)" for key in refused]
+        )
+    return changed
+
+
+def check_run_folder(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Check that `cfg` may start (or resume) in its output folder; return the changes a resume records.
+
+    Nothing is written here, so a refused run leaves the folder exactly as it was.
+    """
+    run_dir = output_path(cfg)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError([f"train.output_dir: {run_dir} is a file, not a folder; choose a folder"])
+    if cfg.train.resume:
+        return resume_changes(cfg, run_dir)
+    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if existing:
+        trained = [name for name in existing if name in _TRAINED_MARKS]
+        what = f"a run ({trained[0]})" if trained else f"files raysft would overwrite ({', '.join(existing)})"
+        raise ConfigError(
+            [f"train.output_dir: {run_dir} already holds {what}; resume it with --resume (train.resume=true) "
+             "or choose a new output_dir"]
+        )
+    return {}
+
+
+def write_run_config(cfg: Config, changes: dict[str, dict[str, Any]]) -> None:
+    """config.yaml for a new run; for a resume, one config_history.jsonl line with what it changed."""
+    run_dir = output_path(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / CONFIG_FILE).exists():
+        write_text_atomically(run_dir / CONFIG_FILE, to_yaml(cfg))
+    elif changes:
+        entry = {"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes}
+        with (run_dir / HISTORY_FILE).open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
