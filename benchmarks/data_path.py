@@ -88,6 +88,7 @@ def _config(spec: dict[str, Any], cache_dir: Path) -> Any:
 
 
 def child_raysft(spec: dict[str, Any]) -> dict[str, Any]:
+    from raysft.data.labels import IGNORE_INDEX
     from raysft.data.pipeline import read_splits, shape_splits, tokenize_splits
     from raysft.model import load_tokenizer
 
@@ -109,7 +110,7 @@ def child_raysft(spec: dict[str, Any]) -> dict[str, Any]:
     return {"ray_init_s": ray_init_s, "read_s": t1 - t0, "tokenize_s": t2 - t1, "pack_s": t3 - t2,
             "total_s": t3 - t0, "examples": len(examples),
             "tokens": sum(len(e["input_ids"]) for e in examples),
-            "trained_labels": sum(int((e["labels"] != -100).sum()) for e in examples),
+            "trained_labels": sum(int((e["labels"] != IGNORE_INDEX).sum()) for e in examples),
             "packed_rows": len(prepared.rows["train"])}
 
 
@@ -119,6 +120,7 @@ def child_datasets(spec: dict[str, Any]) -> dict[str, Any]:
 
     from raysft.config import SourceConfig
     from raysft.data.formats import DataError, normalize_row
+    from raysft.data.labels import IGNORE_INDEX
     from raysft.data.tokenize import tokenize_example
     from raysft.model import load_tokenizer
 
@@ -159,7 +161,7 @@ def child_datasets(spec: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(cache_dir, ignore_errors=True)
     return {"read_s": t1 - t0, "tokenize_s": t2 - t1, "pack_s": t3 - t2, "total_s": t3 - t0,
             "examples": len(ids), "tokens": sum(len(x) for x in ids),
-            "trained_labels": sum(sum(1 for v in x if v != -100) for x in labels), "packed_rows": len(packed)}
+            "trained_labels": sum(sum(1 for v in x if v != IGNORE_INDEX) for x in labels), "packed_rows": len(packed)}
 
 
 def child_loop(spec: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ _EXPORTS = {
     "RunResult": "raysft.training.trainer",
     "prepare_data": "raysft.training.trainer",
     "train": "raysft.training.trainer",
-    "SweepConfig": "raysft.config",
+    "SweepConfig": "raysft.tune.config",
     "SweepResult": "raysft.tune.report",
     "load_sweep": "raysft.tune.sweep",
     "sweep": "raysft.tune.sweep",

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raysft.config import Config, ModelConfig, load_config
+from raysft.data.labels import IGNORE_INDEX
 from raysft.errors import USER_ERRORS, ConfigError, RunError
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ def marked_example(input_ids: list[int], labels: list[int], tokenizer: Any) -> s
     """Decode an example with trained tokens wrapped in ⟦ ⟧, to check masking by eye."""
     parts, current, trained_run = [], [], None
     for token, label in zip(input_ids, labels):
-        trained = label != -100
+        trained = label != IGNORE_INDEX
         if trained != trained_run and current:
             text = tokenizer.decode(current)
             parts.append(f"⟦{text}⟧" if trained_run else text)

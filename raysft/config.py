@@ -1,4 +1,6 @@
-"""The typed configuration tree: YAML in, validated pydantic models out.
+"""The typed configuration tree of a train run: YAML in, validated pydantic models out.
+
+(A sweep's config, which holds one of these as its base, is in raysft.tune.config.)
 
 Every section rejects unknown keys. Validation collects *all* problems and raises one
 :class:`ConfigError` naming each dotted key (with a did-you-mean), before any Ray resource starts.
@@ -27,7 +29,9 @@ from raysft.errors import ConfigError
 DataFormat = Literal["auto", "prompt_response", "prompt_completion", "alpaca", "messages", "sharegpt", "text"]
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """Base of every config section, here and in raysft.tune.config (the sweep's)."""
+
     # Docstrings on fields are the help text; unknown keys are errors, never silently ignored.
     # inf/nan are never a sensible setting (`train.lr: .inf` would turn into NaN losses inside Ray).
     model_config = ConfigDict(
@@ -38,7 +42,7 @@ class _Section(BaseModel):
 SectionT = TypeVar("SectionT", bound=BaseModel)
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name_or_path: str
     """Hugging Face hub id, a local model folder, or a folder/file holding a GGUF model."""
     gguf_file: str | None = None
@@ -65,7 +69,7 @@ class ModelConfig(_Section):
     """Template used when the tokenizer has none: `chatml`, or a Jinja template string."""
 
 
-class SourceConfig(_Section):
+class SourceConfig(Section):
     path: str | None = None
     """A JSON/JSONL/Parquet/CSV file, or a folder or glob of them."""
     hf_dataset: str | None = None
@@ -99,7 +103,7 @@ class SourceConfig(_Section):
         return self
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     train: list[SourceConfig]
     """Training sources (one or a list), concatenated."""
     eval: list[SourceConfig] | None = None
@@ -139,7 +143,7 @@ class DataConfig(_Section):
         return value
 
 
-class LoraConfig(_Section):
+class LoraConfig(Section):
     enabled: bool = True
     """LoRA adapters; false means full fine-tuning."""
     r: int = Field(default=16, gt=0)
@@ -154,7 +158,7 @@ class LoraConfig(_Section):
     """Modules trained in full and saved with the adapter (e.g. `lm_head`, `embed_tokens`)."""
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     output_dir: str = "runs/raysft"
     """Run folder: config, metrics.jsonl, checkpoints/, final/."""
     seed: int = 0
@@ -206,7 +210,7 @@ class TrainConfig(_Section):
         return value
 
 
-class ScalingSection(_Section):
+class ScalingConfig(Section):
     num_workers: int = Field(default=1, ge=0)
     """Ray Train workers (data-parallel replicas). 0 runs the loop in the driver (Ray Train local mode)."""
     use_gpu: bool = False
@@ -224,7 +228,7 @@ class ScalingSection(_Section):
     Without an autoscaler a request the cluster cannot hold fails at once."""
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     console: bool = True
     """Print a progress line per logged step (rank 0)."""
     tensorboard: bool = True
@@ -239,14 +243,14 @@ class TrackingConfig(_Section):
     """Run name shown in trackers (default: the output folder name)."""
 
 
-class Config(_Section):
+class Config(Section):
     """A whole training run. See examples/*.yaml."""
 
     model: ModelConfig
     data: DataConfig
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
-    scaling: ScalingSection = ScalingSection()
+    scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
@@ -265,61 +269,6 @@ class Config(_Section):
             )
         if problems:
             raise ValueError(_CROSS_FIELD + "\n".join(problems))
-        return self
-
-
-class SchedulerConfig(_Section):
-    name: Literal["asha", "fifo"] = "asha"
-    """asha stops trials that trail at each rung; fifo runs every trial to the end."""
-    grace_period: int = Field(default=1, gt=0)
-    """Eval rounds every trial runs before ASHA may stop it (an eval round = `train.eval_every` steps)."""
-    reduction_factor: float = Field(default=2.0, gt=1.0)
-    """At each ASHA rung only the best 1/reduction_factor of trials go on."""
-    max_rounds: int | None = Field(default=None, gt=0)
-    """Eval rounds of a full trial (ASHA's max_t); default: base max_steps / eval_every."""
-
-
-SweepMetric = Literal["eval_loss", "eval_ppl", "eval_token_accuracy"]
-
-
-class SweepConfig(_Section):
-    """A hyperparameter sweep: a base train config, a search space over its fields, and how to search."""
-
-    base: Config
-    """The train config every trial starts from: a path to a train YAML, or the config inline."""
-    space: dict[str, Any]
-    """Dotted config key -> search domain, e.g. `lora.r: choice [8, 16, 32]` or `train.lr: {loguniform: [1e-5, 1e-3]}`."""
-    name: str = Field(default="sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    """Sweep name: the default output folder name and the W&B group. Letters, digits, `_`, `.`, `-`
-    (it becomes a folder name, so no `/` and no leading `.`)."""
-    output_dir: str | None = None
-    """Sweep folder: trials/, tune/, results.csv, best/, report.png (default runs/sweeps/<name>)."""
-    metric: SweepMetric = "eval_loss"
-    """Evaluation metric that ranks trials and drives early stopping."""
-    mode: Literal["min", "max"] | None = None
-    """Whether lower or higher `metric` is better (default: max for accuracy, min otherwise)."""
-    num_samples: int | None = Field(default=None, gt=0)
-    """Trials to sample (each grid point is repeated this often); default 8, or 1 for a pure grid."""
-    max_concurrent_trials: int | None = Field(default=None, gt=0)
-    """Trials running at once; default: as many as the cluster's resources hold (each trial's workers)."""
-    scheduler: SchedulerConfig = SchedulerConfig()
-    """Early stopping: `asha` (default) or `fifo`, or a mapping with ASHA's settings."""
-    search_alg: Literal["random", "grid", "optuna"] = "random"
-    """random: sample each domain (grid forms enumerated); grid: enumerate every choice; optuna: TPE."""
-    seed: int = 0
-    """Seed of the search (which configurations are sampled)."""
-
-    @field_validator("scheduler", mode="before")
-    @classmethod
-    def _scheduler_by_name(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _defaults(self) -> "SweepConfig":
-        if self.mode is None:
-            self.mode = "max" if self.metric == "eval_token_accuracy" else "min"
-        if self.output_dir is None:
-            self.output_dir = f"runs/sweeps/{self.name}"
         return self
 
 

@@ -10,15 +10,20 @@ from pathlib import Path
 from raysft.errors import RunError
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one rename (readers see the old file or the new one, never a mix)."""
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` in one rename (readers see the old file or the new one, never a mix)."""
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        staging.write_text(text)
+        staging.write_bytes(data)
         os.replace(staging, path)
     except OSError as err:
         staging.unlink(missing_ok=True)
         raise write_error(path, err) from err
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """`write_bytes_atomically` for UTF-8 text."""
+    write_bytes_atomically(path, text.encode("utf-8"))
 
 
 def replace_dir_atomically(staging: Path, target: Path) -> None:

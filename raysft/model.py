@@ -18,8 +18,9 @@ from transformers import (
 )
 
 from raysft.config import LoraConfig, ModelConfig
+from raysft.data.labels import trained_targets
 from raysft.data.tokenize import ensure_chat_template
-from raysft.ops import PACKED_SDPA, linear_cross_entropy, packed_segments
+from raysft.ops import PACKED_SDPA, linear_cross_entropy, packed_segments, register_packed_sdpa
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     ensure_chat_template(tokenizer, cfg.chat_template)
     if tokenizer.pad_token_id is None:
-        # Padding positions never reach the loss (labels -100), so any id works; EOS is the usual choice.
+        # Padding positions never reach the loss (labels IGNORE_INDEX), so any id works; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -63,6 +64,8 @@ def load_model(cfg: ModelConfig, device: torch.device, for_training: bool = True
             bnb_4bit_compute_dtype=compute,
         )
         kwargs["device_map"] = {"": device}
+    if cfg.attn_implementation == PACKED_SDPA:
+        register_packed_sdpa()
     model = AutoModelForCausalLM.from_pretrained(
         location, dtype=_DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation, **kwargs
     )
@@ -131,10 +134,8 @@ class TokenLoss(nn.Module):
         hidden = self.backbone(
             input_ids=input_ids, position_ids=position_ids, use_cache=False, **segments
         ).last_hidden_state
-        targets = labels[:, 1:]
-        # A position whose next token starts a new packed example must not predict it.
-        trained = (targets != -100) & (position_ids[:, 1:] != 0)
-        wanted = targets[trained]
+        trained = trained_targets(labels, position_ids)
+        wanted = labels[:, 1:][trained]
         if type(self.head) is nn.Linear:
             return linear_cross_entropy(hidden[:, :-1][trained], self.head, wanted, self.softcap)
         # A head wrapped by LoRA, modules_to_save or a quantizer: plain autograd through its forward.

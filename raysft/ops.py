@@ -2,8 +2,8 @@
 
 - ``packed_sdpa``: attention run once per packed example instead of over the whole row under a
   block-diagonal mask. A row of k examples costs sum(n_i^2) instead of (sum n_i)^2, and no mask is
-  materialized. Registered with transformers as an attention implementation, so a model loaded with
-  ``attn_implementation="packed_sdpa"`` uses it; without segments (generation) it is plain SDPA.
+  materialized. :func:`register_packed_sdpa` makes it a transformers attention implementation, so a model
+  loaded with ``attn_implementation="packed_sdpa"`` uses it; without segments (generation) it is plain SDPA.
 - ``linear_cross_entropy``: output head + cross-entropy over trained positions, a chunk at a time,
   with the gradient computed while the chunk's logits are still in cache. Vocabulary-sized logits
   are never stored for backward (at vocab 49k, 1,300 trained tokens are 256 MB of fp32 logits,
@@ -76,9 +76,20 @@ def packed_sdpa_attention(
     return torch.cat(rows, dim=0), None
 
 
-# The mask function is plain SDPA's, so generation and unpacked batches behave exactly as with "sdpa".
-AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
-AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+def register_packed_sdpa() -> None:
+    """Make ``attn_implementation="packed_sdpa"`` known to transformers; call it before loading such a model.
+
+    Idempotent. Explicit rather than done at import, so that importing raysft changes nothing in
+    transformers' process-wide registry; :func:`raysft.model.load_model` calls it.
+
+    Example:
+        >>> register_packed_sdpa()
+        >>> AttentionInterface._global_mapping[PACKED_SDPA] is packed_sdpa_attention
+        True
+    """
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    # The mask function is plain SDPA's, so generation and unpacked batches behave exactly as with "sdpa".
+    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
 
 
 def _cross_entropy_chunks(

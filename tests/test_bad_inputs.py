@@ -207,15 +207,20 @@ def test_batch_larger_than_the_data(capsys: pytest.CaptureFixture[str], ray_sess
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("setting", ["scaling.num_workers=4", "scaling.use_gpu=true"])
+@pytest.mark.parametrize(
+    ("setting", "said"),
+    [("scaling.num_workers=4", "no autoscaler"), ("scaling.num_workers=1 scaling.use_gpu=true", "no autoscaler"),
+     ("scaling.use_gpu=true", "no CUDA GPU")],  # local mode (num_workers 0) runs on this machine
+)
 def test_cluster_that_cannot_hold_the_workers_fails_at_once(
-    capsys: pytest.CaptureFixture[str], ray_session: None, tiny_model_dir: Path, tmp_path: Path, setting: str
+    capsys: pytest.CaptureFixture[str], ray_session: None, tiny_model_dir: Path, tmp_path: Path, setting: str, said: str
 ) -> None:
     started = time.monotonic()
     # resource_wait_s bounds the test should the cluster be taken for an autoscaling one.
-    code, _, err = cli(capsys, "train", write_config(tmp_path, tiny_model_dir), "--set", setting,
+    settings = [a for s in setting.split() for a in ("--set", s)]
+    code, _, err = cli(capsys, "train", write_config(tmp_path, tiny_model_dir), *settings,
                        "--set", "scaling.resource_wait_s=20")
-    assert_refused(code, err, setting.split("=")[0], "no autoscaler")
+    assert_refused(code, err, setting.split()[-1].split("=")[0], said)
     assert time.monotonic() - started < 60
     assert not (tmp_path / "run").exists()
 

@@ -22,8 +22,9 @@ from raysft.data.packing import (
     unpacked_rows,
 )
 from raysft.data.sources import load_examples
-from raysft.data.tokenize import IGNORE_INDEX, tokenize_example
-from raysft.ops import PACKED_SDPA, packed_segments
+from raysft.data.labels import IGNORE_INDEX
+from raysft.data.tokenize import tokenize_example
+from raysft.ops import PACKED_SDPA, packed_segments, register_packed_sdpa
 from tests.tiny import TINY_ARCHS
 
 
@@ -174,6 +175,7 @@ def test_packed_batch_equals_examples_one_by_one(
     arch: str, attention: str, tiny_model_factory: Callable[[str], Path], tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
     torch.manual_seed(0)
+    register_packed_sdpa()  # built here directly, not through raysft.model.load_model
     model = AutoModelForCausalLM.from_pretrained(
         tiny_model_factory(arch), dtype=torch.float32, attn_implementation=attention
     ).eval()

@@ -57,7 +57,7 @@ def _expected_answer(prompt: str) -> str:
     kind = task_kind(prompt)
     if kind == "city":
         sentence = prompt.split("\n", 1)[1]
-        from raysft.quickstart import _CITIES
+        from raysft.quickstart.task import _CITIES
 
         found = [city for city in _CITIES if re.search(rf"\b{city}\b", sentence)]
         assert len(found) == 1, sentence

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import doctest
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,18 +11,20 @@ from typing import Any
 import numpy as np
 import pytest
 import ray
+import torch
 from transformers import PreTrainedTokenizerBase
+
+import raysft.data.labels
 
 from raysft.config import DataConfig, SourceConfig
 from raysft.data.formats import normalize_row
 from raysft.data.pipeline import cache_key
 from raysft.errors import DataError
 from raysft.data.sources import load_examples
+from raysft.data.labels import IGNORE_INDEX, count_trained, trained_targets
 from raysft.data.tokenize import (
     CHATML_TEMPLATE,
-    IGNORE_INDEX,
     TokenizeBatch,
-    count_trained,
     ensure_chat_template,
     tokenize_example,
 )
@@ -261,6 +264,17 @@ def test_chatml_renders_generation_prompt(tiny_tokenizer: PreTrainedTokenizerBas
 def test_count_trained_skips_position_zero() -> None:
     assert count_trained([5, 6, IGNORE_INDEX, 7]) == 2
     assert count_trained([5]) == 0
+    assert count_trained([]) == 0
+
+
+def test_trained_targets_is_one_rule_for_numpy_and_torch() -> None:
+    assert doctest.testmod(raysft.data.labels).failed == 0
+    labels = [[5, 6, IGNORE_INDEX, 8, 9], [5, 6, 7, IGNORE_INDEX, IGNORE_INDEX]]
+    positions = [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]  # row 0: two packed examples; row 1: padding at the end
+    expected = [[True, False, False, True], [True, True, False, False]]
+    assert trained_targets(np.array(labels), np.array(positions)).tolist() == expected
+    assert trained_targets(torch.tensor(labels), torch.tensor(positions)).tolist() == expected
+    assert count_trained(np.array(labels), np.array(positions)) == 4
 
 
 def test_tokenize_batch_direct_call(tiny_tokenizer_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase) -> None:

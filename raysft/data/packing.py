@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from raysft.errors import DataError
-from raysft.data.tokenize import IGNORE_INDEX, count_trained
+from raysft.data.labels import IGNORE_INDEX, count_trained
 
 LengthPolicy = Literal["drop", "truncate", "raise"]
 

@@ -7,11 +7,13 @@ max_seq_len, so a rerun or a sweep over sequence lengths only re-applies the len
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from raysft.config import Config, DataConfig, SourceConfig, default_cache_root
 from raysft.errors import DataError, RunError
+from raysft.data.labels import count_trained
 from raysft.data.packing import (
     apply_length_policy,
     pack_examples,
@@ -104,31 +107,55 @@ def read_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Spl
     return splits
 
 
-def _tokenize_with_ray(examples: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> pa.Table:
+@contextlib.contextmanager
+def quiet_data_context(preserve_order: bool = False) -> Iterator[ray.data.DataContext]:
+    """Ray Data settings for raysft's own jobs: no progress bars, no start banner, and with
+    `preserve_order` a deterministic output order; the previous settings come back on exit.
+
+    Ray's DataContext is one per process, shared with whatever else the process runs on Ray Data (a
+    user's own pipeline next to `raysft.train`), so raysft changes it only while its own job runs.
+    Run the job (not only build the Dataset) inside the block.
+
+    Example:
+        >>> with quiet_data_context(preserve_order=True):  # doctest: +SKIP
+        ...     frame = ray.data.from_items(rows).map_batches(fn).to_pandas()
+    """
     context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # the cache (and so the data order) must be deterministic
+    options = context.execution_options
+    saved = (options.preserve_order, context.enable_progress_bars, context.print_on_execution_start)
+    if preserve_order:
+        options.preserve_order = True
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    with warnings.catch_warnings():
-        # Ray 2.60 deprecates **ray_remote_args but has no named parameter for restarts or retries yet.
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        dataset = ray.data.from_items(examples).map_batches(
-            TokenizeBatch,
-            fn_constructor_args=(tokenizer, cfg.train_on_inputs, cfg.parse_special_tokens),
-            compute=ray.data.ActorPoolStrategy(size=min(cfg.num_tokenize_workers, max(1, len(examples) // 256))),
-            batch_size=256,
-            batch_format="numpy",
-            max_restarts=TOKENIZE_RETRIES,
-            max_task_retries=TOKENIZE_RETRIES,
-        )
     try:
-        frame = dataset.select_columns(["input_ids", "labels", "origin", "error"]).to_pandas()
-    except ray.exceptions.RayError as err:
-        raise RunError(
-            f"the tokenize job (Ray Data) failed: {_one_line(err)}. The likely cause is a row too large for "
-            "the tokenize actors' memory: lower data.max_row_chars (longer rows are then reported before "
-            "tokenizing) or give the workers more memory"
-        ) from None
+        yield context
+    finally:
+        options.preserve_order, context.enable_progress_bars, context.print_on_execution_start = saved
+
+
+def _tokenize_with_ray(examples: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> pa.Table:
+    # preserve_order: the cache (and so the data order) must be deterministic.
+    with quiet_data_context(preserve_order=True):
+        with warnings.catch_warnings():
+            # Ray 2.60 deprecates **ray_remote_args but has no named parameter for restarts or retries yet.
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            dataset = ray.data.from_items(examples).map_batches(
+                TokenizeBatch,
+                fn_constructor_args=(tokenizer, cfg.train_on_inputs, cfg.parse_special_tokens),
+                compute=ray.data.ActorPoolStrategy(size=min(cfg.num_tokenize_workers, max(1, len(examples) // 256))),
+                batch_size=256,
+                batch_format="numpy",
+                max_restarts=TOKENIZE_RETRIES,
+                max_task_retries=TOKENIZE_RETRIES,
+            )
+        try:
+            frame = dataset.select_columns(["input_ids", "labels", "origin", "error"]).to_pandas()
+        except ray.exceptions.RayError as err:
+            raise RunError(
+                f"the tokenize job (Ray Data) failed: {_one_line(err)}. The likely cause is a row too large for "
+                "the tokenize actors' memory: lower data.max_row_chars (longer rows are then reported before "
+                "tokenizing) or give the workers more memory"
+            ) from None
     problems = [error for error in frame["error"] if error]
     if problems:
         more = f"\n(and {len(problems) - MAX_PROBLEMS} more)" if len(problems) > MAX_PROBLEMS else ""
@@ -239,7 +266,7 @@ def shape_splits(tokens: dict[str, list[dict[str, Any]]], cfg: Config) -> Prepar
             raise DataError(f"data.{name}: no examples left after the length policy ({counts}); check max_seq_len")
         packed = pack_examples(kept, data.max_seq_len) if data.packing else unpacked_rows(kept)
         lengths = np.array([len(e["input_ids"]) for e in examples])  # as read, before the length policy
-        trained = sum(int((e["labels"] != -100).sum()) for e in examples)
+        trained = sum(count_trained(e["labels"]) for e in examples)  # the loss's rule: no example start counts
         stats.rows_read[name] = len(examples)
         stats.counts[name] = counts
         stats.examples_kept[name] = len(kept)

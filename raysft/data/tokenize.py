@@ -19,15 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from raysft.data.labels import IGNORE_INDEX, count_trained
 from raysft.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-"""Label of a token that is not trained (the value torch's cross-entropy ignores)."""
 
 # Raw string: Jinja itself must see the '\n' escapes, as in the templates shipped with models.
 CHATML_TEMPLATE = (
@@ -133,11 +131,6 @@ def assistant_spans(
             )
         spans.append((len(before), _end_after_marker(full, len(before), len(through), markers)))
     return full, spans
-
-
-def count_trained(labels: list[int]) -> int:
-    """Tokens that contribute to the loss. Position 0 never does: no token precedes it to predict it."""
-    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
 
 
 class TokenizeBatch:

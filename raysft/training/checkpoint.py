@@ -1,11 +1,15 @@
-"""Resumable checkpoints: written under a temp name, a checksummed manifest last, then renamed.
+"""Resumable checkpoints, persisted by Ray Train to the run's storage (local, NFS, s3://, gs://).
 
-Layout of `<root>/step_000040/`:
+Rank 0 writes one checkpoint folder locally and hands it to `ray.train.report(checkpoint=...)`; Ray
+uploads it as `<run>/checkpoints/step_000040/`, registers it only once the upload is complete, prunes old
+ones (`CheckpointConfig`) and gives it back through `ray.train.get_checkpoint()` after a worker restart or
+to a `--resume` run: one decision, the same checkpoint on every rank. Layout:
+
     trainable.safetensors   the trained parameters (the adapter for LoRA)
     optimizer.pt            optimizer state (loaded with weights_only=True)
-    rng_rank{r}.pt          each worker's torch RNG state (dropout continues identically)
-    state.json              step, data fingerprint, grad-scaler state
-    manifest.json           sha256 of every file above; a checkpoint without a valid one is ignored
+    rng.pt                  every rank's torch RNG state (dropout continues identically)
+    state.json              step, data fingerprint, tokens seen, grad-scaler state, metrics at that step
+    manifest.json           sha256 of every file above; a checkpoint whose files do not match is never resumed
 
 The data position is the step itself: the batch schedule is a pure function of (seed, step).
 """
@@ -15,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -25,12 +28,19 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from raysft.fileio import write_error
+from raysft import storage
+from raysft.config import is_uri
+from raysft.errors import RunError
 
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 STAGING_PREFIX = ".staging_"
+MANIFEST = "manifest.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
 
 
 def _sha256(path: Path) -> str:
@@ -41,11 +51,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _rng_state() -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -53,39 +58,64 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(
-    root: Path,
-    step: int,
+def gather_rng_states() -> list[dict[str, torch.Tensor]]:
+    """Every rank's RNG state, in rank order (a collective: every rank calls it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [_rng_state()]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, _rng_state())
+    return states
+
+
+def write_checkpoint(
+    folder: Path,
     trainable: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
+    rng_states: list[dict[str, torch.Tensor]],
     state: dict[str, Any],
-    rank: int,
-    keep: int | None,
-) -> Path:
-    """Collectively write checkpoint `step` (every rank calls this). Returns its final folder."""
-    final = root / f"step_{step:06d}"
-    staging = root / f"{STAGING_PREFIX}step_{step:06d}"
-    try:
-        if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        _barrier()
-        torch.save(_rng_state(), staging / f"rng_rank{rank}.pt")
-        _barrier()
-        if rank == 0:
-            save_file({k: v.contiguous() for k, v in trainable.items()}, str(staging / "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-            (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-            files = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
-            (staging / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=2))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
-            _prune(root, keep)
-    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+) -> None:
+    """Write a checkpoint into the empty local `folder` (rank 0), the checksummed manifest last."""
+    save_file({k: v.contiguous() for k, v in trainable.items()}, str(folder / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(rng_states, folder / "rng.pt")
+    (folder / "state.json").write_text(json.dumps(state, indent=2))
+    files = {p.name: _sha256(p) for p in sorted(folder.iterdir())}
+    (folder / MANIFEST).write_text(json.dumps({"step": state["step"], "files": files}, indent=2))
+
+
+def persist_checkpoint(folder: Path, root: str, name: str, keep: int | None) -> None:
+    """Store the checkpoint `folder` as `root/name` where Ray Train does not (local mode), then keep the
+    newest `keep`. A path gets it by one rename; object storage gets the manifest last, so a copy cut
+    short is never taken for a checkpoint."""
+    if not folder.joinpath(MANIFEST).exists():
+        return  # ranks other than 0 hold no files
+    target = storage.join(root, name)
+    if is_uri(root):
+        for file in sorted(folder.iterdir(), key=lambda p: p.name == MANIFEST):
+            storage.upload(file, storage.join(target, file.name))
+    else:
+        staging = Path(root) / f"{STAGING_PREFIX}{name}"
         shutil.rmtree(staging, ignore_errors=True)
-        raise write_error(staging, err) from err
-    _barrier()
-    return final
+        shutil.copytree(folder, staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    if keep is not None:
+        for old in checkpoint_names(root)[:-keep]:
+            storage.remove(storage.join(root, old))
+
+
+def checkpoint_names(root: str) -> list[str]:
+    """Checkpoint folder names under `root` (a path or a URI), oldest first, verified or not."""
+    return sorted(name for name in storage.list_dir(root) if _STEP_DIR.match(name))
+
+
+def newest_complete(root: str) -> str | None:
+    """The newest checkpoint under `root` that has its manifest (a path or a URI); checksums are verified
+    by the workers when they load it."""
+    for name in reversed(checkpoint_names(root)):
+        if storage.exists(storage.join(root, name, MANIFEST)):
+            return storage.join(root, name)
+    return None
 
 
 def remove_staging(folder: Path) -> None:
@@ -98,13 +128,6 @@ def remove_staging(folder: Path) -> None:
                 leftover.unlink(missing_ok=True)
 
 
-def _prune(root: Path, keep: int | None) -> None:
-    if keep is None:
-        return
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def list_checkpoints(root: Path) -> list[Path]:
     """Checkpoint folders under `root`, oldest first (verified or not)."""
     if not root.is_dir():
@@ -115,7 +138,7 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 def verify(path: Path) -> bool:
     """True when the manifest exists and every file it lists has the recorded checksum."""
-    manifest = path / "manifest.json"
+    manifest = path / MANIFEST
     try:
         files = json.loads(manifest.read_text())["files"]
         return all(_sha256(path / name) == digest for name, digest in files.items())
@@ -132,20 +155,23 @@ def latest_verified(root: Path) -> Path | None:
     return None
 
 
-def read_state(path: Path) -> dict[str, Any]:
-    """state.json of a checkpoint: step, data fingerprint, tokens seen, grad-scaler state."""
-    return json.loads((path / "state.json").read_text())
+def read_state(path: Path | str) -> dict[str, Any]:
+    """state.json of a checkpoint (a folder or a URI): step, data fingerprint, tokens seen, grad-scaler state."""
+    return json.loads(storage.read_bytes(storage.join(str(path), "state.json")))
 
 
 def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Return (trainable tensors, optimizer state, state.json) and restore this rank's RNG."""
+    """Verify the checkpoint in the local folder `path`; return (trainable tensors, optimizer state, state.json)
+    and restore this rank's RNG. A checkpoint that does not verify is an error, never silently skipped:
+    every rank must restore the same one."""
+    if not verify(path):
+        raise RunError(f"checkpoint {path.name}: its files do not match its manifest (damaged in storage?); "
+                       "remove it from the run's checkpoints/ to resume from the one before")
     trainable = load_file(str(path / "trainable.safetensors"))
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-    state = read_state(path)
-    rng_file = path / f"rng_rank{rank}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    return trainable, optimizer_state, state
+    rng_states = torch.load(path / "rng.pt", weights_only=True)
+    if rank < len(rng_states):  # resumed on more workers than saved: the new ranks keep their seeded RNG
+        torch.set_rng_state(rng_states[rank]["cpu"])
+        if "cuda" in rng_states[rank] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng_states[rank]["cuda"])
+    return trainable, optimizer_state, read_state(path)

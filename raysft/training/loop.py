@@ -6,10 +6,12 @@ forward -> token-weighted loss -> backward (accumulate) -> unscale/clip -> step 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +25,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raysft.config import Config
+from raysft import storage
+from raysft.config import Config, is_uri
+from raysft.data.labels import count_trained
 from raysft.data.packing import collate
+from raysft.data.pipeline import quiet_data_context
+from raysft.fileio import replace_dir_atomically, write_error, write_text_atomically
 from raysft.model import (
     TokenLoss,
     apply_lora,
@@ -32,14 +38,15 @@ from raysft.model import (
     load_tokenizer,
     trainable_state_dict,
 )
-from raysft.fileio import write_error, write_text_atomically
 from raysft.track import METRICS_FILE, Tracker, read_metrics
 from raysft.training.checkpoint import (
     STAGING_PREFIX,
-    latest_verified,
+    gather_rng_states,
     load_checkpoint,
+    persist_checkpoint,
     remove_staging,
-    save_checkpoint,
+    step_dir_name,
+    write_checkpoint,
 )
 from raysft.training.optim import build_optimizer, lr_at, set_lr
 
@@ -53,14 +60,20 @@ class LoopInputs:
     """What the driver hands every worker: the checked config and what it prepared for the run."""
 
     config: Config
-    output_dir: Path
-    checkpoint_root: Path
+    run_location: str
+    """Where the run lives (a local path or a URI): checkpoints/, metrics.jsonl, final/ (run_folder.py)."""
     data_fingerprint: str
     """Hash of the packed rows; a checkpoint made on other data is never resumed."""
     pad_token_id: int
     has_eval: bool
+    resume_from: str | None = None
+    """The checkpoint the driver chose for --resume when Ray Train has none to give (local mode)."""
     fault_at_step: str | None = None
     """Tests only: "STEP:MARKER_FILE" kills rank 0 once at STEP (see FAULT_ENV)."""
+
+    @property
+    def checkpoint_root(self) -> str:
+        return storage.join(self.run_location, "checkpoints")
 
 
 @dataclass(frozen=True)
@@ -83,7 +96,7 @@ class Rows:
 
     def trained_tokens(self, indices: np.ndarray) -> int:
         """Tokens that contribute to the loss (next-token targets inside one example)."""
-        return sum(int(((self.labels[i][1:] != -100) & (self.position_ids[i][1:] != 0)).sum()) for i in indices)
+        return sum(count_trained(self.labels[i], self.position_ids[i]) for i in indices)
 
     def real_tokens(self, indices: np.ndarray) -> int:
         return sum(len(self.input_ids[i]) for i in indices)
@@ -91,12 +104,12 @@ class Rows:
 
 def read_rows(name: str) -> Rows:
     """Pull a (not split) Ray Data shard into worker memory, ordered by row_id."""
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker per split is noise
     shard = ray.train.get_dataset_shard(name)
     columns: dict[str, list[Any]] = {"row_id": [], "input_ids": [], "labels": [], "position_ids": []}
-    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
-        for key in columns:
-            columns[key].extend(batch[key])
+    with quiet_data_context():  # one progress bar per worker per split is noise
+        for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+            for key in columns:
+                columns[key].extend(batch[key])
     order = np.argsort(np.asarray(columns["row_id"]), kind="stable")
 
     def pick(key: str) -> list[np.ndarray]:
@@ -181,69 +194,143 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
     write_text_atomically(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
-def _save_final(model: nn.Module, cfg: Config, output_dir: Path) -> None:
-    final, staging = output_dir / "final", output_dir / f"{STAGING_PREFIX}final"
+def _working_folder(location: str) -> Path:
+    """Where rank 0 writes metrics.jsonl and TensorBoard events: the run folder itself when it is a path,
+    else a scratch folder on this node, copied to object storage at each checkpoint and at the end."""
+    if not is_uri(location):
+        return Path(location)
+    return Path(tempfile.gettempdir()) / "raysft-runs" / hashlib.sha256(location.encode()).hexdigest()[:16]
+
+
+def _sync_run_files(working: Path, location: str) -> None:
+    """Copy rank 0's metrics and TensorBoard events to object storage (a path run writes there directly)."""
+    if not is_uri(location):
+        return
+    for name in (METRICS_FILE, "tensorboard"):
+        if (working / name).exists():
+            storage.upload(working / name, storage.join(location, name))
+
+
+def _save_final(model: nn.Module, cfg: Config, location: str) -> None:
+    """final/: the adapter (or model) and tokenizer, replaced whole; on object storage uploaded file by file."""
+    staging_parent = Path(location) if not is_uri(location) else Path(tempfile.mkdtemp(prefix="raysft-final-"))
+    staging = staging_parent / f"{STAGING_PREFIX}final"
     try:
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging, safe_serialization=True)
         load_tokenizer(cfg.model).save_pretrained(staging)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
+        if is_uri(location):
+            storage.remove(storage.join(location, "final"))
+            storage.upload(staging, storage.join(location, "final"))
+        else:
+            replace_dir_atomically(staging, Path(location) / "final")
     except (OSError, RuntimeError) as err:
-        shutil.rmtree(staging, ignore_errors=True)
         raise write_error(staging, err) from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_uri(location):
+            shutil.rmtree(staging_parent, ignore_errors=True)
+
+
+def _save_checkpoint(
+    inputs: LoopInputs, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+    metrics: dict[str, float], rank: int, local_mode: bool,
+) -> None:
+    """Every rank: write checkpoint `step` (rank 0's folder) and report it with `metrics`.
+
+    Ray Train uploads it to the run's storage and registers it once complete; in local mode Ray keeps no
+    checkpoints, so raysft persists it itself (same layout, manifest last).
+    """
+    rng_states = gather_rng_states()
+    name = step_dir_name(step)
+    with tempfile.TemporaryDirectory(prefix="raysft-checkpoint-") as tmp:
+        folder = Path(tmp)
+        try:
+            if rank == 0:
+                write_checkpoint(folder, trainable_state_dict(model), optimizer, rng_states, {"step": step, **state})
+            if local_mode:
+                persist_checkpoint(folder, inputs.checkpoint_root, name, inputs.config.train.checkpoints_to_keep)
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+            raise write_error(Path(storage.join(inputs.checkpoint_root, name)), err) from err
+        checkpoint = None if local_mode or rank != 0 else ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"step": step, **metrics}, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+def _restore_from(inputs: LoopInputs) -> ray.train.Checkpoint | None:
+    """The checkpoint to continue from: Ray Train's newest after a worker restart or for a --resume run
+    (the same on every rank), else the one the driver chose."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and inputs.resume_from is not None:
+        checkpoint = ray.train.Checkpoint(inputs.resume_from)
+    return checkpoint
+
+
+def _restore(
+    inputs: LoopInputs, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, rank: int
+) -> tuple[int, int, str | None]:
+    """Load the checkpoint to continue from into model, optimizer, scaler and RNG: (step, tokens seen, its name)."""
+    checkpoint = _restore_from(inputs)
+    if checkpoint is None:
+        return 0, 0, None
+    with checkpoint.as_directory() as local:
+        trainable, optimizer_state, state = load_checkpoint(Path(local), rank)
+    if state["data_fingerprint"] != inputs.data_fingerprint:
+        raise RuntimeError(f"checkpoint {checkpoint.path} was made with different data; start a new output_dir")
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in trainable.items():
+            named[name].copy_(tensor)
+    optimizer.load_state_dict(optimizer_state)
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return state["step"], state.get("num_tokens", 0), Path(checkpoint.path).name
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point. `loop_config["inputs"]` is the driver's LoopInputs."""
+    """Ray Train entry point: setup -> restore -> loop -> save. `loop_config["inputs"]` is the driver's LoopInputs."""
     inputs: LoopInputs = loop_config["inputs"]
-    cfg, output_dir, checkpoint_root = inputs.config, inputs.output_dir, inputs.checkpoint_root
+    cfg, location = inputs.config, inputs.run_location
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    local_mode = cfg.scaling.num_workers == 0
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed + rank)
 
+    # Setup: data, model, optimizer.
     train_rows = read_rows("train")
     eval_rows = read_rows("eval") if inputs.has_eval else None
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
     global_batch = world * micro * accum
     per_epoch = steps_per_epoch(len(train_rows), global_batch)
     num_steps = total_steps(cfg, len(train_rows), world)
-
     model = apply_lora(load_model(cfg.model, device), cfg.lora, cfg.train.seed)
     pad_id = inputs.pad_token_id
     loss_module = TokenLoss(model)
-    forward: nn.Module = loss_module
-    if world > 1:
-        forward = ray.train.torch.prepare_model(loss_module, move_to_device=False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg.train)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
 
-    start_step, seen_tokens = 0, 0
-    # The driver refuses to start over an existing run without --resume, so a checkpoint here means
-    # either --resume or a restart after a worker failure: both continue from the newest verified one.
-    resume_from = latest_verified(checkpoint_root)
-    if resume_from is not None:
-        trainable, optimizer_state, state = load_checkpoint(resume_from, rank)
-        if state["data_fingerprint"] != inputs.data_fingerprint:
-            raise RuntimeError(f"{resume_from} was made with different data; start a new output_dir")
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in trainable.items():
-                named[name].copy_(tensor)
-        optimizer.load_state_dict(optimizer_state)
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_step, seen_tokens = state["step"], state.get("num_tokens", 0)
+    # Restore, before DDP wraps the model: every rank loads the same checkpoint, so the weights DDP
+    # broadcasts from rank 0 are the ones every rank already holds.
+    start_step, seen_tokens, resumed = _restore(inputs, model, optimizer, scaler, rank)
+    forward: nn.Module = loss_module
+    if world > 1:
+        forward = ray.train.torch.prepare_model(loss_module, move_to_device=False)
 
+    working = _working_folder(location)
     if rank == 0:
-        remove_staging(checkpoint_root)
-        remove_staging(output_dir)
-        _truncate_metrics(output_dir / METRICS_FILE, start_step)  # before the tracker opens it for appending
-    tracker = Tracker(cfg, output_dir, total_steps=num_steps) if rank == 0 else None
+        if is_uri(location):  # a fresh node: continue the run's metrics from storage
+            shutil.rmtree(working, ignore_errors=True)
+            working.mkdir(parents=True)
+            if storage.exists(storage.join(location, METRICS_FILE)):
+                storage.download(storage.join(location, METRICS_FILE), working / METRICS_FILE)
+        else:
+            remove_staging(Path(location) / "checkpoints")
+            remove_staging(working)
+        _truncate_metrics(working / METRICS_FILE, start_step)  # before the tracker opens it for appending
+    tracker = Tracker(cfg, working, total_steps=num_steps) if rank == 0 else None
     if tracker is not None:
-        tracker.log_text(f"resuming from {resume_from} at step {start_step}" if resume_from else
+        tracker.log_text(f"resuming from {resumed} at step {start_step}" if resumed else
                          f"{len(train_rows)} rows, {num_steps} steps, {world} worker(s), global batch {global_batch} rows")
 
     def report(metrics: dict[str, float], step: int) -> None:
@@ -254,10 +341,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if eval_rows is not None and cfg.train.eval_every and start_step == 0:
         report(evaluate(loss_module, eval_rows, cfg, rank, world, pad_id, device), 0)
 
+    # Loop.
     loss_module.train()
     order, order_epoch = np.empty(0, dtype=np.int64), -1
     interval_start, interval_tokens = time.perf_counter(), 0  # after the first eval, so it is not counted
-    step = start_step
     for step in range(start_step, num_steps):
         _maybe_inject_fault(inputs.fault_at_step, step, rank)
         epoch, index = divmod(step, per_epoch)
@@ -310,18 +397,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == num_steps
         ):
             metrics.update(evaluate(loss_module, eval_rows, cfg, rank, world, pad_id, device))
-        if metrics:
-            report(metrics, done)
-        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < num_steps:
-            trainable = trainable_state_dict(model)
-            if all(torch.isfinite(t).all() for t in trainable.values()):
-                state = {"data_fingerprint": inputs.data_fingerprint, "num_tokens": seen_tokens,
-                         "scaler": scaler.state_dict()}
-                save_checkpoint(checkpoint_root, done, trainable, optimizer, state, rank, cfg.train.checkpoints_to_keep)
-            elif tracker is not None:
+        if tracker is not None and metrics:
+            tracker.log(metrics, done)
+        checkpoint_due = bool(cfg.train.checkpoint_every) and done % cfg.train.checkpoint_every == 0 and done < num_steps
+        weights_finite = checkpoint_due and all(torch.isfinite(p).all() for p in params)
+        if weights_finite:
+            if tracker is not None:
+                _sync_run_files(working, location)  # the checkpoint and the metrics up to it land together
+            state = {"data_fingerprint": inputs.data_fingerprint, "num_tokens": seen_tokens, "scaler": scaler.state_dict()}
+            _save_checkpoint(inputs, done, model, optimizer, state, metrics, rank, local_mode)
+        else:
+            if checkpoint_due and tracker is not None:
                 tracker.log_text(f"step {done}: weights are not finite; checkpoint not written")
+            if metrics:
+                ray.train.report({"step": done, **metrics})
 
+    # Save.
     if rank == 0:
-        _save_final(model, cfg, output_dir)
+        _save_final(model, cfg, location)
     if tracker is not None:
         tracker.close()
+        _sync_run_files(working, location)

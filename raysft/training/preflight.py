@@ -19,6 +19,7 @@ from torch import nn
 from raysft.config import Config, ModelConfig, default_cache_root, is_uri
 from raysft.errors import ConfigError
 from raysft.model import check_model_source, model_location
+from raysft.storage import storage_problem
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,12 @@ def _folder_problems(cfg: Config) -> list[str]:
     problems = []
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_root() / "tokenized"
     folders = [(Path(cfg.train.output_dir), "train.output_dir"), (cache, "data.cache_dir")]
-    storage = cfg.scaling.storage_path
-    if storage is not None and is_uri(storage):
-        problems.append(
-            f"scaling.storage_path: {storage}: object storage URIs are not supported yet (checkpoints are written "
-            "by the workers to a file system path); use a local path, or a shared file system (NFS) mounted on "
-            "every node"
-        )
-    elif storage is not None:
-        folders.append((Path(storage), "scaling.storage_path"))
+    location = cfg.scaling.storage_path
+    if location is not None and is_uri(location):
+        if (problem := storage_problem(location, "scaling.storage_path")) is not None:
+            problems.append(problem)
+    elif location is not None:
+        folders.append((Path(location), "scaling.storage_path"))
     for folder, key in folders:
         if (problem := writable_folder_problem(folder, key)) is not None:
             problems.append(problem)

@@ -1,5 +1,9 @@
-"""The run folder (`train.output_dir`) as the driver sees it: what may be started or resumed there, and
-what a resume may change.
+"""The run folder as the driver sees it: where it lives, what may be started or resumed there, and what
+a resume may change.
+
+A run lives at its *run location*: `scaling.storage_path` (a local or NFS folder, or `s3://`/`gs://`) when
+set, else `train.output_dir`. Checkpoints, config.yaml, metrics.jsonl and final/ are all there; with a
+storage path, `train.output_dir` on the driver's machine receives a copy of the results when the run ends.
 
 A fresh run never starts over anything: it refuses a folder holding any file it would write. A resume
 is checked here, in the driver, before anything is written or Ray Train starts: settings that change
@@ -17,9 +21,9 @@ from typing import Any
 
 import yaml
 
+from raysft import storage
 from raysft.config import Config, to_yaml
 from raysft.errors import ConfigError
-from raysft.fileio import write_text_atomically
 from raysft.track import METRICS_FILE
 
 CONFIG_FILE = "config.yaml"
@@ -57,8 +61,13 @@ def output_path(cfg: Config) -> Path:
     return Path(cfg.train.output_dir).expanduser().resolve()
 
 
-def checkpoint_root(cfg: Config) -> Path:
-    return Path(cfg.scaling.storage_path or cfg.train.output_dir).expanduser().resolve() / CHECKPOINTS_DIR
+def run_location(cfg: Config) -> str:
+    """Where the run's files live (a local path or a URI); see the module docstring."""
+    return cfg.scaling.storage_path or str(output_path(cfg))
+
+
+def checkpoint_root(cfg: Config) -> str:
+    return storage.join(run_location(cfg), CHECKPOINTS_DIR)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -80,15 +89,14 @@ def _public(cfg: Config) -> dict[str, Any]:
     return yaml.safe_load(to_yaml(cfg))
 
 
-def _started_config(run_dir: Path) -> dict[str, Any] | None:
-    """The config the run in `run_dir` last ran with: config.yaml plus every recorded resume change."""
-    path = run_dir / CONFIG_FILE
-    if not path.exists():
+def _started_config(location: str) -> dict[str, Any] | None:
+    """The config the run at `location` last ran with: config.yaml plus every recorded resume change."""
+    if not storage.exists(storage.join(location, CONFIG_FILE)):
         return None
-    flat = flatten(yaml.safe_load(path.read_text()))
-    history = run_dir / HISTORY_FILE
-    if history.exists():
-        for line in history.read_text().splitlines():
+    flat = flatten(yaml.safe_load(storage.read_bytes(storage.join(location, CONFIG_FILE))))
+    history = storage.join(location, HISTORY_FILE)
+    if storage.exists(history):
+        for line in storage.read_bytes(history).decode().splitlines():
             try:
                 changes = json.loads(line)["changes"]
             except (json.JSONDecodeError, KeyError, TypeError):
@@ -101,9 +109,9 @@ def _allowed(key: str) -> bool:
     return any(key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUMABLE_CHANGES)
 
 
-def resume_changes(cfg: Config, run_dir: Path) -> dict[str, dict[str, Any]]:
-    """The settings `cfg` changes against the run in `run_dir`; ConfigError naming each one a resume may not change."""
-    before = _started_config(run_dir)
+def resume_changes(cfg: Config, location: str) -> dict[str, dict[str, Any]]:
+    """The settings `cfg` changes against the run at `location`; ConfigError naming each one a resume may not change."""
+    before = _started_config(location)
     if before is None:
         return {}
     after = flatten(_public(cfg))
@@ -115,7 +123,7 @@ def resume_changes(cfg: Config, run_dir: Path) -> dict[str, dict[str, Any]]:
     refused = [key for key in changed if not _allowed(key)]
     if refused:
         raise ConfigError(
-            [f"{key}: the run in {run_dir} was started with {changed[key]['from']!r}, not {changed[key]['to']!r}; "
+            [f"{key}: the run in {location} was started with {changed[key]['from']!r}, not {changed[key]['to']!r}; "
              "a resume continues the same training, so this cannot change (set it back, or start a new "
              "train.output_dir)" for key in refused]
         )
@@ -123,7 +131,7 @@ def resume_changes(cfg: Config, run_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def check_run_folder(cfg: Config) -> dict[str, dict[str, Any]]:
-    """Check that `cfg` may start (or resume) in its output folder; return the changes a resume records.
+    """Check that `cfg` may start (or resume) at its run location; return the changes a resume records.
 
     Nothing is written here, so a refused run leaves the folder exactly as it was.
     """
@@ -131,25 +139,31 @@ def check_run_folder(cfg: Config) -> dict[str, dict[str, Any]]:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError([f"train.output_dir: {run_dir} is a file, not a folder; choose a folder"])
     if cfg.train.resume:
-        return resume_changes(cfg, run_dir)
-    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if existing:
-        trained = [name for name in existing if name in _TRAINED_MARKS]
-        what = f"a run ({trained[0]})" if trained else f"files raysft would overwrite ({', '.join(existing)})"
-        raise ConfigError(
-            [f"train.output_dir: {run_dir} already holds {what}; resume it with --resume (train.resume=true) "
-             "or choose a new output_dir"]
-        )
+        return resume_changes(cfg, run_location(cfg))
+    places = [("train.output_dir", str(run_dir))]
+    if cfg.scaling.storage_path:
+        places.append(("scaling.storage_path", cfg.scaling.storage_path))
+    for key, location in places:
+        existing = [name for name in RUN_FILES if storage.exists(storage.join(location, name))]
+        if existing:
+            trained = [name for name in existing if name in _TRAINED_MARKS]
+            what = f"a run ({trained[0]})" if trained else f"files raysft would overwrite ({', '.join(existing)})"
+            raise ConfigError(
+                [f"{key}: {location} already holds {what}; resume it with --resume (train.resume=true) "
+                 "or choose a new one"]
+            )
     return {}
 
 
 def write_run_config(cfg: Config, changes: dict[str, dict[str, Any]]) -> None:
     """config.yaml for a new run; for a resume, one config_history.jsonl line with what it changed."""
-    run_dir = output_path(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / CONFIG_FILE).exists():
-        write_text_atomically(run_dir / CONFIG_FILE, to_yaml(cfg))
+    location = run_location(cfg)
+    output_path(cfg).mkdir(parents=True, exist_ok=True)
+    if not storage.exists(storage.join(location, CONFIG_FILE)):
+        storage.write_bytes(storage.join(location, CONFIG_FILE), to_yaml(cfg).encode())
     elif changes:
+        # Rewritten whole, not appended: object storage cannot append, and a reader never sees half a file.
+        history = storage.join(location, HISTORY_FILE)
+        earlier = storage.read_bytes(history) if storage.exists(history) else b""
         entry = {"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes}
-        with (run_dir / HISTORY_FILE).open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        storage.write_bytes(history, earlier + (json.dumps(entry) + "\n").encode())

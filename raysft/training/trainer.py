@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,9 @@ from typing import Any
 
 import ray
 import ray.train
-from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+import torch
+from ray.train import DataConfig as RayDataConfig, FailureConfig, RunConfig, ScalingConfig as RayScalingConfig
+from ray.train import CheckpointConfig
 from ray.train.torch import TorchTrainer
 from transformers import PreTrainedTokenizerBase
 
@@ -25,20 +28,24 @@ from raysft.data.pipeline import (
     tokenize_splits,
 )
 from raysft.errors import USER_ERRORS, ConfigError, RunError
-from raysft.fileio import write_text_atomically
+from raysft import storage
 from raysft.model import load_tokenizer
 from raysft.track import METRICS_FILE, read_metrics
-from raysft.training.checkpoint import latest_verified, read_state
+from raysft.training.checkpoint import newest_complete, read_state
 from raysft.training.loop import FAULT_ENV, LoopInputs, train_loop_per_worker
 from raysft.training.preflight import preflight
 from raysft.training.run_folder import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
     DATA_STATS_FILE,
     FINAL_DIR,
     check_run_folder,
     checkpoint_root,
     output_path,
+    run_location,
     write_run_config,
 )
+
 
 @dataclass(frozen=True)
 class RunResult:
@@ -59,9 +66,9 @@ def ensure_ray(address: str | None) -> None:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
 
 
-def scaling_config(cfg: Config) -> ScalingConfig:
+def scaling_config(cfg: Config) -> RayScalingConfig:
     """The Ray Train ScalingConfig of `cfg` (a sweep also sizes its trial concurrency from it)."""
-    return ScalingConfig(
+    return RayScalingConfig(
         num_workers=cfg.scaling.num_workers,
         use_gpu=cfg.scaling.use_gpu,
         resources_per_worker=cfg.scaling.resources_per_worker,
@@ -99,8 +106,11 @@ def wait_for_worker_resources(cfg: Config, poll_s: float = 5.0) -> None:
     Ray Train would otherwise wait for its worker group, time out and retry without end. Without an
     autoscaler the answer is known at once; with one, nodes may come: wait `scaling.resource_wait_s`.
     """
-    if cfg.scaling.num_workers == 0:
-        return  # local mode: the loop runs in this process
+    if cfg.scaling.num_workers == 0:  # local mode: the loop runs in this process, on this machine's devices
+        if cfg.scaling.use_gpu and not torch.cuda.is_available():
+            raise RunError("scaling.use_gpu: true, but this machine has no CUDA GPU and scaling.num_workers: 0 runs "
+                           "the loop here; set num_workers >= 1 to run on the cluster's GPU nodes, or use_gpu: false")
+        return
     bundle = scaling_config(cfg)._resources_per_worker_not_none
     wanted = cfg.scaling.num_workers
     deadline, said = time.monotonic() + cfg.scaling.resource_wait_s, False
@@ -155,14 +165,28 @@ def check_batch_fits(cfg: Config, num_rows: int) -> None:
         ])
 
 
-def _check_same_data(cfg: Config, fingerprint: str) -> None:
-    """A resume must continue on the data its checkpoint was trained on (the files may have changed since)."""
-    newest = latest_verified(checkpoint_root(cfg)) if cfg.train.resume else None
+def _resume_point(cfg: Config, fingerprint: str) -> str | None:
+    """The newest complete checkpoint a --resume continues from; it must have been trained on this data
+    (the files may have changed since)."""
+    newest = newest_complete(checkpoint_root(cfg)) if cfg.train.resume else None
     if newest is not None and read_state(newest)["data_fingerprint"] != fingerprint:
         raise RunError(
             f"data: the training data differs from the data checkpoint {newest} was trained on (the files "
             "changed since); a resume must see the same rows. Restore the data, or start a new train.output_dir"
         )
+    return newest
+
+
+def _copy_results_home(cfg: Config) -> None:
+    """With a storage path, the driver's train.output_dir gets the run's results when it ends."""
+    location, home = run_location(cfg), output_path(cfg)
+    if location == str(home):
+        return
+    for name in (CONFIG_FILE, DATA_STATS_FILE, METRICS_FILE, FINAL_DIR):
+        if storage.exists(storage.join(location, name)):
+            if (home / name).is_dir():
+                shutil.rmtree(home / name)
+            storage.download(storage.join(location, name), home / name)
 
 
 def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
@@ -182,19 +206,19 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
     preflight(cfg)
     tokenizer, prepared = prepare_data(cfg)
     check_batch_fits(cfg, len(prepared.rows["train"]))
-    _check_same_data(cfg, prepared.fingerprint)
+    resume_from = _resume_point(cfg, prepared.fingerprint)
     wait_for_worker_resources(cfg)
 
-    output_dir = output_path(cfg)
+    location = run_location(cfg)
     write_run_config(cfg, resume_changes)
-    write_text_atomically(output_dir / DATA_STATS_FILE, stats_json(prepared.stats))
+    storage.write_bytes(storage.join(location, DATA_STATS_FILE), stats_json(prepared.stats).encode())
     inputs = LoopInputs(
         config=cfg,
-        output_dir=output_dir,
-        checkpoint_root=checkpoint_root(cfg),
+        run_location=location,
         data_fingerprint=prepared.fingerprint,
         pad_token_id=int(tokenizer.pad_token_id),
         has_eval="eval" in prepared.rows,
+        resume_from=resume_from,
         fault_at_step=os.environ.get(FAULT_ENV),
     )
     trainer = TorchTrainer(
@@ -202,18 +226,21 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
         train_loop_config={"inputs": inputs},
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
-            name="ray_train",
-            storage_path=str(Path(cfg.scaling.storage_path or output_dir)),
+            # Ray Train keeps the run's checkpoints (and its own snapshot of them) in <run>/checkpoints/.
+            name=CHECKPOINTS_DIR,
+            storage_path=location,
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
             callbacks=callbacks,
         ),
         datasets=prepared.ray_datasets(),
         # Every worker reads every row and takes its own deterministic slice of each global batch:
         # that is what makes N workers equal one worker and resume exact.
-        dataset_config=DataConfig(datasets_to_split=[]),
+        dataset_config=RayDataConfig(datasets_to_split=[]),
     )
     try:
         result = trainer.fit()
     except ray.train.WorkerGroupError as err:
         raise _worker_user_error(err) or err
-    return RunResult(output_dir, output_dir / FINAL_DIR, dict(result.metrics or {}))
+    _copy_results_home(cfg)
+    return RunResult(output_path(cfg), output_path(cfg) / FINAL_DIR, dict(result.metrics or {}))

@@ -25,10 +25,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from raysft import storage
 from raysft.config import (
     Config,
     ConfigError,
-    SweepConfig,
     apply_overrides,
     read_yaml,
     resolve_data_paths,
@@ -40,6 +40,7 @@ from raysft.config import (
 from raysft.fileio import write_text_atomically
 from raysft.training.preflight import preflight
 from raysft.training.trainer import prepare_data, scaling_config, train, wait_for_worker_resources
+from raysft.tune.config import SweepConfig
 from raysft.tune.report import SweepResult, write_report
 from raysft.tune.space import Domain, parse_space, to_param_space
 
@@ -129,7 +130,7 @@ def trial_config(cfg: SweepConfig, params: dict[str, Any], name: str) -> Config:
     # A trial restarted by --resume continues from its own newest checkpoint (a fresh one finds none).
     raw["train"]["resume"] = True
     if raw["scaling"].get("storage_path"):
-        raw["scaling"]["storage_path"] = str(Path(raw["scaling"]["storage_path"]) / cfg.name / name)
+        raw["scaling"]["storage_path"] = storage.join(raw["scaling"]["storage_path"], cfg.name, name)
     # The sweep prints one table for all trials; per-step lines of every trial would bury it.
     raw["tracking"]["console"] = False
     raw["tracking"]["wandb_group"] = raw["tracking"].get("wandb_group") or cfg.name

@@ -1,0 +1,92 @@
+"""Faults a real run meets (slow tier): the driver SIGKILLed mid-run and resumed, and a disk that fills up.
+
+(Also covered elsewhere: a worker killed mid-run, tests/test_train.py; a torn checkpoint, the same file;
+a torn metrics line and a half-written checkpoint folder, tests/test_bad_inputs.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raysft.track import read_metrics
+from tests.runs import assert_refused, cli, losses, tiny_config
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["scaling.num_workers=1", "train.max_steps=12", "train.checkpoint_every=2", "train.checkpoints_to_keep=2"]
+
+
+def write_config(tmp_path: Path, model_dir: Path, out: Path, overrides: list[str]) -> Path:
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(model_dir, out, overrides).model_dump(mode="json")))
+    return path
+
+
+def raysft_command(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "raysft", *map(str, args)]
+
+
+def test_driver_killed_mid_run_resumes_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, killed with it
+    straight = tmp_path / "straight"
+    done = subprocess.run(raysft_command("train", write_config(tmp_path, tiny_model_dir, straight, COMMON)),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    cfg = write_config(tmp_path, tiny_model_dir, killed, COMMON)
+    process = subprocess.Popen(raysft_command("train", cfg), cwd=ROOT, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 400
+    try:
+        while not list((killed / "checkpoints").glob("step_000004/manifest.json")):
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (killed / "final").exists()
+
+    resumed = subprocess.run(raysft_command("train", cfg, "--resume"), cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = losses(read_metrics(straight / "metrics.jsonl")), losses(read_metrics(killed / "metrics.jsonl"))
+    assert sorted(got) == sorted(expected) == list(range(1, 13))  # no step lost or logged twice
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, abs=1e-5)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: a disk that fills up within the run."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_full_disk_is_named_and_leaves_no_staging(
+    capsys: pytest.CaptureFixture[str], ray_session: None, tiny_model_dir: Path, tmp_path: Path, small_disk: Path
+) -> None:
+    # Room for the run's config and first metrics, not for a checkpoint (adapter + optimizer state).
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (2 * 2**20 - 48 * 2**10))
+    out = small_disk / "run"
+    cfg = write_config(tmp_path, tiny_model_dir, out, ["train.checkpoint_every=1", "lora.r=64"])
+    code, _, err = cli(capsys, "train", cfg)
+    assert_refused(code, err, "ENOSPC", str(small_disk))
+    assert not [p for p in out.rglob("*") if p.name.startswith(".staging")]
+    assert filler.exists()  # the user's file is untouched
