@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raysft.config import Config, ModelConfig, load_config
+from raysft.config import Config, ModelConfig, is_uri, load_config
 from raysft.data.labels import IGNORE_INDEX
 from raysft.errors import USER_ERRORS, ConfigError, RunError
 
@@ -83,17 +83,33 @@ def cmd_data(args: argparse.Namespace) -> None:
         print(marked_example(example["input_ids"].tolist(), example["labels"].tolist(), tokenizer))
 
 
+def _from_storage(location: str, key: str, names: tuple[str, ...] = ()) -> str:
+    """A run or adapter on object storage (s3://, gs://) downloaded to a local folder; a path as it is."""
+    from raysft import storage
+
+    if not is_uri(location):
+        return location
+    try:
+        found = storage.exists(location)
+    except (ValueError, OSError) as err:
+        raise ConfigError([f"{key}: {location}: cannot read it ({' '.join(str(err).split())[:300]})"]) from None
+    if not found:
+        raise ConfigError([f"{key}: {location} does not exist (or the credentials in the environment cannot read it)"])
+    return str(storage.local_copy(location, names))
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from raysft.infer import chat_generate, check_adapter, load_for_inference
     from raysft.model import check_model_source
 
     model_cfg = ModelConfig(name_or_path=args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
+    adapter = _from_storage(args.adapter, "--adapter") if args.adapter is not None else None
     # The same checks load_for_inference makes, here so that the errors name the flags.
     problems = check_model_source(model_cfg, "--model")
-    problems += check_adapter(args.adapter, "--adapter") if args.adapter is not None else []
+    problems += check_adapter(adapter, "--adapter") if adapter is not None else []
     if problems:
         raise ConfigError(problems)
-    model, tokenizer = load_for_inference(model_cfg, args.adapter)
+    model, tokenizer = load_for_inference(model_cfg, adapter)
     for prompt, answer in zip(args.prompt, chat_generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature)):
         print(f"> {prompt}\n{answer}\n")
 
@@ -101,7 +117,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from raysft.infer import merge_adapter
 
-    print(f"[raysft] merged model written to {merge_adapter(args.run_dir, args.merge, overwrite=args.overwrite)}")
+    run_dir = _from_storage(args.run_dir, "run_dir", ("config.yaml", "final"))
+    print(f"[raysft] merged model written to {merge_adapter(run_dir, args.merge, overwrite=args.overwrite)}")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ so readers trust only what a manifest written last vouches for (see raysft/train
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -78,6 +79,12 @@ def download(location: str, local: Path) -> None:
     """Copy the folder or file at `location` to `local`."""
     fs, path = resolve(location)
     local.parent.mkdir(parents=True, exist_ok=True)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        # copy_files writes files only; the folders they go into must exist first.
+        local.mkdir(exist_ok=True)
+        for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+            if info.type == pafs.FileType.Directory:
+                (local / info.path[len(path.rstrip("/")) + 1 :]).mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
 
@@ -91,6 +98,23 @@ def remove(location: str) -> None:
             fs.delete_dir(path)
     elif kind == pafs.FileType.File:
         fs.delete_file(path)
+
+
+def local_copy(location: str, names: tuple[str, ...] = ()) -> Path:
+    """`location` as a local folder: the folder itself for a path; for a URI a fresh download into raysft's
+    cache (only the entries `names` inside it, when given), so `export`/`generate` read runs from storage."""
+    if not is_uri(location):
+        return Path(location)
+    from raysft.config import default_cache_root
+
+    local = default_cache_root() / "downloads" / hashlib.sha256(location.encode()).hexdigest()[:16]
+    shutil.rmtree(local, ignore_errors=True)
+    local.mkdir(parents=True)
+    for name in names or ("",):
+        source = join(location, name) if name else location
+        if exists(source):
+            download(source, local / name if name else local)
+    return local
 
 
 PROBE_NAME = ".raysft-write-probe"

@@ -58,7 +58,7 @@ def refused_before_ray(capsys: pytest.CaptureFixture[str], args: list[str | Path
         ("data.train=[]", "data.train"),
         ("train.precision=fp16", "train.precision"),
         ("model.name_or_path=./no/such/model", "model.name_or_path"),
-        ("scaling.storage_path=s3://bucket/run", "scaling.storage_path"),
+        ("scaling.storage_path=foo://bucket/run", "scaling.storage_path"),  # object storage: tests/test_storage.py
         ("train.learning_rate=1e-4", "did you mean 'train.lr'"),  # handled well before: kept as a case
     ],
 )
@@ -230,7 +230,7 @@ def test_documented_sweep_with_default_relative_output_dir(tiny_model_dir: Path,
     with the default relative output folder: every trial and best/ land in ./runs/sweeps/<name>."""
     sets = [
         "num_samples=2", "max_concurrent_trials=1", f"base.model.name_or_path={tiny_model_dir}",
-        "base.data.train.limit=64", "base.data.eval.limit=8", "space={lora.r: choice [2, 4], train.lr: loguniform [1e-3, 1e-2]}", "base.train.max_steps=2", "base.train.eval_every=1",
+        "base.data.train.limit=64", "base.data.eval.limit=8", 'space={"lora.r": "choice [2, 4]", "train.lr": "loguniform [1e-3, 1e-2]"}', "base.train.max_steps=2", "base.train.eval_every=1",
         "base.train.checkpoint_every=null", "base.train.micro_batch_size=2", "base.train.grad_accum_steps=1",
         "base.train.precision=fp32", "base.tracking.tensorboard=false",
         f"base.data.cache_dir={tmp_path / 'token-cache'}",

@@ -202,8 +202,8 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
         >>> result.final_dir  # a PEFT adapter folder  # doctest: +SKIP
     """
     cfg = with_absolute_paths(cfg)
+    preflight(cfg)  # first: it also tells whether the storage can be reached at all
     resume_changes = check_run_folder(cfg)
-    preflight(cfg)
     tokenizer, prepared = prepare_data(cfg)
     check_batch_fits(cfg, len(prepared.rows["train"]))
     resume_from = _resume_point(cfg, prepared.fingerprint)

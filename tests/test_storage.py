@@ -1,0 +1,175 @@
+"""Runs on object storage, against a real S3-compatible server (moto's, on a loopback port, started here).
+
+Every run here is a fresh `raysft` process with its own Ray: the S3 endpoint and keys reach Ray's
+workers through the environment, as credentials do on a cloud cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from raysft import storage
+from raysft.track import read_metrics
+from raysft.training.loop import FAULT_ENV
+from tests.runs import assert_refused, cli, losses, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "raysft-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_moto(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], env={**os.environ, **(extra_env or {})},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, endpoint
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.skip("moto_server did not start (pip install 'moto[server]')")
+            time.sleep(0.2)
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    # Dummy keys for the local server; AWS_EC2_METADATA_DISABLED keeps the SDK from probing a cloud.
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A running S3 server with one bucket; yields the environment that reaches it."""
+    import boto3
+
+    server, endpoint = _start_moto()
+    env = s3_env(endpoint)
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+    yield env
+    server.kill()
+    server.wait()
+
+
+@pytest.fixture
+def s3_here(s3: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    for key, value in s3.items():
+        monkeypatch.setenv(key, value)
+    return s3
+
+
+def raysft(*args: str | Path, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "raysft", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "RAY_ADDRESS": "local", **env})
+
+
+def write_config(tmp_path: Path, model_dir: Path, name: str, overrides: list[str]) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(model_dir, tmp_path / name, overrides).model_dump(mode="json")))
+    return path
+
+
+def test_storage_round_trip(s3_here: dict[str, str], tmp_path: Path) -> None:
+    root = f"s3://{BUCKET}/round-trip"
+    storage.write_bytes(storage.join(root, "a", "b.txt"), b"hello")
+    assert storage.exists(storage.join(root, "a", "b.txt")) and storage.is_dir(storage.join(root, "a"))
+    assert storage.read_bytes(storage.join(root, "a", "b.txt")) == b"hello"
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "x.bin").write_bytes(b"\0\1")
+    storage.upload(tmp_path / "folder", storage.join(root, "folder"))
+    assert storage.list_dir(root) == ["a", "folder"]
+    storage.download(storage.join(root, "folder"), tmp_path / "back")
+    assert (tmp_path / "back" / "x.bin").read_bytes() == b"\0\1"
+    storage.remove(storage.join(root, "folder"))
+    assert not storage.exists(storage.join(root, "folder"))
+
+
+def test_bad_storage_fails_before_ray_naming_the_key(
+    s3_here: dict[str, str], capsys: pytest.CaptureFixture[str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path, tiny_model_dir, "run", [])
+    for location, reason in [("s3://no-such-bucket-here/run", "cannot write there"),
+                             ("foo://bucket/run", "not a storage location")]:
+        code, _, err = cli(capsys, "train", cfg, "--set", f"scaling.storage_path={location}")
+        assert_refused(code, err, "scaling.storage_path", location, reason)
+    assert not list(tmp_path.glob("**/s3:*")) and not (ROOT / "s3:").exists()  # never a local folder named after a URI
+
+
+def test_credentials_the_server_refuses(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    server, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # this server checks keys
+    try:
+        for key, value in s3_env(endpoint).items():
+            monkeypatch.setenv(key, value)
+        code, _, err = cli(capsys, "train", write_config(tmp_path, tiny_model_dir, "run", []),
+                           "--set", f"scaling.storage_path=s3://{BUCKET}/run")
+        assert_refused(code, err, "scaling.storage_path", "credentials")
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_run_on_s3_survives_a_worker_kill_and_exports_from_the_bucket(
+    s3: dict[str, str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    common = ["scaling.num_workers=1", "train.max_steps=5", "train.checkpoint_every=2"]
+    straight = raysft("train", write_config(tmp_path, tiny_model_dir, "straight", common), env=s3)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    location = f"s3://{BUCKET}/runs/recovered"
+    marker = tmp_path / "killed"
+    cfg = write_config(tmp_path, tiny_model_dir, "home", [*common, "scaling.max_failures=1", "tracking.console=true",
+                                                           f"scaling.storage_path={location}"])
+    done = raysft("train", cfg, env={**s3, FAULT_ENV: f"3:{marker}"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert marker.exists()  # the worker died once and its restart resumed from the bucket's checkpoint
+    assert "resuming from step_000002 at step 2" in done.stdout + done.stderr
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3.items():
+            patch.setenv(key, value)
+        assert {"config.yaml", "data_stats.json", "metrics.jsonl", "final", "checkpoints"} <= set(storage.list_dir(location))
+        assert "step_000002" in storage.list_dir(storage.join(location, "checkpoints"))
+        in_bucket = json.loads(storage.read_bytes(storage.join(location, "checkpoints", "step_000002", "manifest.json")))
+        assert in_bucket["step"] == 2
+    expected = losses(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
+    got = losses(read_metrics(tmp_path / "home" / "metrics.jsonl"))  # copied home when the run ended
+    assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5]
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, abs=1e-5)
+    assert not list(ROOT.glob("s3:*")) and not list(tmp_path.glob("**/s3:*"))
+
+    merged = tmp_path / "merged"
+    exported = raysft("export", location, "--merge", merged, env=s3)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
+    adapter = load_file(str(tmp_path / "home" / "final" / "adapter_model.safetensors"))
+    assert adapter  # the local copy of final/ holds the adapter
+
+    generated = raysft("generate", "--model", tiny_model_dir, "--adapter", f"{location}/final",
+                       "--prompt", "What is 2+2?", "--max-new-tokens", "4", env=s3)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert "> What is 2+2?" in generated.stdout
