@@ -196,7 +196,14 @@ class TrainConfig(Section):
     checkpoint_every: int | None = Field(default=None, gt=0)
     """Save a resumable checkpoint every N steps."""
     checkpoints_to_keep: int | None = Field(default=2, gt=0)
-    """Keep only the newest N checkpoints (null keeps all)."""
+    """Checkpoints kept (null keeps all): the N best by `checkpoint_score` when the run evaluates
+    (`eval_every` and eval data), else the N newest; the newest is always kept, so resume loses nothing."""
+    checkpoint_score: Literal["eval_loss", "eval_ppl", "eval_token_accuracy"] = "eval_loss"
+    """Evaluation metric that ranks checkpoints (lower is better, higher for accuracy): the latest evaluation
+    at or before each checkpoint's step."""
+    final: Literal["last", "best"] = "last"
+    """What final/ holds: the weights of the last step, or those of the checkpoint (or last step) with the best
+    `checkpoint_score` (needs `eval_every` and eval data)."""
     on_nonfinite: Literal["skip", "abort"] = "abort"
     """A NaN/inf loss or gradient: skip that step's update, or stop the run."""
     resume: bool = False
@@ -254,7 +261,7 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
-    def _device_needs(self) -> "Config":
+    def _cross_field_needs(self) -> "Config":
         # Checked here, not on a worker: a GPU-only setting on CPU workers would fail after Ray started.
         problems = []
         if not self.scaling.use_gpu and self.train.precision == "fp16":
@@ -266,6 +273,11 @@ class Config(Section):
             problems.append(
                 "model.attn_implementation: flash_attention_2 needs CUDA GPUs (scaling.use_gpu: true) "
                 "and the flash-attn package; on CPU use packed_sdpa (the default) or sdpa"
+            )
+        if self.train.final == "best" and not (self.train.eval_every and (self.data.eval or self.data.eval_fraction)):
+            problems.append(
+                "train.final: best picks the weights with the best evaluation; set train.eval_every and eval data "
+                "(data.eval or data.eval_fraction), or use final: last"
             )
         if problems:
             raise ValueError(_CROSS_FIELD + "\n".join(problems))

@@ -175,3 +175,24 @@ def test_metrics_file_has_the_documented_fields(tiny_model_dir: Path, tmp_path: 
     assert eval_entries[-1]["eval_loss"] < eval_entries[0]["eval_loss"]
     saved = json.loads((result.output_dir / "data_stats.json").read_text())
     assert saved["rows_read"]["train"] == 48
+
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["local-mode", "ray-train-worker"])
+def test_keeps_the_best_checkpoints_and_exports_the_best(tiny_model_dir: Path, tmp_path: Path, workers: int) -> None:
+    # lr 0.2 overshoots after step 1: the best evaluation is not the last one.
+    result = run(tiny_model_dir, tmp_path / "run", [
+        f"scaling.num_workers={workers}", "train.max_steps=6", "train.eval_every=1", "train.checkpoint_every=1",
+        "train.checkpoints_to_keep=2", "train.lr=0.2", "train.warmup_steps=0", "train.final=best"])
+    evals = {e["step"]: e["eval_loss"] for e in result.history() if "eval_loss" in e and e["step"] > 0}
+    best_step = min(evals, key=evals.__getitem__)
+    assert best_step < 6, evals  # the test means something only when the last step is not the best
+    checkpointed = [1, 2, 3, 4, 5]  # none at the last step
+    best_two = sorted(checkpointed, key=evals.__getitem__)[:2]
+    kept = {int(p.name.split("_")[1]) for p in list_checkpoints(tmp_path / "run" / "checkpoints")}
+    assert kept == set(best_two) | {5}  # the 2 best by eval_loss, and the newest
+    final = load_file(str(result.final_dir / "adapter_model.safetensors"))
+    best = load_file(str(tmp_path / "run" / "checkpoints" / f"step_{best_step:06d}" / "trainable.safetensors"))
+    assert len(final) == len(best)
+    for name, tensor in best.items():
+        # PEFT saves an adapter without its adapter name ("default").
+        torch.testing.assert_close(final[name.replace(".default.weight", ".weight")], tensor, atol=0, rtol=0)

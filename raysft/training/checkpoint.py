@@ -83,7 +83,7 @@ def write_checkpoint(
     (folder / MANIFEST).write_text(json.dumps({"step": state["step"], "files": files}, indent=2))
 
 
-def persist_checkpoint(folder: Path, root: str, name: str, keep: int | None) -> None:
+def persist_checkpoint(folder: Path, root: str, name: str, keep: int | None, higher_is_better: bool = False) -> None:
     """Store the checkpoint `folder` as `root/name` where Ray Train does not (local mode), then keep the
     newest `keep`. A path gets it by one rename; object storage gets the manifest last, so a copy cut
     short is never taken for a checkpoint."""
@@ -100,8 +100,22 @@ def persist_checkpoint(folder: Path, root: str, name: str, keep: int | None) -> 
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     if keep is not None:
-        for old in checkpoint_names(root)[:-keep]:
+        for old in checkpoints_to_prune(root, keep, higher_is_better):
             storage.remove(storage.join(root, old))
+
+
+def checkpoints_to_prune(root: str, keep: int, higher_is_better: bool) -> list[str]:
+    """What Ray Train's CheckpointConfig prunes, for checkpoints raysft stores itself: all but the `keep`
+    best by their recorded score (the newest `keep` when unscored) and the newest."""
+    names = checkpoint_names(root)
+    newest = names[-1:] if names else []
+    scores = {name: read_state(storage.join(root, name)).get("score") for name in names}
+    if any(score is None for score in scores.values()):
+        ranked = list(reversed(names))
+    else:
+        ranked = sorted(names, key=lambda n: scores[n], reverse=higher_is_better)
+    kept = set(ranked[:keep]) | set(newest)
+    return [name for name in names if name not in kept]
 
 
 def checkpoint_names(root: str) -> list[str]:

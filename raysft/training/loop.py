@@ -23,6 +23,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from torch import nn
 
 from raysft import storage
@@ -249,11 +250,30 @@ def _save_checkpoint(
             if rank == 0:
                 write_checkpoint(folder, trainable_state_dict(model), optimizer, rng_states, {"step": step, **state})
             if local_mode:
-                persist_checkpoint(folder, inputs.checkpoint_root, name, inputs.config.train.checkpoints_to_keep)
+                persist_checkpoint(folder, inputs.checkpoint_root, name, inputs.config.train.checkpoints_to_keep,
+                                   higher_is_better=higher_is_better(inputs.config))
         except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
             raise write_error(Path(storage.join(inputs.checkpoint_root, name)), err) from err
         checkpoint = None if local_mode or rank != 0 else ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"step": step, **metrics}, checkpoint=checkpoint, checkpoint_dir_name=name)
+        # Ray Train ranks checkpoints by this key (CheckpointConfig); the metrics themselves stay as logged.
+        score = {} if state.get("score") is None else {CHECKPOINT_SCORE_KEY: state["score"]}
+        ray.train.report({"step": step, **metrics, **score}, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+CHECKPOINT_SCORE_KEY = "checkpoint_score"
+
+
+def is_scored(cfg: Config, has_eval: bool) -> bool:
+    """Whether checkpoints are ranked by an evaluation metric (else only by recency)."""
+    return has_eval and bool(cfg.train.eval_every)
+
+
+def higher_is_better(cfg: Config) -> bool:
+    return cfg.train.checkpoint_score == "eval_token_accuracy"
+
+
+def _better(score: float, than: float | None, higher: bool) -> bool:
+    return than is None or (score > than if higher else score < than)
 
 
 def _restore_from(inputs: LoopInputs) -> ray.train.Checkpoint | None:
@@ -267,11 +287,11 @@ def _restore_from(inputs: LoopInputs) -> ray.train.Checkpoint | None:
 
 def _restore(
     inputs: LoopInputs, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, rank: int
-) -> tuple[int, int, str | None]:
-    """Load the checkpoint to continue from into model, optimizer, scaler and RNG: (step, tokens seen, its name)."""
+) -> tuple[dict[str, Any], str | None]:
+    """Load the checkpoint to continue from into model, optimizer, scaler and RNG: (its state.json, its name)."""
     checkpoint = _restore_from(inputs)
     if checkpoint is None:
-        return 0, 0, None
+        return {"step": 0}, None
     with checkpoint.as_directory() as local:
         trainable, optimizer_state, state = load_checkpoint(Path(local), rank)
     if state["data_fingerprint"] != inputs.data_fingerprint:
@@ -283,7 +303,17 @@ def _restore(
     optimizer.load_state_dict(optimizer_state)
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    return state["step"], state.get("num_tokens", 0), Path(checkpoint.path).name
+    return state, Path(checkpoint.path).name
+
+
+def _load_trainable(model: nn.Module, location: str) -> None:
+    """Copy the trained weights of the checkpoint at `location` into `model` (final: best)."""
+    with ray.train.Checkpoint(location).as_directory() as local:
+        trainable = load_file(str(Path(local) / "trainable.safetensors"))
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in trainable.items():
+            named[name].copy_(tensor)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -312,7 +342,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # Restore, before DDP wraps the model: every rank loads the same checkpoint, so the weights DDP
     # broadcasts from rank 0 are the ones every rank already holds.
-    start_step, seen_tokens, resumed = _restore(inputs, model, optimizer, scaler, rank)
+    restored, resumed = _restore(inputs, model, optimizer, scaler, rank)
+    start_step, seen_tokens = restored["step"], restored.get("num_tokens", 0)
+    scored, higher = is_scored(cfg, inputs.has_eval), higher_is_better(cfg)
+    last_eval: dict[str, float] = restored.get("last_eval", {})
+    best: dict[str, Any] | None = restored.get("best")  # {"score", "step"} of the best checkpoint so far
     forward: nn.Module = loss_module
     if world > 1:
         forward = ray.train.torch.prepare_model(loss_module, move_to_device=False)
@@ -339,7 +373,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report({"step": step, **metrics})
 
     if eval_rows is not None and cfg.train.eval_every and start_step == 0:
-        report(evaluate(loss_module, eval_rows, cfg, rank, world, pad_id, device), 0)
+        last_eval = evaluate(loss_module, eval_rows, cfg, rank, world, pad_id, device)
+        report(last_eval, 0)
 
     # Loop.
     loss_module.train()
@@ -396,7 +431,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if eval_rows is not None and (
             (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == num_steps
         ):
-            metrics.update(evaluate(loss_module, eval_rows, cfg, rank, world, pad_id, device))
+            last_eval = evaluate(loss_module, eval_rows, cfg, rank, world, pad_id, device)
+            metrics.update(last_eval)
         if tracker is not None and metrics:
             tracker.log(metrics, done)
         checkpoint_due = bool(cfg.train.checkpoint_every) and done % cfg.train.checkpoint_every == 0 and done < num_steps
@@ -404,7 +440,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if weights_finite:
             if tracker is not None:
                 _sync_run_files(working, location)  # the checkpoint and the metrics up to it land together
-            state = {"data_fingerprint": inputs.data_fingerprint, "num_tokens": seen_tokens, "scaler": scaler.state_dict()}
+            score = last_eval.get(cfg.train.checkpoint_score) if scored else None
+            if score is not None and _better(score, best and best["score"], higher):
+                best = {"score": score, "step": done}
+            state = {"data_fingerprint": inputs.data_fingerprint, "num_tokens": seen_tokens, "scaler": scaler.state_dict(),
+                     "score": score, "last_eval": last_eval, "best": best}
             _save_checkpoint(inputs, done, model, optimizer, state, metrics, rank, local_mode)
         else:
             if checkpoint_due and tracker is not None:
@@ -412,7 +452,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if metrics:
                 ray.train.report({"step": done, **metrics})
 
-    # Save.
+    # Save: the last step's weights, or the best checkpoint's when it beat them.
+    final_score = last_eval.get(cfg.train.checkpoint_score)
+    if rank == 0 and cfg.train.final == "best" and best and final_score is not None and _better(best["score"], final_score, higher):
+        _load_trainable(model, storage.join(inputs.checkpoint_root, step_dir_name(best["step"])))
+        if tracker is not None:
+            tracker.log_text(f"final/ holds step {best['step']}'s weights ({cfg.train.checkpoint_score} {best['score']:.4f}, "
+                             f"last step {final_score:.4f})")
     if rank == 0:
         _save_final(model, cfg, location)
     if tracker is not None:

@@ -45,6 +45,8 @@ RESUMABLE_CHANGES = (
     "train.log_every",
     "train.checkpoint_every",
     "train.checkpoints_to_keep",
+    "train.checkpoint_score",
+    "train.final",
     "train.on_nonfinite",
     "train.output_dir",  # the run folder was moved: where it is, not what it computes
     "scaling.max_failures",

@@ -32,7 +32,14 @@ from raysft import storage
 from raysft.model import load_tokenizer
 from raysft.track import METRICS_FILE, read_metrics
 from raysft.training.checkpoint import newest_complete, read_state
-from raysft.training.loop import FAULT_ENV, LoopInputs, train_loop_per_worker
+from raysft.training.loop import (
+    CHECKPOINT_SCORE_KEY,
+    FAULT_ENV,
+    LoopInputs,
+    higher_is_better,
+    is_scored,
+    train_loop_per_worker,
+)
 from raysft.training.preflight import preflight
 from raysft.training.run_folder import (
     CHECKPOINTS_DIR,
@@ -153,6 +160,17 @@ def _worker_user_error(err: ray.train.WorkerGroupError) -> Exception | None:
     return None
 
 
+def checkpoint_config(cfg: Config, has_eval: bool) -> CheckpointConfig:
+    """Ray Train keeps the `checkpoints_to_keep` best by the evaluation score (plus the newest), or the newest."""
+    if not is_scored(cfg, has_eval):
+        return CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)
+    return CheckpointConfig(
+        num_to_keep=cfg.train.checkpoints_to_keep,
+        checkpoint_score_attribute=CHECKPOINT_SCORE_KEY,
+        checkpoint_score_order="max" if higher_is_better(cfg) else "min",
+    )
+
+
 def check_batch_fits(cfg: Config, num_rows: int) -> None:
     """One optimizer step needs a global batch of rows; say which keys to lower when the data is smaller."""
     global_batch = max(1, cfg.scaling.num_workers) * cfg.train.micro_batch_size * cfg.train.grad_accum_steps
@@ -230,7 +248,7 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
             name=CHECKPOINTS_DIR,
             storage_path=location,
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+            checkpoint_config=checkpoint_config(cfg, inputs.has_eval),
             callbacks=callbacks,
         ),
         datasets=prepared.ray_datasets(),
