@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from tests.s3server import BUCKET, s3_env, start_moto
 from tests.tiny import make_model, make_tokenizer
 
 
@@ -67,3 +68,17 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[dict[str, str]]:
+    """A running S3 server with one bucket; yields the environment that reaches it."""
+    import boto3
+
+    server, endpoint = start_moto()
+    env = s3_env(endpoint)
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+    yield env
+    server.kill()
+    server.wait()

@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from tests.runs import tiny_config
+from tests.s3server import BUCKET, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -42,12 +43,6 @@ FAKE_CLUSTER_GCS_PORT = 6379
 IDLE_TIMEOUT_S = 30  # idle_timeout_minutes: 0.5 in cluster/local-autoscaling.yaml
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def port_in_use(port: int) -> bool:
@@ -324,3 +319,45 @@ def test_job_submit_to_a_token_protected_head(tiny_model_dir: Path, tmp_path: Pa
     assert not leaked, leaked
     # ... nor in the job's logs (everything raysft and its workers printed).
     assert secret not in logs and secret not in output
+
+
+def test_two_nodes_without_a_shared_folder_keep_everything_in_the_bucket(
+    tiny_model_dir: Path, tmp_path: Path, s3: dict[str, str]
+) -> None:
+    """A head and a second node (each its own --temp-dir, 1 CPU each), no folder they share: a 2-worker run
+    whose checkpoints, metrics and final adapter land in the bucket, and come home to the driver's folder."""
+    location = f"s3://{BUCKET}/two-nodes"
+    cfg = tiny_config(tiny_model_dir, tmp_path / "home", [
+        "scaling.num_workers=2", "train.max_steps=4", "train.checkpoint_every=2", f"scaling.storage_path={location}",
+    ])
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    with ray_head([f"--port={free_port()}", "--num-cpus=1"], s3) as cluster:
+        node_dir = Path(tempfile.mkdtemp(prefix="rsft-node-", dir="/tmp"))
+        try:
+            joined = subprocess.run(
+                [RAY, "start", f"--address={cluster.gcs_address}", f"--temp-dir={node_dir}", "--num-cpus=1",
+                 "--disable-usage-stats"],
+                check=False, cwd=REPO, env={**cluster.env, MARKER: str(cluster.temp_dir), **s3},
+                capture_output=True, text=True, timeout=180,
+            )
+            assert joined.returncode == 0, joined.stdout[-3000:] + joined.stderr[-3000:]
+            run = subprocess.run(
+                [sys.executable, "-m", "raysft", "train", str(cfg_file)], check=False, cwd=REPO,
+                env={**cluster.env, **s3, "RAY_ADDRESS": cluster.gcs_address}, capture_output=True, text=True, timeout=600,
+            )
+            assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+        finally:
+            kill_cluster(node_dir)
+            subprocess.run(["rm", "-rf", str(node_dir)], check=False)
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3.items():
+            patch.setenv(key, value)
+        from raysft import storage
+
+        assert {"config.yaml", "metrics.jsonl", "final", "checkpoints"} <= set(storage.list_dir(location))
+        assert "step_000002" in storage.list_dir(storage.join(location, "checkpoints"))
+    assert (tmp_path / "home" / "final" / "adapter_model.safetensors").is_file()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "home" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4

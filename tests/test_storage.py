@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,52 +23,9 @@ from raysft import storage
 from raysft.track import read_metrics
 from raysft.training.loop import FAULT_ENV
 from tests.runs import assert_refused, cli, losses, tiny_config
+from tests.s3server import BUCKET, s3_env, start_moto
 
 ROOT = Path(__file__).resolve().parents[1]
-BUCKET = "raysft-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_moto(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], env={**os.environ, **(extra_env or {})},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return server, endpoint
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.skip("moto_server did not start (pip install 'moto[server]')")
-            time.sleep(0.2)
-
-
-def s3_env(endpoint: str) -> dict[str, str]:
-    # Dummy keys for the local server; AWS_EC2_METADATA_DISABLED keeps the SDK from probing a cloud.
-    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A running S3 server with one bucket; yields the environment that reaches it."""
-    import boto3
-
-    server, endpoint = _start_moto()
-    env = s3_env(endpoint)
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
-    yield env
-    server.kill()
-    server.wait()
 
 
 @pytest.fixture
@@ -119,7 +74,7 @@ def test_bad_storage_fails_before_ray_naming_the_key(
 
 def test_credentials_the_server_refuses(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    server, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # this server checks keys
+    server, endpoint = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # this server checks keys
     try:
         for key, value in s3_env(endpoint).items():
             monkeypatch.setenv(key, value)
@@ -173,3 +128,40 @@ def test_run_on_s3_survives_a_worker_kill_and_exports_from_the_bucket(
                        "--prompt", "What is 2+2?", "--max-new-tokens", "4", env=s3)
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert "> What is 2+2?" in generated.stdout
+
+
+@pytest.mark.slow
+def test_run_on_s3_killed_with_its_driver_resumes_from_the_bucket(s3: dict[str, str], tiny_model_dir: Path, tmp_path: Path) -> None:
+    import signal
+
+    common = ["scaling.num_workers=1", "train.max_steps=10", "train.checkpoint_every=2"]
+    straight = raysft("train", write_config(tmp_path, tiny_model_dir, "straight", common), env=s3)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    location = f"s3://{BUCKET}/runs/killed"
+    cfg = write_config(tmp_path, tiny_model_dir, "home", [*common, f"scaling.storage_path={location}"])
+    process = subprocess.Popen([sys.executable, "-m", "raysft", "train", str(cfg)], cwd=ROOT, start_new_session=True,
+                               env={**os.environ, "RAY_ADDRESS": "local", **s3},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 400
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3.items():
+            patch.setenv(key, value)
+        try:
+            while not storage.exists(f"{location}/checkpoints/step_000004/manifest.json"):
+                assert process.poll() is None, "the run ended before it could be killed"
+                assert time.monotonic() < deadline, "no checkpoint in time"
+                time.sleep(0.3)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        assert not storage.exists(f"{location}/final")
+
+    # A fresh process (a new driver: nothing of the first one's local state is needed) resumes from the bucket.
+    resumed = raysft("train", cfg, "--resume", env=s3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = losses(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
+    got = losses(read_metrics(tmp_path / "home" / "metrics.jsonl"))
+    assert sorted(got) == sorted(expected) == list(range(1, 11))
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, abs=1e-5)
