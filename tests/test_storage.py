@@ -165,3 +165,54 @@ def test_run_on_s3_killed_with_its_driver_resumes_from_the_bucket(s3: dict[str, 
     assert sorted(got) == sorted(expected) == list(range(1, 11))
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, abs=1e-5)
+
+
+@pytest.mark.slow  # two fresh Ray clusters and 2 x 30 steps: about 5 minutes on 2 cores
+def test_sweep_on_s3_killed_and_resumed_by_a_fresh_driver(s3: dict[str, str], tiny_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+    import signal
+
+    storage_root = f"s3://{BUCKET}/sweeps"
+    base = tiny_config(tiny_model_dir, tmp_path / "unused", [
+        "scaling.num_workers=1", "train.max_steps=30", "train.eval_every=10", "train.checkpoint_every=5",
+        f"scaling.storage_path={storage_root}", f"data.cache_dir={tmp_path / 'token-cache'}",
+    ]).model_dump(mode="json")
+    sweep_dir = tmp_path / "sweep"
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "s3-resume", "base": base, "output_dir": str(sweep_dir), "space": {"train.lr": "grid [3e-2, 1e-2]"},
+        "max_concurrent_trials": 1, "scheduler": "fifo",
+    }))
+    home = f"{storage_root}/s3-resume"
+    first, second = f"{home}/trials/trial_00000", f"{home}/trials/trial_00001"
+    command = [sys.executable, "-m", "raysft", "sweep", str(sweep_file)]
+    env = {**os.environ, "RAY_ADDRESS": "local", **s3}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 450
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3.items():
+            patch.setenv(key, value)
+        try:
+            while not (storage.exists(f"{first}/final") and storage.exists(f"{second}/checkpoints/step_000005/manifest.json")):
+                assert process.poll() is None, f"the sweep exited early with {process.returncode}"
+                assert time.monotonic() < deadline, "timed out waiting for the sweep"
+                time.sleep(0.5)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        assert not storage.exists(f"{second}/final"), "trial 1 finished before the kill; the test needs more steps"
+        first_metrics = storage.read_bytes(f"{first}/metrics.jsonl")
+
+    shutil.rmtree(sweep_dir)  # a fresh driver machine: nothing local is left, the bucket has it all
+    resumed = subprocess.run([*command, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    rows = (sweep_dir / "results.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[:2] for row in rows] == [["trial_00000", "completed"], ["trial_00001", "completed"]], rows
+    assert (sweep_dir / "best" / "adapter_model.safetensors").exists()
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3.items():
+            patch.setenv(key, value)
+        assert storage.read_bytes(f"{first}/metrics.jsonl") == first_metrics  # the finished trial was not rerun
+        steps = [json.loads(line)["step"] for line in storage.read_bytes(f"{second}/metrics.jsonl").decode().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # continued from its checkpoint, every step once

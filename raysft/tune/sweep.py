@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,9 @@ from raysft.config import (
     with_absolute_paths,
 )
 from raysft.fileio import write_text_atomically
+from raysft.track import METRICS_FILE
 from raysft.training.preflight import preflight
+from raysft.training.run_folder import FINAL_DIR, run_location
 from raysft.training.trainer import prepare_data, scaling_config, train, wait_for_worker_resources
 from raysft.tune.config import SweepConfig
 from raysft.tune.report import SweepResult, write_report
@@ -129,13 +132,38 @@ def trial_config(cfg: SweepConfig, params: dict[str, Any], name: str) -> Config:
     raw["train"]["output_dir"] = str(Path(str(cfg.output_dir)) / "trials" / name)  # absolute: see sweep()
     # A trial restarted by --resume continues from its own newest checkpoint (a fresh one finds none).
     raw["train"]["resume"] = True
-    if raw["scaling"].get("storage_path"):
-        raw["scaling"]["storage_path"] = storage.join(raw["scaling"]["storage_path"], cfg.name, name)
+    root = sweep_storage(cfg)
+    if root is not None:  # the trial's run lives in the sweep's storage; trials/<name> gets its results
+        raw["scaling"]["storage_path"] = storage.join(root, "trials", name)
     # The sweep prints one table for all trials; per-step lines of every trial would bury it.
     raw["tracking"]["console"] = False
     raw["tracking"]["wandb_group"] = raw["tracking"].get("wandb_group") or cfg.name
     raw["tracking"]["run_name"] = name
     return validate_section(Config, raw, f"trial {name}")
+
+
+def sweep_storage(cfg: SweepConfig) -> str | None:
+    """With `base.scaling.storage_path` (e.g. s3://bucket/sweeps), where the sweep lives: `<storage>/<name>`
+    holds sweep.yaml, Tune's state (tune/) and every trial's run (trials/<trial>/), so a fresh driver can
+    resume it; the local output_dir receives results.csv, best/, the report and copies of the trials."""
+    return storage.join(cfg.base.scaling.storage_path, cfg.name) if cfg.base.scaling.storage_path else None
+
+
+def fetch_trials(cfg: SweepConfig) -> None:
+    """Copy every trial's results (and Tune's error files) from the sweep's storage to the local sweep folder."""
+    root, sweep_dir = sweep_storage(cfg), Path(str(cfg.output_dir))
+    if root is None:
+        return
+    for name in storage.list_dir(storage.join(root, "trials")):
+        remote, local = storage.join(root, "trials", name), sweep_dir / "trials" / name
+        for entry in (TRIAL_FILE, "config.yaml", "metrics.jsonl", "final"):
+            if storage.exists(storage.join(remote, entry)):
+                if (local / entry).is_dir():
+                    shutil.rmtree(local / entry)
+                storage.download(storage.join(remote, entry), local / entry)
+        error = storage.join(root, "tune", name, "error.txt")
+        if storage.exists(error):
+            storage.download(error, sweep_dir / "tune" / name / "error.txt")
 
 
 def eval_round(step: int, eval_every: int | None) -> int:
@@ -167,11 +195,12 @@ class EvalRoundsToTune(TuneReportCallback):
             super().after_report(run_context, [tune_result(metrics[0], self.eval_every)], None)
 
 
-def _eval_records(output_dir: Path) -> list[dict[str, Any]]:
-    metrics = output_dir / "metrics.jsonl"
-    if not metrics.exists():
+def _eval_records(location: str) -> list[dict[str, Any]]:
+    metrics = storage.join(location, METRICS_FILE)
+    if not storage.exists(metrics):
         return []
-    return [r for r in map(json.loads, metrics.read_text().splitlines()) if is_evaluation(r)]
+    lines = storage.read_bytes(metrics).decode().splitlines()
+    return [r for r in map(json.loads, lines) if is_evaluation(r)]
 
 
 def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
@@ -179,17 +208,19 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     cfg = SweepConfig.model_validate(sweep)
     name = ray.tune.get_context().get_trial_name()
     train_cfg = trial_config(cfg, params, name)
-    output_dir = Path(train_cfg.train.output_dir)
+    location = run_location(train_cfg)
     eval_every = train_cfg.train.eval_every
-    if (output_dir / "final").is_dir():
+    if storage.exists(storage.join(location, FINAL_DIR)):
         # Finished before the sweep was interrupted: give Tune its evaluations again instead of retraining.
-        for record in _eval_records(output_dir):
+        for record in _eval_records(location):
             ray.tune.report(tune_result(record, eval_every))
         return
-    output_dir.mkdir(parents=True, exist_ok=True)
-    trial_file = output_dir / TRIAL_FILE
-    started = json.loads(trial_file.read_text())["started"] if trial_file.exists() else time.time()
-    write_text_atomically(trial_file, json.dumps({"name": name, "params": params, "started": started}, indent=2))
+    trial_file = storage.join(location, TRIAL_FILE)
+    started = json.loads(storage.read_bytes(trial_file))["started"] if storage.exists(trial_file) else time.time()
+    trial_info = json.dumps({"name": name, "params": params, "started": started}, indent=2).encode()
+    storage.write_bytes(trial_file, trial_info)
+    if location != train_cfg.train.output_dir:
+        storage.write_bytes(str(Path(train_cfg.train.output_dir) / TRIAL_FILE), trial_info)
     train(train_cfg, callbacks=[EvalRoundsToTune(eval_every)])
 
 
@@ -284,21 +315,25 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     # relative output folder or data path would point somewhere else (and the results would be lost).
     sweep_dir = Path(str(cfg.output_dir)).expanduser().resolve()
     cfg = cfg.model_copy(update={"output_dir": str(sweep_dir), "base": with_absolute_paths(cfg.base)})
-    tune_dir = sweep_dir / "tune"
-    if resume and not tune.Tuner.can_restore(str(tune_dir)):
-        raise ConfigError([f"output_dir: no sweep to resume in {sweep_dir}"])
-    if not resume and tune_dir.exists():
-        raise ConfigError([f"output_dir: {sweep_dir} already holds a sweep; continue it with --resume or choose a new output_dir"])
-    domains = check_sweep(cfg)  # configs built in Python get the same checks as loaded YAML
-    # The whole base config, data included, is checked before any trial starts: a mistake there would
-    # otherwise fail every trial, one by one.
+    home = sweep_storage(cfg) or str(sweep_dir)
+    where = "base.scaling.storage_path" if sweep_storage(cfg) else "output_dir"
+    tune_dir = storage.join(home, "tune")
     preflight(cfg.base.model_copy(update={"train": cfg.base.train.model_copy(update={"output_dir": str(sweep_dir)})}))
+    if resume and not tune.Tuner.can_restore(tune_dir):
+        raise ConfigError([f"{where}: no sweep to resume in {home}"])
+    if not resume and storage.exists(tune_dir):
+        raise ConfigError([f"{where}: {home} already holds a sweep; continue it with --resume or choose a new one"])
+    domains = check_sweep(cfg)  # configs built in Python get the same checks as loaded YAML
+    # The whole base config (above), data included (below), is checked before any trial starts: a mistake
+    # there would otherwise fail every trial, one by one.
     # Tokenize once for every trial: the cache is keyed by content, not max_seq_len, so trials that
     # differ in sequence length only re-pack.
     prepare_data(cfg.base)
     wait_for_worker_resources(cfg.base)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomically(sweep_dir / SWEEP_FILE, sweep_yaml(cfg))
+    if home != str(sweep_dir):
+        storage.write_bytes(storage.join(home, SWEEP_FILE), sweep_yaml(cfg).encode())
 
     max_concurrent = cfg.max_concurrent_trials or default_max_concurrent(cfg.base, ray.cluster_resources())
     print(f"[sweep] {cfg.name}: {cfg.scheduler.name}, {cfg.search_alg} search, up to {max_concurrent} trial(s) at once; "
@@ -307,7 +342,7 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
         tune.with_parameters(run_trial, sweep=cfg.model_dump(mode="json")), TRIAL_DRIVER_RESOURCES
     )
     if resume:
-        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -324,10 +359,11 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
             ),
             run_config=tune.RunConfig(
                 name="tune",
-                storage_path=str(sweep_dir),
+                storage_path=home,
                 callbacks=[LiveTable(cfg.metric, list(domains))],
                 verbose=0,
             ),
         )
     tuner.fit()
+    fetch_trials(cfg)
     return write_report(sweep_dir)
