@@ -229,7 +229,10 @@ class ScalingConfig(Section):
     ray_address: str | None = None
     """Ray cluster to join (else RAY_ADDRESS, else a local Ray is started)."""
     storage_path: str | None = None
-    """Where Ray Train stores checkpoints (shared storage / s3:// for multi-node); default output_dir."""
+    """Where the run lives: checkpoints (through Ray Train), config.yaml, metrics.jsonl, final/. A local or
+    shared (NFS) folder, or object storage (`s3://bucket/path`, `gs://...`) for clusters without a shared
+    folder; credentials come from the environment. Default: train.output_dir. With it set, output_dir
+    receives a copy of the results when the run ends."""
     resource_wait_s: float = Field(default=600.0, ge=0)
     """On an autoscaling cluster, how long to wait for nodes that can hold the workers before giving up.
     Without an autoscaler a request the cluster cannot hold fails at once."""

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +70,19 @@ def assert_refused(code: int, err: str, *named: str | Path) -> None:
     assert "raysft: " in err and "Traceback" not in err, err
     for name in named:
         assert str(name) in err, (name, err)
+
+
+def start_then_kill_when(command: list[str], env: dict[str, str], ready: Callable[[], bool], timeout_s: float) -> None:
+    """Run `command` (raysft, with its own Ray) in a new session, and SIGKILL the whole session, its Ray
+    included, once `ready()` holds: a driver killed mid-run, as a crash or `kill -9` leaves it."""
+    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ready():
+            assert process.poll() is None, f"the command ended (status {process.returncode}) before it could be killed"
+            assert time.monotonic() < deadline, "timed out waiting for the moment to kill"
+            time.sleep(0.3)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -294,7 +294,7 @@ def test_kuberay_layout(name: str) -> None:
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         gpu_counts.append(int(limits.get("nvidia.com/gpu", 0)))
     assert sorted(gpu_counts) == [0, 1, 8]
-    # Every Ray pod mounts the shared volume that outputs must go to.
+    # Every Ray pod mounts the optional shared volume (data the driver reads, local copies of results).
     for _, container in _containers(spec):
         assert "/mnt/shared" in [m["mountPath"] for m in container.get("volumeMounts", [])]
     # Secrets come from Kubernetes Secrets, never as literal values.

@@ -7,10 +7,8 @@ a torn metrics line and a half-written checkpoint folder, tests/test_bad_inputs.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 import yaml
 
 from raysft.track import read_metrics
-from tests.runs import losses, tiny_config
+from tests.runs import losses, start_then_kill_when, tiny_config
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,17 +42,8 @@ def test_driver_killed_mid_run_resumes_exactly(tiny_model_dir: Path, tmp_path: P
 
     killed = tmp_path / "killed"
     cfg = write_config(tmp_path, tiny_model_dir, killed, COMMON)
-    process = subprocess.Popen(raysft_command("train", cfg), cwd=ROOT, env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 400
-    try:
-        while not list((killed / "checkpoints").glob("step_000004/manifest.json")):
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint in time"
-            time.sleep(0.2)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    start_then_kill_when(raysft_command("train", cfg), env,
+                         lambda: (killed / "checkpoints" / "step_000004" / "manifest.json").exists(), timeout_s=400)
     assert not (killed / "final").exists()
 
     resumed = subprocess.run(raysft_command("train", cfg, "--resume"), cwd=ROOT, env=env, capture_output=True,

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from raysft import storage
 from raysft.track import read_metrics
 from raysft.training.loop import FAULT_ENV
-from tests.runs import assert_refused, cli, losses, tiny_config
+from tests.runs import assert_refused, cli, losses, start_then_kill_when, tiny_config
 from tests.s3server import BUCKET, s3_env, start_moto
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +131,6 @@ def test_run_on_s3_survives_a_worker_kill_and_exports_from_the_bucket(
 
 @pytest.mark.slow
 def test_run_on_s3_killed_with_its_driver_resumes_from_the_bucket(s3: dict[str, str], tiny_model_dir: Path, tmp_path: Path) -> None:
-    import signal
 
     common = ["scaling.num_workers=1", "train.max_steps=10", "train.checkpoint_every=2"]
     straight = raysft("train", write_config(tmp_path, tiny_model_dir, "straight", common), env=s3)
@@ -140,21 +138,11 @@ def test_run_on_s3_killed_with_its_driver_resumes_from_the_bucket(s3: dict[str, 
 
     location = f"s3://{BUCKET}/runs/killed"
     cfg = write_config(tmp_path, tiny_model_dir, "home", [*common, f"scaling.storage_path={location}"])
-    process = subprocess.Popen([sys.executable, "-m", "raysft", "train", str(cfg)], cwd=ROOT, start_new_session=True,
-                               env={**os.environ, "RAY_ADDRESS": "local", **s3},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 400
     with pytest.MonkeyPatch.context() as patch:
         for key, value in s3.items():
             patch.setenv(key, value)
-        try:
-            while not storage.exists(f"{location}/checkpoints/step_000004/manifest.json"):
-                assert process.poll() is None, "the run ended before it could be killed"
-                assert time.monotonic() < deadline, "no checkpoint in time"
-                time.sleep(0.3)
-        finally:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        start_then_kill_when([sys.executable, "-m", "raysft", "train", str(cfg)], {**os.environ, "RAY_ADDRESS": "local", **s3},
+                             lambda: storage.exists(f"{location}/checkpoints/step_000004/manifest.json"), timeout_s=400)
         assert not storage.exists(f"{location}/final")
 
     # A fresh process (a new driver: nothing of the first one's local state is needed) resumes from the bucket.
@@ -170,7 +158,6 @@ def test_run_on_s3_killed_with_its_driver_resumes_from_the_bucket(s3: dict[str, 
 @pytest.mark.slow  # two fresh Ray clusters and 2 x 30 steps: about 5 minutes on 2 cores
 def test_sweep_on_s3_killed_and_resumed_by_a_fresh_driver(s3: dict[str, str], tiny_model_dir: Path, tmp_path: Path) -> None:
     import shutil
-    import signal
 
     storage_root = f"s3://{BUCKET}/sweeps"
     base = tiny_config(tiny_model_dir, tmp_path / "unused", [
@@ -187,20 +174,11 @@ def test_sweep_on_s3_killed_and_resumed_by_a_fresh_driver(s3: dict[str, str], ti
     first, second = f"{home}/trials/trial_00000", f"{home}/trials/trial_00001"
     command = [sys.executable, "-m", "raysft", "sweep", str(sweep_file)]
     env = {**os.environ, "RAY_ADDRESS": "local", **s3}
-    process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 450
     with pytest.MonkeyPatch.context() as patch:
         for key, value in s3.items():
             patch.setenv(key, value)
-        try:
-            while not (storage.exists(f"{first}/final") and storage.exists(f"{second}/checkpoints/step_000005/manifest.json")):
-                assert process.poll() is None, f"the sweep exited early with {process.returncode}"
-                assert time.monotonic() < deadline, "timed out waiting for the sweep"
-                time.sleep(0.5)
-        finally:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        start_then_kill_when(command, env, lambda: storage.exists(f"{first}/final") and storage.exists(
+            f"{second}/checkpoints/step_000005/manifest.json"), timeout_s=450)
         assert not storage.exists(f"{second}/final"), "trial 1 finished before the kill; the test needs more steps"
         first_metrics = storage.read_bytes(f"{first}/metrics.jsonl")
 
