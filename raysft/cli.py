@@ -63,7 +63,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from raysft.tune.report import write_report
 
-    _print_sweep_summary(write_report(args.sweep_dir))
+    # A sweep on object storage (base.scaling.storage_path/<name>) is read into a local copy, reported there.
+    _print_sweep_summary(write_report(_from_storage(args.sweep_dir, "sweep_dir", ("sweep.yaml", "trials", "tune"))))
 
 
 def _print_sweep_summary(result: SweepResult) -> None:
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(run=cmd_sweep)
 
     report = commands.add_parser("report", help="rewrite results.csv, best/ and report.png of a sweep folder")
-    report.add_argument("sweep_dir", help="a sweep output_dir (the folder holding sweep.yaml)")
+    report.add_argument("sweep_dir", help="a sweep output_dir (the folder holding sweep.yaml), or the sweep on storage (s3://.../<name>)")
     report.set_defaults(run=cmd_report)
 
     data = commands.add_parser("data", help="dataset statistics and rendered examples with trained tokens marked")

@@ -194,3 +194,7 @@ def test_sweep_on_s3_killed_and_resumed_by_a_fresh_driver(s3: dict[str, str], ti
         assert storage.read_bytes(f"{first}/metrics.jsonl") == first_metrics  # the finished trial was not rerun
         steps = [json.loads(line)["step"] for line in storage.read_bytes(f"{second}/metrics.jsonl").decode().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 30  # continued from its checkpoint, every step once
+    reported = subprocess.run([sys.executable, "-m", "raysft", "report", home], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    assert "trial_00001,completed" in reported.stdout  # results.csv, rebuilt from the bucket alone

@@ -15,6 +15,7 @@ import ray
 import ray.train
 import torch
 from ray.train import DataConfig as RayDataConfig, FailureConfig, RunConfig, ScalingConfig as RayScalingConfig
+from ray.autoscaler.sdk import request_resources
 from ray.train import CheckpointConfig
 from ray.train.torch import TorchTrainer
 from transformers import PreTrainedTokenizerBase
@@ -120,27 +121,33 @@ def wait_for_worker_resources(cfg: Config, poll_s: float = 5.0) -> None:
         return
     bundle = scaling_config(cfg)._resources_per_worker_not_none
     wanted = cfg.scaling.num_workers
-    deadline, said = time.monotonic() + cfg.scaling.resource_wait_s, False
-    while True:
-        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-        if sum(_workers_that_fit(node, bundle) for node in nodes) >= wanted:
-            return
-        autoscaling = _has_autoscaler()
-        if not autoscaling or time.monotonic() > deadline:
-            has = "; ".join(", ".join(f"{k} {n.get(k, 0):g}" for k in sorted({"CPU", "GPU", *bundle})) for n in nodes)
-            why = (f"no node came within scaling.resource_wait_s={cfg.scaling.resource_wait_s:g} s" if autoscaling
-                   else "and no autoscaler to add nodes")
-            raise RunError(
-                f"scaling: the cluster cannot hold {wanted} worker(s) of {bundle} each (scaling.num_workers="
-                f"{wanted}, scaling.use_gpu={str(cfg.scaling.use_gpu).lower()}, scaling.resources_per_worker="
-                f"{cfg.scaling.resources_per_worker}); its nodes have [{has}], {why}. Lower scaling.num_workers "
-                "or the per-worker resources, or add nodes"
-            )
-        if not said:
-            print(f"[raysft] waiting up to {cfg.scaling.resource_wait_s:g} s for the autoscaler to add nodes for "
-                  f"{wanted} worker(s) of {bundle}", flush=True)
-            said = True
-        time.sleep(poll_s)
+    deadline, requested = time.monotonic() + cfg.scaling.resource_wait_s, False
+    try:
+        while True:
+            nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+            if sum(_workers_that_fit(node, bundle) for node in nodes) >= wanted:
+                return
+            autoscaling = _has_autoscaler()
+            if not autoscaling or time.monotonic() > deadline:
+                has = "; ".join(", ".join(f"{k} {n.get(k, 0):g}" for k in sorted({"CPU", "GPU", *bundle})) for n in nodes)
+                why = (f"no node came within scaling.resource_wait_s={cfg.scaling.resource_wait_s:g} s" if autoscaling
+                       else "and no autoscaler to add nodes")
+                raise RunError(
+                    f"scaling: the cluster cannot hold {wanted} worker(s) of {bundle} each (scaling.num_workers="
+                    f"{wanted}, scaling.use_gpu={str(cfg.scaling.use_gpu).lower()}, scaling.resources_per_worker="
+                    f"{cfg.scaling.resources_per_worker}); its nodes have [{has}], {why}. Lower scaling.num_workers "
+                    "or the per-worker resources, or add nodes"
+                )
+            if not requested:
+                # The autoscaler adds nodes for work that waits; nothing waits yet, so ask for the workers' shape.
+                request_resources(bundles=[bundle] * wanted)
+                requested = True
+                print(f"[raysft] waiting up to {cfg.scaling.resource_wait_s:g} s for the autoscaler to add nodes for "
+                      f"{wanted} worker(s) of {bundle}", flush=True)
+            time.sleep(poll_s)
+    finally:
+        if requested:
+            request_resources(bundles=[])  # Ray Train's own placement group keeps the nodes from here on
 
 
 def prepare_data(cfg: Config) -> tuple[PreTrainedTokenizerBase, PreparedData]:
