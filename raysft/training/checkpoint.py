@@ -21,16 +21,24 @@ import json
 import logging
 import re
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import ray.train
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from raysft import storage
-from raysft.config import is_uri
+from raysft.config import Config, is_uri
 from raysft.errors import RunError
+from raysft.fileio import write_error
+from raysft.model import trainable_state_dict
+
+if TYPE_CHECKING:
+    from raysft.training.loop import LoopInputs
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +91,7 @@ def write_checkpoint(
     (folder / MANIFEST).write_text(json.dumps({"step": state["step"], "files": files}, indent=2))
 
 
-def persist_checkpoint(folder: Path, root: str, name: str, keep: int | None, higher_is_better: bool = False) -> None:
+def persist_checkpoint(folder: Path, root: str, name: str, keep: int | None, higher_first: bool = False) -> None:
     """Store the checkpoint `folder` as `root/name` where Ray Train does not (local mode), then keep the
     newest `keep`. A path gets it by one rename; object storage gets the manifest last, so a copy cut
     short is never taken for a checkpoint."""
@@ -100,11 +108,11 @@ def persist_checkpoint(folder: Path, root: str, name: str, keep: int | None, hig
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     if keep is not None:
-        for old in checkpoints_to_prune(root, keep, higher_is_better):
+        for old in checkpoints_to_prune(root, keep, higher_first):
             storage.remove(storage.join(root, old))
 
 
-def checkpoints_to_prune(root: str, keep: int, higher_is_better: bool) -> list[str]:
+def checkpoints_to_prune(root: str, keep: int, higher_first: bool) -> list[str]:
     """What Ray Train's CheckpointConfig prunes, for checkpoints raysft stores itself: all but the `keep`
     best by their recorded score (the newest `keep` when unscored) and the newest."""
     names = checkpoint_names(root)
@@ -113,7 +121,7 @@ def checkpoints_to_prune(root: str, keep: int, higher_is_better: bool) -> list[s
     if any(score is None for score in scores.values()):
         ranked = list(reversed(names))
     else:
-        ranked = sorted(names, key=lambda n: scores[n], reverse=higher_is_better)
+        ranked = sorted(names, key=lambda n: scores[n], reverse=higher_first)
     kept = set(ranked[:keep]) | set(newest)
     return [name for name in names if name not in kept]
 
@@ -189,3 +197,86 @@ def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], dic
         if "cuda" in rng_states[rank] and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng_states[rank]["cuda"])
     return trainable, optimizer_state, read_state(path)
+
+
+CHECKPOINT_SCORE_KEY = "checkpoint_score"
+
+
+def is_scored(cfg: Config, has_eval: bool) -> bool:
+    """Whether checkpoints are ranked by an evaluation metric (else only by recency)."""
+    return has_eval and bool(cfg.train.eval_every)
+
+
+def higher_is_better(cfg: Config) -> bool:
+    return cfg.train.checkpoint_score == "eval_token_accuracy"
+
+
+def better(score: float, than: float | None, higher: bool) -> bool:
+    return than is None or (score > than if higher else score < than)
+
+
+def save_checkpoint(
+    inputs: "LoopInputs", step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+    metrics: dict[str, float], rank: int, local_mode: bool,
+) -> None:
+    """Every rank: write checkpoint `step` (rank 0's folder) and report it with `metrics`.
+
+    Ray Train uploads it to the run's storage and registers it once complete; in local mode Ray keeps no
+    checkpoints, so raysft persists it itself (same layout, manifest last).
+    """
+    rng_states = gather_rng_states()
+    name = step_dir_name(step)
+    with tempfile.TemporaryDirectory(prefix="raysft-checkpoint-") as tmp:
+        folder = Path(tmp)
+        try:
+            if rank == 0:
+                write_checkpoint(folder, trainable_state_dict(model), optimizer, rng_states, {"step": step, **state})
+            if local_mode:
+                persist_checkpoint(folder, inputs.checkpoint_root, name, inputs.config.train.checkpoints_to_keep,
+                                   higher_first=higher_is_better(inputs.config))
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+            raise write_error(Path(storage.join(inputs.checkpoint_root, name)), err) from err
+        checkpoint = None if local_mode or rank != 0 else ray.train.Checkpoint.from_directory(tmp)
+        # Ray Train ranks checkpoints by this key (CheckpointConfig); the metrics themselves stay as logged.
+        score = {} if state.get("score") is None else {CHECKPOINT_SCORE_KEY: state["score"]}
+        ray.train.report({"step": step, **metrics, **score}, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+def _restore_from(inputs: "LoopInputs") -> ray.train.Checkpoint | None:
+    """The checkpoint to continue from: Ray Train's newest after a worker restart or for a --resume run
+    (the same on every rank), else the one the driver chose."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and inputs.resume_from is not None:
+        checkpoint = ray.train.Checkpoint(inputs.resume_from)
+    return checkpoint
+
+
+def restore(
+    inputs: "LoopInputs", model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, rank: int
+) -> tuple[dict[str, Any], str | None]:
+    """Load the checkpoint to continue from into model, optimizer, scaler and RNG: (its state.json, its name)."""
+    checkpoint = _restore_from(inputs)
+    if checkpoint is None:
+        return {"step": 0}, None
+    with checkpoint.as_directory() as local:
+        trainable, optimizer_state, state = load_checkpoint(Path(local), rank)
+    if state["data_fingerprint"] != inputs.data_fingerprint:
+        raise RuntimeError(f"checkpoint {checkpoint.path} was made with different data; start a new output_dir")
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in trainable.items():
+            named[name].copy_(tensor)
+    optimizer.load_state_dict(optimizer_state)
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return state, Path(checkpoint.path).name
+
+
+def load_trainable(model: nn.Module, location: str) -> None:
+    """Copy the trained weights of the checkpoint at `location` into `model` (final: best)."""
+    with ray.train.Checkpoint(location).as_directory() as local:
+        trainable = load_file(str(Path(local) / "trainable.safetensors"))
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in trainable.items():
+            named[name].copy_(tensor)

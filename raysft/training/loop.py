@@ -23,7 +23,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch import nn
 
 from raysft import storage
@@ -37,17 +36,18 @@ from raysft.model import (
     apply_lora,
     load_model,
     load_tokenizer,
-    trainable_state_dict,
 )
 from raysft.track import METRICS_FILE, Tracker, read_metrics
 from raysft.training.checkpoint import (
     STAGING_PREFIX,
-    gather_rng_states,
-    load_checkpoint,
-    persist_checkpoint,
+    better,
+    higher_is_better,
+    is_scored,
+    load_trainable,
     remove_staging,
+    restore,
+    save_checkpoint,
     step_dir_name,
-    write_checkpoint,
 )
 from raysft.training.optim import build_optimizer, lr_at, set_lr
 
@@ -233,89 +233,6 @@ def _save_final(model: nn.Module, cfg: Config, location: str) -> None:
             shutil.rmtree(staging_parent, ignore_errors=True)
 
 
-def _save_checkpoint(
-    inputs: LoopInputs, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-    metrics: dict[str, float], rank: int, local_mode: bool,
-) -> None:
-    """Every rank: write checkpoint `step` (rank 0's folder) and report it with `metrics`.
-
-    Ray Train uploads it to the run's storage and registers it once complete; in local mode Ray keeps no
-    checkpoints, so raysft persists it itself (same layout, manifest last).
-    """
-    rng_states = gather_rng_states()
-    name = step_dir_name(step)
-    with tempfile.TemporaryDirectory(prefix="raysft-checkpoint-") as tmp:
-        folder = Path(tmp)
-        try:
-            if rank == 0:
-                write_checkpoint(folder, trainable_state_dict(model), optimizer, rng_states, {"step": step, **state})
-            if local_mode:
-                persist_checkpoint(folder, inputs.checkpoint_root, name, inputs.config.train.checkpoints_to_keep,
-                                   higher_is_better=higher_is_better(inputs.config))
-        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-            raise write_error(Path(storage.join(inputs.checkpoint_root, name)), err) from err
-        checkpoint = None if local_mode or rank != 0 else ray.train.Checkpoint.from_directory(tmp)
-        # Ray Train ranks checkpoints by this key (CheckpointConfig); the metrics themselves stay as logged.
-        score = {} if state.get("score") is None else {CHECKPOINT_SCORE_KEY: state["score"]}
-        ray.train.report({"step": step, **metrics, **score}, checkpoint=checkpoint, checkpoint_dir_name=name)
-
-
-CHECKPOINT_SCORE_KEY = "checkpoint_score"
-
-
-def is_scored(cfg: Config, has_eval: bool) -> bool:
-    """Whether checkpoints are ranked by an evaluation metric (else only by recency)."""
-    return has_eval and bool(cfg.train.eval_every)
-
-
-def higher_is_better(cfg: Config) -> bool:
-    return cfg.train.checkpoint_score == "eval_token_accuracy"
-
-
-def _better(score: float, than: float | None, higher: bool) -> bool:
-    return than is None or (score > than if higher else score < than)
-
-
-def _restore_from(inputs: LoopInputs) -> ray.train.Checkpoint | None:
-    """The checkpoint to continue from: Ray Train's newest after a worker restart or for a --resume run
-    (the same on every rank), else the one the driver chose."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and inputs.resume_from is not None:
-        checkpoint = ray.train.Checkpoint(inputs.resume_from)
-    return checkpoint
-
-
-def _restore(
-    inputs: LoopInputs, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, rank: int
-) -> tuple[dict[str, Any], str | None]:
-    """Load the checkpoint to continue from into model, optimizer, scaler and RNG: (its state.json, its name)."""
-    checkpoint = _restore_from(inputs)
-    if checkpoint is None:
-        return {"step": 0}, None
-    with checkpoint.as_directory() as local:
-        trainable, optimizer_state, state = load_checkpoint(Path(local), rank)
-    if state["data_fingerprint"] != inputs.data_fingerprint:
-        raise RuntimeError(f"checkpoint {checkpoint.path} was made with different data; start a new output_dir")
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in trainable.items():
-            named[name].copy_(tensor)
-    optimizer.load_state_dict(optimizer_state)
-    if state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    return state, Path(checkpoint.path).name
-
-
-def _load_trainable(model: nn.Module, location: str) -> None:
-    """Copy the trained weights of the checkpoint at `location` into `model` (final: best)."""
-    with ray.train.Checkpoint(location).as_directory() as local:
-        trainable = load_file(str(Path(local) / "trainable.safetensors"))
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in trainable.items():
-            named[name].copy_(tensor)
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: setup -> restore -> loop -> save. `loop_config["inputs"]` is the driver's LoopInputs."""
     inputs: LoopInputs = loop_config["inputs"]
@@ -342,7 +259,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # Restore, before DDP wraps the model: every rank loads the same checkpoint, so the weights DDP
     # broadcasts from rank 0 are the ones every rank already holds.
-    restored, resumed = _restore(inputs, model, optimizer, scaler, rank)
+    restored, resumed = restore(inputs, model, optimizer, scaler, rank)
     start_step, seen_tokens = restored["step"], restored.get("num_tokens", 0)
     scored, higher = is_scored(cfg, inputs.has_eval), higher_is_better(cfg)
     last_eval: dict[str, float] = restored.get("last_eval", {})
@@ -441,11 +358,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if tracker is not None:
                 _sync_run_files(working, location)  # the checkpoint and the metrics up to it land together
             score = last_eval.get(cfg.train.checkpoint_score) if scored else None
-            if score is not None and _better(score, best and best["score"], higher):
+            if score is not None and better(score, best and best["score"], higher):
                 best = {"score": score, "step": done}
             state = {"data_fingerprint": inputs.data_fingerprint, "num_tokens": seen_tokens, "scaler": scaler.state_dict(),
                      "score": score, "last_eval": last_eval, "best": best}
-            _save_checkpoint(inputs, done, model, optimizer, state, metrics, rank, local_mode)
+            save_checkpoint(inputs, done, model, optimizer, state, metrics, rank, local_mode)
         else:
             if checkpoint_due and tracker is not None:
                 tracker.log_text(f"step {done}: weights are not finite; checkpoint not written")
@@ -454,8 +371,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # Save: the last step's weights, or the best checkpoint's when it beat them.
     final_score = last_eval.get(cfg.train.checkpoint_score)
-    if rank == 0 and cfg.train.final == "best" and best and final_score is not None and _better(best["score"], final_score, higher):
-        _load_trainable(model, storage.join(inputs.checkpoint_root, step_dir_name(best["step"])))
+    if rank == 0 and cfg.train.final == "best" and best and final_score is not None and better(best["score"], final_score, higher):
+        load_trainable(model, storage.join(inputs.checkpoint_root, step_dir_name(best["step"])))
         if tracker is not None:
             tracker.log_text(f"final/ holds step {best['step']}'s weights ({cfg.train.checkpoint_score} {best['score']:.4f}, "
                              f"last step {final_score:.4f})")

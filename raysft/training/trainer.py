@@ -33,14 +33,8 @@ from raysft import storage
 from raysft.model import load_tokenizer
 from raysft.track import METRICS_FILE, read_metrics
 from raysft.training.checkpoint import newest_complete, read_state
-from raysft.training.loop import (
-    CHECKPOINT_SCORE_KEY,
-    FAULT_ENV,
-    LoopInputs,
-    higher_is_better,
-    is_scored,
-    train_loop_per_worker,
-)
+from raysft.training.checkpoint import CHECKPOINT_SCORE_KEY, higher_is_better, is_scored
+from raysft.training.loop import FAULT_ENV, LoopInputs, train_loop_per_worker
 from raysft.training.preflight import preflight
 from raysft.training.run_folder import (
     CHECKPOINTS_DIR,
