@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from raysft.data.pipeline import (
 )
 from raysft.errors import USER_ERRORS, ConfigError, RunError
 from raysft import storage
+from raysft.fileio import write_error
 from raysft.model import load_tokenizer
 from raysft.track import METRICS_FILE, read_metrics
 from raysft.training.checkpoint import newest_complete, read_state
@@ -152,12 +154,23 @@ def prepare_data(cfg: Config) -> tuple[PreTrainedTokenizerBase, PreparedData]:
     return tokenizer, shape_splits(tokenize_splits(splits, tokenizer, cfg.data), cfg)
 
 
-def _worker_user_error(err: ray.train.WorkerGroupError) -> Exception | None:
-    """The raysft error (full disk, changed data, ...) a worker stopped with, to be raised as it is."""
-    for failure in err.worker_failures.values():
-        cause = getattr(failure, "cause", failure)  # a RayTaskError carries the worker's own exception
-        if isinstance(cause, USER_ERRORS):
-            return cause
+# A storage that cannot take a write: full, over quota, read-only, or not ours to write.
+STORAGE_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+
+
+def _failure_as_user_error(err: ray.train.TrainingFailedError, cfg: Config) -> Exception | None:
+    """What a failed run says to the user: the raysft error a worker stopped with (changed data, a full
+    disk, ...), or a storage write error (Ray Train uploading a checkpoint to a full or read-only place)."""
+    failures = list(err.worker_failures.values()) if isinstance(err, ray.train.WorkerGroupError) else []
+    failures += [err.controller_failure] if isinstance(err, ray.train.ControllerError) else []
+    for failure in failures:
+        cause: BaseException | None = getattr(failure, "cause", failure)  # a RayTaskError carries the worker's own
+        while cause is not None:
+            if isinstance(cause, USER_ERRORS):
+                return cause
+            if isinstance(cause, OSError) and cause.errno in STORAGE_WRITE_ERRORS:
+                return write_error(Path(checkpoint_root(cfg)), cause)
+            cause = cause.__cause__ or cause.__context__
     return None
 
 
@@ -259,7 +272,7 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
     )
     try:
         result = trainer.fit()
-    except ray.train.WorkerGroupError as err:
-        raise _worker_user_error(err) or err
+    except ray.train.TrainingFailedError as err:
+        raise _failure_as_user_error(err, cfg) or err
     _copy_results_home(cfg)
     return RunResult(output_path(cfg), output_path(cfg) / FINAL_DIR, dict(result.metrics or {}))
