@@ -11,7 +11,14 @@ from raysft.quickstart import run_quickstart
 
 @pytest.mark.slow
 def test_quickstart_really_improves_the_task(tmp_path: Path) -> None:
-    summary = run_quickstart(tmp_path, overrides=[])
+    import ray
+
+    try:
+        summary = run_quickstart(tmp_path, overrides=[])
+    finally:
+        # The quickstart starts a local Ray in this process; later slow tests start their own in subprocesses,
+        # and two local Rays on one machine confuse Ray Train's placement-group cleanup.
+        ray.shutdown()
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert summary["exact_match_after"] >= summary["exact_match_before"] + 0.3
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
