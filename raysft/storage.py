@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from raysft.config import is_uri
+from raysft.fileio import write_bytes_atomically
 
 
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
@@ -57,8 +58,6 @@ def write_bytes(location: str, data: bytes) -> None:
     """Write one file whole (object stores make a new object visible only once it is complete)."""
     fs, path = resolve(location)
     if isinstance(fs, pafs.LocalFileSystem):
-        from raysft.fileio import write_bytes_atomically
-
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomically(Path(path), data)
         return

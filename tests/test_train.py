@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import raysft
 from raysft.errors import ConfigError
-from raysft.training.checkpoint import latest_verified, list_checkpoints, verify
+from raysft.training.checkpoint import checkpoint_names, verify
 from raysft.training.loop import FAULT_ENV, epoch_order
 from tests.runs import losses, tiny_config
 
@@ -68,7 +68,7 @@ def test_resume_continues_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
         patch.setenv(FAULT_ENV, f"4:{tmp_path / 'fault-marker'}")  # dies at the start of step 5
         with pytest.raises(ray.train.TrainingFailedError):
             run(tiny_model_dir, interrupted, common)
-    assert [p.name for p in list_checkpoints(interrupted / "checkpoints")] == ["step_000002", "step_000004"]
+    assert checkpoint_names(str(interrupted / "checkpoints")) == ["step_000002", "step_000004"]
 
     with pytest.raises(ConfigError, match="--resume"):
         run(tiny_model_dir, interrupted, common)  # never silently restarts over an earlier run
@@ -94,11 +94,15 @@ def test_worker_killed_mid_run_restarts_from_checkpoint(tiny_model_dir: Path, tm
 
 def test_checkpoint_with_broken_manifest_is_not_resumed(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    run(tiny_model_dir, out, ["train.checkpoint_every=1"])
-    newest, previous = list_checkpoints(out / "checkpoints")[-1], list_checkpoints(out / "checkpoints")[-2]
+    first = run(tiny_model_dir, out, ["train.checkpoint_every=1"])  # checkpoints at steps 2 and 3 are kept
+    root = out / "checkpoints"
+    newest, previous = root / "step_000003", root / "step_000002"
     (newest / "optimizer.pt").write_bytes(b"torn write")
     assert not verify(newest) and verify(previous)
-    assert latest_verified(out / "checkpoints") == previous
+    resumed = run(tiny_model_dir, out, ["train.checkpoint_every=1", "train.max_steps=5", "train.resume=true"])
+    # It continued from step 2, the newest checkpoint that verifies: step 3 was trained again, identically.
+    assert sorted(losses(resumed.history())) == [1, 2, 3, 4, 5]
+    assert losses(resumed.history())[3] == pytest.approx(losses(first.history())[3], abs=1e-5)
 
 
 def test_lora_keeps_base_weights_and_merge_matches(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -153,8 +157,8 @@ def test_nonfinite_loss_aborts_or_skips(tiny_model_dir: Path, tmp_path: Path) ->
     skipped = run(tiny_model_dir, tmp_path / "skip", [*explode, "train.on_nonfinite=skip", "train.checkpoint_every=1"])
     flags = [e["skipped"] for e in skipped.history() if "skipped" in e]
     assert flags[0] == 0.0 and 1.0 in flags
-    for checkpoint in list_checkpoints(tmp_path / "skip" / "checkpoints"):
-        tensors = load_file(str(checkpoint / "trainable.safetensors"))
+    for name in checkpoint_names(str(tmp_path / "skip" / "checkpoints")):
+        tensors = load_file(str(tmp_path / "skip" / "checkpoints" / name / "trainable.safetensors"))
         assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
@@ -188,7 +192,7 @@ def test_keeps_the_best_checkpoints_and_exports_the_best(tiny_model_dir: Path, t
     assert best_step < 6, evals  # the test means something only when the last step is not the best
     checkpointed = [1, 2, 3, 4, 5]  # none at the last step
     best_two = sorted(checkpointed, key=evals.__getitem__)[:2]
-    kept = {int(p.name.split("_")[1]) for p in list_checkpoints(tmp_path / "run" / "checkpoints")}
+    kept = {int(name.split("_")[1]) for name in checkpoint_names(str(tmp_path / "run" / "checkpoints"))}
     assert kept == set(best_two) | {5}  # the 2 best by eval_loss, and the newest
     final = load_file(str(result.final_dir / "adapter_model.safetensors"))
     best = load_file(str(tmp_path / "run" / "checkpoints" / f"step_{best_step:06d}" / "trainable.safetensors"))

@@ -131,12 +131,17 @@ def checkpoint_names(root: str) -> list[str]:
     return sorted(name for name in storage.list_dir(root) if _STEP_DIR.match(name))
 
 
-def newest_complete(root: str) -> str | None:
-    """The newest checkpoint under `root` that has its manifest (a path or a URI); checksums are verified
-    by the workers when they load it."""
+def newest_verified(root: str) -> str | None:
+    """The newest checkpoint under `root` (a path or a URI) whose files match its manifest; damaged ones are
+    skipped with a warning. Object storage is read through a local copy (Ray Train's own download)."""
     for name in reversed(checkpoint_names(root)):
-        if storage.exists(storage.join(root, name, MANIFEST)):
-            return storage.join(root, name)
+        location = storage.join(root, name)
+        if not storage.exists(storage.join(location, MANIFEST)):
+            continue
+        with ray.train.Checkpoint(location).as_directory() as local:
+            if verify(Path(local)):
+                return location
+        log.warning("ignoring checkpoint %s: its files do not match its manifest", location)
     return None
 
 
@@ -150,14 +155,6 @@ def remove_staging(folder: Path) -> None:
                 leftover.unlink(missing_ok=True)
 
 
-def list_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint folders under `root`, oldest first (verified or not)."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
 def verify(path: Path) -> bool:
     """True when the manifest exists and every file it lists has the recorded checksum."""
     manifest = path / MANIFEST
@@ -166,15 +163,6 @@ def verify(path: Path) -> bool:
         return all(_sha256(path / name) == digest for name, digest in files.items())
     except (OSError, ValueError, KeyError):
         return False
-
-
-def latest_verified(root: Path) -> Path | None:
-    """The newest checkpoint whose manifest verifies; damaged ones are skipped with a warning."""
-    for path in reversed(list_checkpoints(root)):
-        if verify(path):
-            return path
-        log.warning("ignoring checkpoint %s: manifest missing or checksums differ", path)
-    return None
 
 
 def read_state(path: Path | str) -> dict[str, Any]:

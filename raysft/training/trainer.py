@@ -34,7 +34,7 @@ from raysft import storage
 from raysft.fileio import write_error
 from raysft.model import load_tokenizer
 from raysft.track import METRICS_FILE, read_metrics
-from raysft.training.checkpoint import newest_complete, read_state
+from raysft.training.checkpoint import newest_verified, read_state
 from raysft.training.checkpoint import CHECKPOINT_SCORE_KEY, higher_is_better, is_scored
 from raysft.training.loop import FAULT_ENV, LoopInputs, train_loop_per_worker
 from raysft.training.preflight import preflight
@@ -198,9 +198,9 @@ def check_batch_fits(cfg: Config, num_rows: int) -> None:
 
 
 def _resume_point(cfg: Config, fingerprint: str) -> str | None:
-    """The newest complete checkpoint a --resume continues from; it must have been trained on this data
+    """The newest verified checkpoint a --resume continues from; it must have been trained on this data
     (the files may have changed since)."""
-    newest = newest_complete(checkpoint_root(cfg)) if cfg.train.resume else None
+    newest = newest_verified(checkpoint_root(cfg)) if cfg.train.resume else None
     if newest is not None and read_state(newest)["data_fingerprint"] != fingerprint:
         raise RunError(
             f"data: the training data differs from the data checkpoint {newest} was trained on (the files "
