@@ -25,7 +25,7 @@ import yaml
 import raysft
 
 from raysft.training.run_folder import CONFIG_FILE, HISTORY_FILE
-from tests.runs import SHARED_DATA, assert_refused, cli, losses, snapshot, tiny_config
+from tests.runs import assert_refused, cli, losses, snapshot, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -244,4 +244,3 @@ def test_documented_sweep_with_default_relative_output_dir(tiny_model_dir: Path,
     assert len(rows) == 2 and all(",completed," in row for row in rows), rows
     assert (sweep_dir / "best" / "adapter_model.safetensors").exists()
     assert "\x1b[" not in done.stdout  # plain lines in logs, no cursor movement
-    assert SHARED_DATA.exists()

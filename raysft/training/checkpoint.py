@@ -249,22 +249,22 @@ def restore(
     with checkpoint.as_directory() as local:
         trainable, optimizer_state, state = load_checkpoint(Path(local), rank)
     if state["data_fingerprint"] != inputs.data_fingerprint:
-        raise RuntimeError(f"checkpoint {checkpoint.path} was made with different data; start a new output_dir")
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in trainable.items():
-            named[name].copy_(tensor)
+        raise RunError(f"checkpoint {checkpoint.path} was made with different data; start a new train.output_dir")
+    _copy_into(model, trainable)
     optimizer.load_state_dict(optimizer_state)
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     return state, Path(checkpoint.path).name
 
 
-def load_trainable(model: nn.Module, location: str) -> None:
-    """Copy the trained weights of the checkpoint at `location` into `model` (final: best)."""
-    with ray.train.Checkpoint(location).as_directory() as local:
-        trainable = load_file(str(Path(local) / "trainable.safetensors"))
+def _copy_into(model: nn.Module, trainable: dict[str, torch.Tensor]) -> None:
     named = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in trainable.items():
             named[name].copy_(tensor)
+
+
+def load_trainable(model: nn.Module, location: str) -> None:
+    """Copy the trained weights of the checkpoint at `location` into `model` (final: best)."""
+    with ray.train.Checkpoint(location).as_directory() as local:
+        _copy_into(model, load_file(str(Path(local) / "trainable.safetensors")))
