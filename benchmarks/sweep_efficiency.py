@@ -72,7 +72,8 @@ def sweep_spec(args: argparse.Namespace, model_dir: Path, workdir: Path) -> dict
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     import ray
 
-    from raysft.tune.sweep import parse_sweep, sweep
+    from raysft.tune.config import parse_sweep
+    from raysft.tune.sweep import sweep
 
     ray.init(address="local", num_cpus=spec["cpus"], include_dashboard=True, log_to_driver=False,
              configure_logging=False)

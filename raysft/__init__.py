@@ -26,7 +26,7 @@ _EXPORTS = {
     "train": "raysft.training.trainer",
     "SweepConfig": "raysft.tune.config",
     "SweepResult": "raysft.tune.report",
-    "load_sweep": "raysft.tune.sweep",
+    "load_sweep": "raysft.tune.config",
     "sweep": "raysft.tune.sweep",
 }
 

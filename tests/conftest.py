@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from tests.runs import SHARED_DATA
 from tests.s3server import BUCKET, s3_env, start_moto
 from tests.tiny import make_model, make_tokenizer
 
@@ -38,8 +39,25 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_tokenizer_dir: Path) -> PreTrainedTokenizerBase:
-    # Loaded back from disk, as the pipeline's workers load it.
+    # Loaded back from disk, as the pipeline's workers load it. Shared by every test: change a copy.deepcopy.
     return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+def _tokenizer_settings(tokenizer: PreTrainedTokenizerBase) -> tuple[object, ...]:
+    return (tokenizer.chat_template, tokenizer.padding_side, tokenizer.truncation_side, tokenizer.model_max_length,
+            str(tokenizer.special_tokens_map), len(tokenizer))
+
+
+@pytest.fixture(autouse=True)
+def _session_tokenizer_unchanged(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that changes the session's tokenizer would change what every later test sees: fail it."""
+    if "tiny_tokenizer" not in request.fixturenames:
+        yield
+        return
+    tokenizer = request.getfixturevalue("tiny_tokenizer")
+    before = _tokenizer_settings(tokenizer)
+    yield
+    assert _tokenizer_settings(tokenizer) == before, "this test changed the session-wide tiny_tokenizer; change a copy"
 
 
 @pytest.fixture(scope="session")
@@ -63,11 +81,9 @@ def tiny_model_dir(tiny_model_factory: Callable[[str], Path]) -> Path:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    # ../shared/data next to the project root: read in place, never copied into the project.
-    path = Path(__file__).parents[1].parent / "shared" / "data"
-    if not path.is_dir():
-        pytest.skip(f"shared data not found at {path}")
-    return path
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")

@@ -6,17 +6,22 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from raysft.cli import main
 from raysft.config import Config, apply_overrides, parse_config
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+"""The project root: commands run from here, shipped YAMLs are read from here."""
+SHARED_DATA = REPO.parent / "shared" / "data"
+"""The data sets beside the project (../shared/data): read in place, never copied into the project."""
 
 
 def tiny_config(model_dir: Path, output_dir: Path, overrides: list[str] | None = None, rows: int = 48) -> Config:
@@ -75,7 +80,7 @@ def assert_refused(code: int, err: str, *named: str | Path) -> None:
 def start_then_kill_when(command: list[str], env: dict[str, str], ready: Callable[[], bool], timeout_s: float) -> None:
     """Run `command` (raysft, with its own Ray) in a new session, and SIGKILL the whole session, its Ray
     included, once `ready()` holds: a driver killed mid-run, as a crash or `kill -9` leaves it."""
-    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], env=env, start_new_session=True,
+    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout_s
     try:
@@ -86,3 +91,50 @@ def start_then_kill_when(command: list[str], env: dict[str, str], ready: Callabl
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+class WorkerKiller:
+    """Kill this machine's Ray Train worker processes once `ready()` holds, from a background thread: a worker
+    lost mid-run the way an OOM kill or a lost node loses it, injected from outside the training code.
+
+    Use as a context manager around the run; `killed` lists the pids it SIGKILLed (empty: the moment never
+    came). Only one Ray runs on the test machine at a time, so every Ray Train worker found is the run's.
+    """
+
+    def __init__(self, ready: Callable[[], bool], poll_s: float = 0.05):
+        self.ready, self.poll_s = ready, poll_s
+        self.killed: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            if self.ready():
+                for process in psutil.process_iter(["pid", "cmdline"]):
+                    # Ray titles each actor's process after its class: "ray::RayTrainWorker...".
+                    if any("RayTrainWorker" in part for part in process.info["cmdline"] or []):
+                        process.kill()
+                        self.killed.append(process.info["pid"])
+                if self.killed:
+                    return
+            time.sleep(self.poll_s)
+
+    def __enter__(self) -> "WorkerKiller":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def kill_workers_after_checkpoint(train: Callable[[], object], run_folder: Path, step: int) -> None:
+    """Run `train` (a run with no restarts allowed) and kill its Ray Train workers from outside once its
+    checkpoint `step` is stored: the run must end in TrainingFailedError, with that checkpoint kept."""
+    import ray.train
+
+    stored = run_folder / "checkpoints" / f"step_{step:06d}" / "manifest.json"
+    with WorkerKiller(stored.exists) as killer:
+        with pytest.raises(ray.train.TrainingFailedError):
+            train()
+    assert killer.killed

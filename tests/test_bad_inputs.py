@@ -1,6 +1,6 @@
 """A hostile user's battery, kept: every bad config, run folder or cluster request is a clear error naming
 its key (exit 2, no traceback), raised before Ray starts where that can be known, and nothing the user
-owns is changed. (Bad data files: tests/test_bad_inputs_data.py; export/generate/report:
+owns is changed. (Bad data files: tests/data/test_bad_inputs_data.py; export/generate/report:
 tests/test_bad_inputs_outputs.py.)
 
 The pre-Ray cases come first in this file: they assert that Ray was not started, which only means
@@ -25,9 +25,7 @@ import yaml
 import raysft
 
 from raysft.training.run_folder import CONFIG_FILE, HISTORY_FILE
-from tests.runs import assert_refused, cli, losses, snapshot, tiny_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.runs import REPO, assert_refused, cli, losses, snapshot, tiny_config
 
 
 def write_config(tmp_path: Path, model_dir: Path, overrides: list[str] | None = None, out: str = "run") -> Path:
@@ -235,7 +233,7 @@ def test_documented_sweep_with_default_relative_output_dir(tiny_model_dir: Path,
         "base.train.precision=fp32", "base.tracking.tensorboard=false",
         f"base.data.cache_dir={tmp_path / 'token-cache'}",
     ]
-    command = [sys.executable, "-m", "raysft", "sweep", str(ROOT / "sweeps" / "lora_rank_lr.yaml")]
+    command = [sys.executable, "-m", "raysft", "sweep", str(REPO / "sweeps" / "lora_rank_lr.yaml")]
     done = subprocess.run([*command, *[a for s in sets for a in ("--set", s)]], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": "local"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -15,14 +15,12 @@ from peft import PeftModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
-from tests.runs import tiny_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.runs import REPO, tiny_config
 
 
 def raysft(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "raysft", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "raysft", *args], cwd=REPO, capture_output=True, text=True, timeout=600,
         env={**os.environ, "RAY_ADDRESS": "local", **(env or {})},  # its own Ray, never a running cluster
     )
 

@@ -30,8 +30,9 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-ROOT = Path(__file__).parents[1]
-CLUSTER = ROOT / "cluster"
+from tests.runs import REPO
+
+CLUSTER = REPO / "cluster"
 LAUNCHER = ["aws.yaml", "gcp.yaml"]
 LOCAL = "local-autoscaling.yaml"
 KUBERAY = {"kuberay-raycluster.yaml": "ray.io_rayclusters.yaml", "kuberay-rayjob.yaml": "ray.io_rayjobs.yaml"}
@@ -221,7 +222,7 @@ def test_local_autoscaling_layout(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def crd_dir() -> Path:
     # ../shared/schemas/kuberay next to the project root: read in place, never copied into the project.
-    path = ROOT.parent / "shared" / "schemas" / "kuberay"
+    path = REPO.parent / "shared" / "schemas" / "kuberay"
     if not path.is_dir():
         pytest.skip(f"KubeRay CRD schemas not found at {path}")
     return path
@@ -310,7 +311,7 @@ def test_rayjob_runs_the_sweep_and_cleans_up() -> None:
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert set(runtime_env) == {"working_dir", "pip"}, "no env_vars: secrets must not be written into the CR"
-    if not (ROOT / "sweeps" / "lora_rank_lr.yaml").is_file():
+    if not (REPO / "sweeps" / "lora_rank_lr.yaml").is_file():
         pytest.skip("sweeps/lora_rank_lr.yaml is not in this checkout yet")
 
 

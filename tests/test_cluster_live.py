@@ -30,10 +30,9 @@ import psutil
 import pytest
 import yaml
 
-from tests.runs import tiny_config
+from tests.runs import REPO, tiny_config
 from tests.s3server import BUCKET, free_port
 
-REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 # Every process of a test cluster carries this variable (Ray passes its environment down to raylets,
 # workers and the autoscaler's fake nodes); the cleanup finds them by it, even after setproctitle.

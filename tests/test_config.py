@@ -14,6 +14,7 @@ from raysft.config import (
     parse_config,
     to_yaml,
 )
+from tests.runs import REPO
 
 MINIMAL = {"model": {"name_or_path": "some/model"}, "data": {"train": {"path": "train.jsonl"}}}
 
@@ -91,7 +92,7 @@ def test_saved_config_round_trips_and_summarizes_inline_rows() -> None:
 
 
 def test_every_shipped_example_validates() -> None:
-    examples = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+    examples = sorted((REPO / "examples").glob("*.yaml"))
     assert examples, "examples/ must ship at least one config"
     for path in examples:
         assert path.read_text().startswith("#"), f"{path} must open with the command that runs it"

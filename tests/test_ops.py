@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import doctest
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +16,8 @@ import raysft.ops
 from raysft.config import LoraConfig, ModelConfig
 from raysft.data.packing import collate, pack_examples
 from raysft.model import TokenLoss, apply_lora, load_model
-from raysft.ops import linear_cross_entropy, packed_segments
-from tests.test_packing import _tokenized_examples
+from raysft.ops import PackedLayout, linear_cross_entropy, packed_segments
+from tests.data.test_packing import _tokenized_examples
 from tests.tiny import TINY_ARCHS
 
 
@@ -95,6 +96,17 @@ def test_packed_segments_include_padding_as_a_span() -> None:
     assert packed_segments(collate(rows, pad_token_id=0)["position_ids"]) == [[(0, 2), (2, 4)], [(0, 1), (1, 4)]]
 
 
+def test_packed_layout_flattens_examples_and_padding_over_the_batch() -> None:
+    """The varlen kernels' layout: the same spans as the per-example loop, numbered across the batch."""
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8], "position_ids": [0, 1, 0, 1]},
+            {"input_ids": [9], "labels": [9], "position_ids": [0]}]
+    layout = PackedLayout(collate(rows, pad_token_id=0)["position_ids"])
+    cu_seqlens, longest = layout.cumulative_lengths
+    flattened = [start + row * 4 for row, spans in enumerate(layout.segments) for start, _ in spans]
+    assert cu_seqlens.tolist() == [*flattened, 8] == [0, 2, 4, 5, 8]
+    assert cu_seqlens.dtype == torch.int32 and longest == layout.longest == 3
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_token_loss_with_packed_sdpa_equals_masked_sdpa(
     arch: str, tiny_model_factory: Callable[[str], Path], tiny_tokenizer: PreTrainedTokenizerBase
@@ -126,15 +138,16 @@ def test_token_loss_with_packed_sdpa_equals_masked_sdpa(
 
 def test_packed_sdpa_generates_like_sdpa(tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase) -> None:
     """Without packed segments (generation, left-padded batches) it is plain SDPA with its mask."""
-    tiny_tokenizer.padding_side = "left"
-    prompts = tiny_tokenizer(["The capital of France", "Who"], return_tensors="pt", padding=True)
+    tokenizer = copy.deepcopy(tiny_tokenizer)  # the fixture is session-wide: change a copy
+    tokenizer.padding_side = "left"
+    prompts = tokenizer(["The capital of France", "Who"], return_tensors="pt", padding=True)
     outputs = {}
     for attention in ("sdpa", "packed_sdpa"):
         model = load_model(ModelConfig(name_or_path=str(tiny_model_dir), attn_implementation=attention),
                            torch.device("cpu"), for_training=False).eval()
         model.config.use_cache = True
         outputs[attention] = model.generate(**prompts, max_new_tokens=8, do_sample=False,
-                                            pad_token_id=tiny_tokenizer.pad_token_id)
+                                            pad_token_id=tokenizer.pad_token_id)
     assert torch.equal(outputs["sdpa"], outputs["packed_sdpa"])
 
 

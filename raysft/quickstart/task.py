@@ -8,9 +8,10 @@ through the chat template (:func:`raysft.infer.chat_generate`).
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
+
+from raysft.fileio import write_text_atomically
 
 # Measured on SmolLM2-135M-Instruct (greedy, 50 prompts per kind): the base model gets almost
 # none of these exactly right. It answers in sentences ("The sentence ... refers to the city of
@@ -189,8 +190,8 @@ def write_quickstart_data(folder: Path, n_train: int, n_eval: int, seed: int) ->
     """Write ``train.jsonl`` and ``eval.jsonl`` of the quickstart task into ``folder``.
 
     Both splits come from one :func:`make_task_rows` call, so no eval prompt is in the train
-    split. Each file is written under a temporary name and renamed into place, eval last, so a
-    reader never sees a half-written file.
+    split. Each file appears whole (written under a staging name, then renamed into place), eval
+    last, so a reader never sees a half-written file.
 
     Example::
 
@@ -202,12 +203,6 @@ def write_quickstart_data(folder: Path, n_train: int, n_eval: int, seed: int) ->
     folder.mkdir(parents=True, exist_ok=True)
     rows = make_task_rows(n_train + n_eval, seed)
     paths = (folder / "train.jsonl", folder / "eval.jsonl")
-    temps = []
     for path, split in zip(paths, (rows[:n_train], rows[n_train:])):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in split)
-        temps.append(tmp)
-    for tmp, path in zip(temps, paths):
-        os.replace(tmp, path)
+        write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in split))
     return paths

@@ -1,15 +1,27 @@
-"""The sweep config: a base train config, a search space over its fields, and how to search.
-
-Loaded and checked by raysft.tune.sweep (`load_sweep`); the search-space forms are in raysft.tune.space.
+"""The sweep config: a base train config, a search space over its fields, and how to search; loaded from
+YAML and checked here (`load_sweep`), before any Ray resource starts. The search-space forms are in
+raysft.tune.space; running a sweep on Ray Tune is raysft.tune.sweep.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import Field, field_validator, model_validator
 
-from raysft.config import Config, Section
+from raysft.config import (
+    Config,
+    Section,
+    apply_overrides,
+    read_yaml,
+    resolve_data_paths,
+    to_yaml,
+    validate_section,
+)
+from raysft.errors import ConfigError
+from raysft.tune.space import Domain, parse_space
 
 
 class SchedulerConfig(Section):
@@ -65,3 +77,64 @@ class SweepConfig(Section):
         if self.output_dir is None:
             self.output_dir = f"runs/sweeps/{self.name}"
         return self
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    """Load a sweep YAML (its `base` a train YAML path or inline), apply `--set` overrides, and check it all.
+
+    The YAML's optional `base_overrides` (a list of ``dotted.key=value``) adjust the base for this sweep;
+    `--set` reaches the base config through `base.`, e.g. ``base.train.max_steps=20``.
+
+    Example:
+        >>> cfg = load_sweep("sweeps/lora_rank_lr.yaml", ["num_samples=4"])  # doctest: +SKIP
+    """
+    path = Path(path)
+    raw = read_yaml(path)
+    base = raw.get("base")
+    if isinstance(base, str):
+        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+        raw["base"] = read_yaml(base_path)
+        resolve_data_paths(raw["base"], base_path.parent)
+    elif isinstance(base, dict):
+        resolve_data_paths(base, path.parent)
+    else:
+        raise ConfigError(["base: expected a train YAML path or an inline train config"], str(path))
+    base_overrides = raw.pop("base_overrides", None) or []
+    if not isinstance(base_overrides, list):
+        raise ConfigError(["base_overrides: expected a list of dotted.key=value for the base config"], str(path))
+    apply_overrides(raw["base"], [str(item) for item in base_overrides])
+    return parse_sweep(apply_overrides(raw, overrides or []), str(path))
+
+
+def parse_sweep(raw: dict[str, Any], source: str | None = None) -> SweepConfig:
+    """Validate a sweep mapping (base inline): sweep keys, the base config, and every search domain."""
+    cfg = validate_section(SweepConfig, raw, source)
+    check_sweep(cfg, source)
+    return cfg
+
+
+def check_sweep(cfg: SweepConfig, source: str | None = None) -> dict[str, Domain]:
+    """What a sweep needs beyond its types (eval data, workers, eval rounds) and its checked search domains;
+    one ConfigError lists every problem."""
+    problems = []
+    data, train = cfg.base.data, cfg.base.train
+    if not data.eval and data.eval_fraction == 0:
+        problems.append(f"base.data: the sweep metric {cfg.metric} needs eval data; set data.eval or data.eval_fraction")
+    if cfg.base.scaling.num_workers < 1:
+        problems.append("base.scaling.num_workers: a sweep trial runs Ray Train workers; set it to 1 or more")
+    if cfg.scheduler.name == "asha" and not train.eval_every:
+        problems.append("base.train.eval_every: ASHA compares trials at evaluations; set eval_every (e.g. 10)")
+    domains: dict[str, Domain] = {}
+    try:
+        domains = parse_space(cfg.space, cfg.base.model_dump(mode="json"), cfg.search_alg)
+    except ConfigError as err:
+        problems += err.problems
+    if problems:
+        raise ConfigError(problems, source)
+    return domains
+
+
+def sweep_yaml(cfg: SweepConfig) -> str:
+    """The resolved sweep as YAML, base inline (inline rows summarized as in a run's config.yaml)."""
+    data = cfg.model_dump(mode="json", exclude={"base"})
+    return yaml.safe_dump({"base": yaml.safe_load(to_yaml(cfg.base)), **data}, sort_keys=False)

@@ -20,32 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raysft import storage
-from raysft.config import (
-    Config,
-    ConfigError,
-    apply_overrides,
-    read_yaml,
-    resolve_data_paths,
-    set_dotted,
-    to_yaml,
-    validate_section,
-    with_absolute_paths,
-)
+from raysft.config import Config, set_dotted, validate_section, with_absolute_paths
+from raysft.errors import ConfigError
 from raysft.fileio import write_text_atomically
 from raysft.track import METRICS_FILE
 from raysft.training.preflight import preflight
 from raysft.training.run_folder import FINAL_DIR, run_location
 from raysft.training.trainer import prepare_data, scaling_config, train, wait_for_worker_resources
-from raysft.tune.config import SweepConfig
+from raysft.tune.config import SweepConfig, check_sweep, sweep_yaml
 from raysft.tune.report import SweepResult, write_report
-from raysft.tune.space import Domain, parse_space, to_param_space
+from raysft.tune.space import Domain, to_param_space
 
 SWEEP_FILE = "sweep.yaml"
 TRIAL_FILE = "trial.json"
@@ -55,67 +45,6 @@ TRIAL_FILE = "trial.json"
 TRIAL_DRIVER_RESOURCES: dict[str, float] = {"memory": 512.0 * 2**20}
 # ASHA's horizon when the base config does not fix the number of steps.
 DEFAULT_MAX_ROUNDS = 100
-
-
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
-    """Load a sweep YAML (its `base` a train YAML path or inline), apply `--set` overrides, and check it all.
-
-    The YAML's optional `base_overrides` (a list of ``dotted.key=value``) adjust the base for this sweep;
-    `--set` reaches the base config through `base.`, e.g. ``base.train.max_steps=20``.
-
-    Example:
-        >>> cfg = load_sweep("sweeps/lora_rank_lr.yaml", ["num_samples=4"])  # doctest: +SKIP
-    """
-    path = Path(path)
-    raw = read_yaml(path)
-    base = raw.get("base")
-    if isinstance(base, str):
-        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
-        raw["base"] = read_yaml(base_path)
-        resolve_data_paths(raw["base"], base_path.parent)
-    elif isinstance(base, dict):
-        resolve_data_paths(base, path.parent)
-    else:
-        raise ConfigError(["base: expected a train YAML path or an inline train config"], str(path))
-    base_overrides = raw.pop("base_overrides", None) or []
-    if not isinstance(base_overrides, list):
-        raise ConfigError(["base_overrides: expected a list of dotted.key=value for the base config"], str(path))
-    apply_overrides(raw["base"], [str(item) for item in base_overrides])
-    return parse_sweep(apply_overrides(raw, overrides or []), str(path))
-
-
-def parse_sweep(raw: dict[str, Any], source: str | None = None) -> SweepConfig:
-    """Validate a sweep mapping (base inline): sweep keys, the base config, and every search domain."""
-    cfg = validate_section(SweepConfig, raw, source)
-    check_sweep(cfg, source)
-    return cfg
-
-
-def check_sweep(cfg: SweepConfig, source: str | None = None) -> dict[str, Domain]:
-    """What a sweep needs beyond its types (eval data, workers, eval rounds) and its checked search domains;
-    one ConfigError lists every problem."""
-    problems = []
-    data, train = cfg.base.data, cfg.base.train
-    if not data.eval and data.eval_fraction == 0:
-        problems.append(f"base.data: the sweep metric {cfg.metric} needs eval data; set data.eval or data.eval_fraction")
-    if cfg.base.scaling.num_workers < 1:
-        problems.append("base.scaling.num_workers: a sweep trial runs Ray Train workers; set it to 1 or more")
-    if cfg.scheduler.name == "asha" and not train.eval_every:
-        problems.append("base.train.eval_every: ASHA compares trials at evaluations; set eval_every (e.g. 10)")
-    domains: dict[str, Domain] = {}
-    try:
-        domains = parse_space(cfg.space, cfg.base.model_dump(mode="json"), cfg.search_alg)
-    except ConfigError as err:
-        problems += err.problems
-    if problems:
-        raise ConfigError(problems, source)
-    return domains
-
-
-def sweep_yaml(cfg: SweepConfig) -> str:
-    """The resolved sweep as YAML, base inline (inline rows summarized as in a run's config.yaml)."""
-    data = cfg.model_dump(mode="json", exclude={"base"})
-    return yaml.safe_dump({"base": yaml.safe_load(to_yaml(cfg.base)), **data}, sort_keys=False)
 
 
 def trial_name(trial: Any) -> str:

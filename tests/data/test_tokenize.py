@@ -16,9 +16,8 @@ from transformers import PreTrainedTokenizerBase
 
 import raysft.data.labels
 
-from raysft.config import DataConfig, SourceConfig
+from raysft.config import SourceConfig
 from raysft.data.formats import normalize_row
-from raysft.data.pipeline import cache_key
 from raysft.errors import DataError
 from raysft.data.sources import load_examples
 from raysft.data.labels import IGNORE_INDEX, count_trained, trained_targets
@@ -222,15 +221,6 @@ def test_template_that_rewrites_spelled_tokens_is_an_error(tokenizer: PreTrained
     with pytest.raises(DataError, match=r"^rows\[0\]: message content spells the special token '<\|im_end\|>'"):
         tokenize_example(_forged_conversation(), tokenizer, train_on_inputs=False)
     tokenize_example(_forged_conversation(), tokenizer, False, parse_special_tokens=True)  # today's reading still works
-
-
-def test_cache_key_covers_the_tokenize_options(tiny_tokenizer: PreTrainedTokenizerBase) -> None:
-    cfg = DataConfig(train=[SourceConfig(rows=[{"text": "x"}])])
-    variants = [{}, {"parse_special_tokens": True}, {"train_on_inputs": True}, {"max_row_chars": 10}]
-    keys = {cache_key(cfg.train, tiny_tokenizer, cfg.model_copy(update=change)) for change in variants}
-    assert len(keys) == len(variants)
-    # max_seq_len only re-applies the length policy and re-packs: the same tokenized cache.
-    assert cache_key(cfg.train, tiny_tokenizer, cfg.model_copy(update={"max_seq_len": 64})) in keys
 
 
 def test_ensure_chat_template(tiny_tokenizer: PreTrainedTokenizerBase, caplog: pytest.LogCaptureFixture) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray.train
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -19,8 +18,8 @@ from transformers import AutoModelForCausalLM
 import raysft
 from raysft.errors import ConfigError
 from raysft.training.checkpoint import checkpoint_names, verify
-from raysft.training.loop import FAULT_ENV, epoch_order
-from tests.runs import losses, tiny_config
+from raysft.training.step import epoch_order
+from tests.runs import WorkerKiller, kill_workers_after_checkpoint, losses, tiny_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -59,35 +58,34 @@ def test_two_workers_equal_one_worker(tiny_model_dir: Path, tmp_path: Path) -> N
 
 
 def test_resume_continues_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
-    # A real worker process (not local mode): the injected fault kills the process it runs in.
-    common = ["scaling.num_workers=1", "train.max_steps=6", "train.checkpoint_every=2", "train.checkpoints_to_keep=2"]
+    # A real worker process (not local mode), killed from outside once step 4's checkpoint is stored; the run
+    # is long enough that it is still training then, wherever exactly the kill lands.
+    common = ["scaling.num_workers=1", "train.max_steps=24", "train.checkpoint_every=2", "train.checkpoints_to_keep=2"]
     straight = run(tiny_model_dir, tmp_path / "straight", common)
 
     interrupted = tmp_path / "interrupted"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(FAULT_ENV, f"4:{tmp_path / 'fault-marker'}")  # dies at the start of step 5
-        with pytest.raises(ray.train.TrainingFailedError):
-            run(tiny_model_dir, interrupted, common)
-    assert checkpoint_names(str(interrupted / "checkpoints")) == ["step_000002", "step_000004"]
+    kill_workers_after_checkpoint(lambda: run(tiny_model_dir, interrupted, common), interrupted, step=4)
+    kept = checkpoint_names(str(interrupted / "checkpoints"))
+    assert len(kept) == 2 and "step_000024" not in kept  # the two newest, from before the kill
 
     with pytest.raises(ConfigError, match="--resume"):
         run(tiny_model_dir, interrupted, common)  # never silently restarts over an earlier run
     resumed = run(tiny_model_dir, interrupted, [*common, "train.resume=true"])
 
     expected, got = losses(straight.history()), losses(resumed.history())
-    assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5, 6]  # no step lost or logged twice
+    assert sorted(got) == sorted(expected) == list(range(1, 25))  # no step lost or logged twice
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-5)
 
 
 def test_worker_killed_mid_run_restarts_from_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
-    common = ["scaling.num_workers=1", "train.max_steps=5", "train.checkpoint_every=2"]
+    common = ["scaling.num_workers=1", "train.max_steps=16", "train.checkpoint_every=2"]
     straight = run(tiny_model_dir, tmp_path / "straight", common)
-    marker = tmp_path / "killed"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(FAULT_ENV, f"3:{marker}")
-        recovered = run(tiny_model_dir, tmp_path / "recovered", [*common, "scaling.max_failures=1"])
-    assert marker.exists()  # the worker really died once
+    recovered_dir = tmp_path / "recovered"
+    # Step 4's checkpoint stored means step 2's is registered: the restart resumes from a checkpoint.
+    with WorkerKiller(lambda: (recovered_dir / "checkpoints" / "step_000004" / "manifest.json").exists()) as killer:
+        recovered = run(tiny_model_dir, recovered_dir, [*common, "scaling.max_failures=1"])
+    assert killer.killed  # the worker really died once, and Ray Train restarted it from the checkpoint
     for step, loss in losses(straight.history()).items():
         assert losses(recovered.history())[step] == pytest.approx(loss, abs=1e-5)
 

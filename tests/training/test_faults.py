@@ -1,6 +1,6 @@
 """Faults a real run meets (slow tier): the driver SIGKILLed mid-run and resumed, and a disk that fills up.
 
-(Also covered elsewhere: a worker killed mid-run, tests/test_train.py; a torn checkpoint, the same file;
+(Also covered elsewhere: a worker killed mid-run, tests/training/test_train.py; a torn checkpoint, the same file;
 a torn metrics line and a half-written checkpoint folder, tests/test_bad_inputs.py.)
 """
 
@@ -16,10 +16,9 @@ import pytest
 import yaml
 
 from raysft.track import read_metrics
-from tests.runs import losses, start_then_kill_when, tiny_config
+from tests.runs import REPO, losses, start_then_kill_when, tiny_config
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["scaling.num_workers=1", "train.max_steps=12", "train.checkpoint_every=2", "train.checkpoints_to_keep=2"]
 
 
@@ -37,7 +36,7 @@ def test_driver_killed_mid_run_resumes_exactly(tiny_model_dir: Path, tmp_path: P
     env = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, killed with it
     straight = tmp_path / "straight"
     done = subprocess.run(raysft_command("train", write_config(tmp_path, tiny_model_dir, straight, COMMON)),
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
     killed = tmp_path / "killed"
@@ -46,7 +45,7 @@ def test_driver_killed_mid_run_resumes_exactly(tiny_model_dir: Path, tmp_path: P
                          lambda: (killed / "checkpoints" / "step_000004" / "manifest.json").exists(), timeout_s=400)
     assert not (killed / "final").exists()
 
-    resumed = subprocess.run(raysft_command("train", cfg, "--resume"), cwd=ROOT, env=env, capture_output=True,
+    resumed = subprocess.run(raysft_command("train", cfg, "--resume"), cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected, got = losses(read_metrics(straight / "metrics.jsonl")), losses(read_metrics(killed / "metrics.jsonl"))
@@ -75,7 +74,7 @@ def test_full_disk_is_named_and_leaves_no_staging(tiny_model_dir: Path, tmp_path
     cfg = write_config(tmp_path, tiny_model_dir, out, ["train.checkpoint_every=1", "lora.r=64", "scaling.num_workers=1"])
     # A process of its own, with its own Ray: this slow tier also runs tests that start Ray in subprocesses,
     # and two Ray instances in one test process's view confuse Ray Train's placement-group cleanup.
-    done = subprocess.run(raysft_command("train", cfg), cwd=ROOT, capture_output=True, text=True, timeout=600,
+    done = subprocess.run(raysft_command("train", cfg), cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "RAY_ADDRESS": "local"})
     assert done.returncode == 2, done.stderr[-3000:]
     # raysft's own message (Ray's worker logs above it may hold the worker's traceback, as Ray prints them).

@@ -19,10 +19,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from raysft.cli import main as cli_main
-from raysft.tune.sweep import parse_sweep, sweep
-from tests.runs import tiny_config
-
-REPO = Path(__file__).resolve().parents[1]
+from raysft.tune.config import parse_sweep
+from raysft.tune.sweep import sweep
+from tests.runs import REPO, tiny_config
 
 
 def tiny_base(model_dir: Path, tmp_path: Path, overrides: list[str]) -> dict[str, Any]:

@@ -11,23 +11,23 @@ from ray import tune
 
 from raysft.config import load_yaml_text
 from raysft.errors import ConfigError
+from raysft.tune.config import load_sweep, parse_sweep
 from raysft.tune.space import Domain, parse_space, to_param_space
 from raysft.tune.sweep import (
     default_max_concurrent,
     eval_round,
     is_evaluation,
-    load_sweep,
-    parse_sweep,
     trial_config,
     tune_result,
 )
+from tests.runs import REPO
 
 BASE: dict[str, Any] = {
     "model": {"name_or_path": "some/model"},
     "data": {"train": {"path": "train.jsonl"}, "eval_fraction": 0.1},
     "train": {"max_steps": 20, "eval_every": 5},
 }
-SWEEPS = sorted((Path(__file__).parents[1] / "sweeps").glob("*.yaml"))
+SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 
 
 def sweep_raw(**changes: Any) -> dict[str, Any]:

@@ -1,0 +1,122 @@
+"""Checkpoint folders on a local path, without a Ray session (raysft.training.checkpoint): what is trusted,
+what is kept, what is resumed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from raysft.errors import RunError
+from raysft.training.checkpoint import (
+    MANIFEST,
+    STAGING_PREFIX,
+    checkpoint_names,
+    checkpoints_to_prune,
+    load_checkpoint,
+    newest_verified,
+    persist_checkpoint,
+    remove_staging,
+    step_dir_name,
+    verify,
+    write_checkpoint,
+)
+
+
+def write(folder: Path, step: int, score: float | None = None) -> Path:
+    """A real checkpoint of a one-layer model after one optimizer step, written by rank 0's writer."""
+    torch.manual_seed(step)
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    folder.mkdir(parents=True)
+    state = {"step": step, "data_fingerprint": "f", **({} if score is None else {"score": score})}
+    write_checkpoint(folder, dict(model.named_parameters()), optimizer, [{"cpu": torch.get_rng_state()}], state)
+    return folder
+
+
+def test_a_fresh_checkpoint_verifies_and_loads_back(tmp_path: Path) -> None:
+    folder = write(tmp_path / step_dir_name(3), 3)
+    assert verify(folder)
+    assert set(json.loads((folder / MANIFEST).read_text())["files"]) == {
+        "trainable.safetensors", "optimizer.pt", "rng.pt", "state.json"
+    }
+    trainable, optimizer_state, state = load_checkpoint(folder, rank=0)
+    assert set(trainable) == {"weight", "bias"} and state["step"] == 3
+    assert optimizer_state["state"][0]["step"] == 1  # the optimizer's moments come back too
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated file", "missing file", "no manifest", "torn manifest"])
+def test_a_damaged_or_partial_checkpoint_does_not_verify(tmp_path: Path, damage: str) -> None:
+    folder = write(tmp_path / step_dir_name(1), 1)
+    weights = folder / "trainable.safetensors"
+    if damage == "flipped byte":
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif damage == "truncated file":  # a copy cut short
+        weights.write_bytes(weights.read_bytes()[:10])
+    elif damage == "missing file":
+        (folder / "optimizer.pt").unlink()
+    elif damage == "no manifest":  # the manifest is written last: a save interrupted before it
+        (folder / MANIFEST).unlink()
+    else:
+        (folder / MANIFEST).write_text('{"step": 1, "fil')
+    assert not verify(folder)
+    with pytest.raises(RunError, match=f"checkpoint {folder.name}: its files do not match its manifest"):
+        load_checkpoint(folder, rank=0)
+
+
+def test_newest_verified_skips_damaged_and_partial_checkpoints(tmp_path: Path) -> None:
+    assert newest_verified(str(tmp_path)) is None  # an empty run folder: nothing to resume
+    write(tmp_path / step_dir_name(2), 2)
+    write(tmp_path / step_dir_name(4), 4)
+    torn = write(tmp_path / step_dir_name(6), 6)
+    (torn / "rng.pt").write_bytes(b"torn")
+    (write(tmp_path / step_dir_name(8), 8) / MANIFEST).unlink()  # interrupted before its manifest
+    (tmp_path / f"{STAGING_PREFIX}{step_dir_name(10)}").mkdir()  # never a checkpoint, whatever it holds
+    assert checkpoint_names(str(tmp_path)) == [step_dir_name(s) for s in (2, 4, 6, 8)]
+    assert newest_verified(str(tmp_path)) == str(tmp_path / step_dir_name(4))
+
+
+def test_prune_keeps_the_best_scored_and_the_newest(tmp_path: Path) -> None:
+    for step, score in [(1, 0.9), (2, 0.3), (3, 0.5), (4, 0.7)]:
+        write(tmp_path / step_dir_name(step), step, score)
+    # lower is better (eval_loss): the 2 best are steps 2 and 3; step 4 stays as the newest.
+    assert checkpoints_to_prune(str(tmp_path), keep=2, higher_first=False) == [step_dir_name(1)]
+    # higher is better (token accuracy): the 2 best are 1 and 4 (the newest among them).
+    assert checkpoints_to_prune(str(tmp_path), keep=2, higher_first=True) == [step_dir_name(2), step_dir_name(3)]
+    assert checkpoints_to_prune(str(tmp_path), keep=1, higher_first=False) == [step_dir_name(s) for s in (1, 3)]
+
+
+def test_prune_without_scores_keeps_the_newest(tmp_path: Path) -> None:
+    for step in (1, 2, 3):
+        write(tmp_path / step_dir_name(step), step)
+    assert checkpoints_to_prune(str(tmp_path), keep=2, higher_first=False) == [step_dir_name(1)]
+    assert checkpoints_to_prune(str(tmp_path), keep=5, higher_first=False) == []
+
+
+def test_persist_stores_by_rename_and_prunes_to_the_best_and_newest(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    for step, score in [(1, 0.2), (2, 0.6), (3, 0.4)]:
+        local = write(tmp_path / "local" / str(step), step, score)
+        persist_checkpoint(local, str(root), step_dir_name(step), keep=1)
+    assert sorted(p.name for p in root.iterdir()) == [step_dir_name(1), step_dir_name(3)]  # best, newest
+    assert all(verify(root / name) for name in (step_dir_name(1), step_dir_name(3)))
+    persist_checkpoint(tmp_path / "rank-1-holds-nothing", str(root), step_dir_name(4), keep=1)  # not rank 0
+    assert sorted(p.name for p in root.iterdir()) == [step_dir_name(1), step_dir_name(3)]
+
+
+def test_remove_staging_deletes_only_what_an_interrupted_save_left(tmp_path: Path) -> None:
+    kept = write(tmp_path / step_dir_name(1), 1)
+    (tmp_path / f"{STAGING_PREFIX}{step_dir_name(2)}").mkdir()
+    (tmp_path / f"{STAGING_PREFIX}{step_dir_name(2)}" / "optimizer.pt").write_bytes(b"half")
+    (tmp_path / f"{STAGING_PREFIX}stray").write_bytes(b"")
+    remove_staging(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [kept.name] and verify(kept)
+    remove_staging(tmp_path / "absent")  # a run that never saved: nothing to do
