@@ -235,12 +235,12 @@ def raysft_step_stats(output_dir: Path, cfg: Any, world: int) -> dict[str, Any]:
 
     metrics.jsonl gives tokens_per_s (non-pad tokens / interval since the previous log) and the cumulative
     num_tokens, so step time = step's real tokens / tokens_per_s. Padding is not logged, so the run's batches
-    are rebuilt here from the same packed rows and the loop's own row order (`epoch_order`), and each
+    are rebuilt here from the same packed rows and the loop's own schedule (`BatchSchedule`), and each
     micro-batch is counted as padded to its longest row, as `collate` does. The rebuilt real-token count is
     checked against metrics.jsonl.
     """
     import raysft
-    from raysft.training.loop import epoch_order
+    from raysft.training.step import BatchSchedule
 
     lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     lines = [m for m in lines if "tokens_per_s" in m]
@@ -252,18 +252,14 @@ def raysft_step_stats(output_dir: Path, cfg: Any, world: int) -> dict[str, Any]:
                       "step_s": real / m["tokens_per_s"]})
     _, prepared = raysft.prepare_data(cfg)  # a cache hit: same rows as the run trained on
     rows = prepared.rows["train"]
-    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
-    global_batch = world * micro * accum
-    per_epoch = len(rows) // global_batch
+    schedule = BatchSchedule(len(rows), world, cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed)
     for s in steps:
-        epoch, index = divmod(s["step"] - 1, per_epoch)
-        order = epoch_order(len(rows), cfg.train.seed, epoch)
-        step_rows = order[index * global_batch : (index + 1) * global_batch]
         slots = real = 0
-        for start in range(0, global_batch, micro):
-            lengths = [len(rows[i]["input_ids"]) for i in step_rows[start : start + micro]]
-            slots += len(lengths) * max(lengths)
-            real += sum(lengths)
+        for rank in range(world):
+            for micro_batch in schedule.micro_batches(s["step"] - 1, rank):
+                lengths = [len(rows[i]["input_ids"]) for i in micro_batch]
+                slots += len(lengths) * max(lengths)
+                real += sum(lengths)
         if real != s["real_tokens"]:
             raise RuntimeError(f"rebuilt step {s['step']} has {real} tokens, metrics.jsonl says {s['real_tokens']}")
         s["slots"] = slots
@@ -300,25 +296,38 @@ def summarize(steps: list[dict[str, Any]], skip: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------- the bound
 
 
-def matmul_flops(dtype_name: str, sizes: tuple[int, ...], threads: int, seconds: float = 2.0) -> dict[str, Any]:
-    """Best FLOP/s of `torch.matmul` on n x n matrices (2 n^3 FLOPs each), with `threads` torch threads."""
+def matmul_flops(dtype_name: str, sizes: tuple[int, ...], threads: int | None = None, seconds: float = 2.0,
+                 device: str = "cpu") -> dict[str, Any]:
+    """Best FLOP/s of `torch.matmul` on n x n matrices (2 n^3 FLOPs each), on `device` (`threads` on CPU).
+
+    The measured ceiling that MFU is quoted against: what this machine's matmuls really reach in `dtype`.
+    """
     import torch
 
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+
+    def synchronize() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     per_size = {}
     for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
         torch.matmul(a, b)  # warm-up
+        synchronize()
         count, start = 0, time.perf_counter()
         while True:
-            torch.matmul(a, b)
-            count += 1
+            for _ in range(10 if device.startswith("cuda") else 1):  # queue a few: no host wait per product
+                torch.matmul(a, b)
+                count += 1
+            synchronize()
             elapsed = time.perf_counter() - start
             if elapsed >= seconds and count >= 2:
                 break
         per_size[str(n)] = 2 * n**3 * count / elapsed
-    return {"best_flops": max(per_size.values()), "per_size": per_size, "threads": threads}
+    return {"best_flops": max(per_size.values()), "per_size": per_size, "threads": threads, "device": device}
 
 
 @dataclass(frozen=True)
@@ -333,7 +342,11 @@ class ModelShape:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelShape":
-        c = json.loads((Path(model_dir) / "config.json").read_text())
+        return cls.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
+
+    @classmethod
+    def from_config(cls, c: dict[str, Any]) -> "ModelShape":
+        """From a transformers config (as its config.json dict)."""
         head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
         return cls(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
                    c.get("num_key_value_heads", c["num_attention_heads"]), head_dim, c["vocab_size"])

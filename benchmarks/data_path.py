@@ -172,7 +172,8 @@ def child_loop(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     import raysft
     from raysft.model import TokenLoss, apply_lora, load_model
-    from raysft.training.loop import Rows, _autocast, epoch_order
+    from raysft.training.loop import Rows
+    from raysft.training.step import BatchSchedule, autocast
     from raysft.training.optim import build_optimizer
 
     ray_init_s = C.start_local_ray(spec["threads"])
@@ -191,17 +192,15 @@ def child_loop(spec: dict[str, Any]) -> dict[str, Any]:
     rows = Rows(*[[np.asarray(columns[k][i], dtype=np.int64) for i in order] for k in ("input_ids", "labels", "position_ids")])
     read_rows_s = time.perf_counter() - t0
 
-    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
     device = torch.device("cpu")
-    per_epoch = len(rows) // (micro * accum)
+    schedule = BatchSchedule(len(rows), 1, cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed)
 
     def step_batches(step: int) -> tuple[list[dict[str, torch.Tensor]], int, float]:
         t = time.perf_counter()
-        epoch, index = divmod(step, per_epoch)
-        step_rows = epoch_order(len(rows), cfg.train.seed, epoch)[index * micro * accum : (index + 1) * micro * accum]
+        step_rows = schedule.step_rows(step)
         trained = rows.trained_tokens(step_rows)
-        batches = [{k: v.to(device) for k, v in rows.batch(step_rows[m * micro : (m + 1) * micro], pad_id).items()}
-                   for m in range(accum)]
+        batches = [{k: v.to(device) for k, v in rows.batch(micro_batch, pad_id).items()}
+                   for micro_batch in schedule.micro_batches(step, rank=0)]
         rows.real_tokens(step_rows)
         return batches, trained, time.perf_counter() - t
 
@@ -216,7 +215,7 @@ def child_loop(spec: dict[str, Any]) -> dict[str, Any]:
         t = time.perf_counter()
         batches, trained, data_s = step_batches(step)
         for batch in batches:
-            with _autocast(cfg.train.precision, device):
+            with autocast(cfg.train.precision, device):
                 loss_sum, _ = loss_module(**batch)
             (loss_sum / max(trained, 1)).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -218,6 +218,32 @@ def main(argv: list[str] | None = None) -> None:
                                "matmul": matmul, "results": results}, markdown)
 
 
+def memory_by_role(results: dict[str, Any]) -> list[str]:
+    """Peak RSS of each process role of the raysft runs, against TRL's single process with the same packing."""
+    rows = []
+    for r in results.values():
+        if not r["variant"].startswith("raysft"):
+            continue
+        raw = r["raw"]
+        by_kind = raw.get("peak_rss_by_process_kind_mib") or {}
+        controller = max((v for k, v in by_kind.items() if "TrainController" in k), default=None)
+        other = sum(v for k, v in by_kind.items() if k != "root" and "RayTrainWorker" not in k and "TrainController" not in k)
+        trl = results.get(f"trl-{r['variant'].split('-', 1)[1]}-{r['precision']}")
+        trl_peak = trl["raw"]["peak_rss_tree_mib"] if trl else None
+        worker = raw["peak_rss_train_worker_mib"]
+        rows.append([r["variant"], r["precision"], raw["peak_rss_tree_mib"], raw["peak_rss_driver_mib"], worker,
+                     controller, other, trl_peak, worker / trl_peak if trl_peak else None,
+                     raw["peak_rss_tree_mib"] / trl_peak if trl_peak else None])
+    if not rows:
+        return []
+    return ["Peak RSS by process role (MiB; sampled every 0.25 s). driver = the benchmark child that calls ray.init and "
+            "raysft.train; other Ray = the sum of each other process's own peak (GCS, raylet, agents, Ray Train's and "
+            "Ray Data's helper actors, idle workers), so it over-counts processes that peak at different times. TRL "
+            "runs in one process; it is compared with the raysft variant of the same packing (same tokens per step).", "",
+            C.markdown_table(["variant", "precision", "tree", "driver", "train worker", "Train controller",
+                              "other Ray", "TRL peak (same packing)", "train worker / TRL", "tree / TRL"], rows), ""]
+
+
 def report(args: argparse.Namespace, info: dict[str, Any], matmul: dict[str, Any], results: dict[str, Any]) -> str:
     headers = ["variant", "precision", "median step s", "trained tok/s", "all tok/s", "pad frac", "tok/step",
                "peak RSS tree MiB", "peak RSS trainer MiB", "achieved GFLOP/s", "of matmul", "final loss"]
@@ -236,6 +262,7 @@ def report(args: argparse.Namespace, info: dict[str, Any], matmul: dict[str, Any
         C.machine_markdown(info), "",
         C.markdown_table(headers, rows), "",
     ]
+    parts += memory_by_role(results)
     ratio_rows = []
     for precision in args.precisions:
         trl = [r for r in results.values() if r["precision"] == precision and r["variant"].startswith("trl")]

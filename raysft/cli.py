@@ -52,7 +52,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from raysft.tune.sweep import load_sweep, sweep
+    from raysft.tune.config import load_sweep
+    from raysft.tune.sweep import sweep
 
     result = sweep(load_sweep(args.config, args.overrides), resume=args.resume)
     _print_sweep_summary(result)
@@ -122,6 +123,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"[raysft] merged model written to {merge_adapter(run_dir, args.merge, overwrite=args.overwrite)}")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from raysft.plan import plan_report
+
+    print(plan_report(_load(args), args.gpu_mem, args.gpus, args.model_config))
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from raysft.quickstart import run_quickstart
 
@@ -175,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace MERGED_DIR if an earlier `raysft export` wrote it (and only then)"
     )
     export.set_defaults(run=cmd_export)
+
+    plan = commands.add_parser("plan", help="per-GPU memory of a train config under ddp and fsdp (no weights loaded)")
+    _add_config_args(plan)
+    plan.add_argument("--gpu-mem", default="80GiB", help="memory per GPU, e.g. 80GiB, 24GB, 40G (default 80GiB)")
+    plan.add_argument("--gpus", default="1,2,4,8", help="GPU counts to plan for, comma-separated (default 1,2,4,8)")
+    plan.add_argument(
+        "--model-config", default=None, metavar="PATH",
+        help="the model's config.json (or its folder), for a hub id or a GGUF file the planner cannot read",
+    )
+    plan.set_defaults(run=cmd_plan)
 
     quickstart = commands.add_parser("quickstart", help="fine-tune SmolLM2-135M on a generated task, before/after")
     quickstart.add_argument("--output-dir", default="runs/quickstart")

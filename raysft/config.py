@@ -236,6 +236,15 @@ class ScalingConfig(Section):
     resource_wait_s: float = Field(default=600.0, ge=0)
     """On an autoscaling cluster, how long to wait for nodes that can hold the workers before giving up.
     Without an autoscaler a request the cluster cannot hold fails at once."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How workers share the model. `ddp`: each worker holds the whole model, gradients and optimizer state
+    (fastest while it fits one device). `fsdp`: PyTorch FSDP2 shards parameters, gradients and optimizer
+    state across the workers (each decoder layer, then the rest), so each holds about 1/num_workers of them;
+    checkpoints are sharded too (torch.distributed.checkpoint, one file per worker). `raysft plan` says which
+    fits."""
+    fsdp_cpu_offload: bool = False
+    """With `strategy: fsdp`, keep the parameter shards and optimizer state in CPU memory between uses
+    (slower; for models whose shards still do not fit the GPUs)."""
 
 
 class TrackingConfig(Section):
@@ -277,6 +286,24 @@ class Config(Section):
                 "model.attn_implementation: flash_attention_2 needs CUDA GPUs (scaling.use_gpu: true) "
                 "and the flash-attn package; on CPU use packed_sdpa (the default) or sdpa"
             )
+        if self.scaling.strategy == "fsdp":
+            if self.model.quantization == "8bit":
+                problems.append(
+                    "scaling.strategy: fsdp cannot shard bitsandbytes 8-bit weights (their scales are per row, "
+                    "outside the tensor FSDP splits); use model.quantization: 4bit or none, or strategy: ddp"
+                )
+            if self.train.precision == "fp16":
+                problems.append(
+                    "scaling.strategy: fsdp runs bf16 or fp32 (train.precision); fp16's loss scaling would need "
+                    "every shard's overflow check agreed across workers. Use train.precision: bf16"
+                )
+            if self.train.optimizer == "adamw_8bit":
+                problems.append(
+                    "scaling.strategy: fsdp does not work with train.optimizer: adamw_8bit (bitsandbytes' 8-bit "
+                    "states are not sharded tensors); use adamw, or strategy: ddp"
+                )
+        elif self.scaling.fsdp_cpu_offload:
+            problems.append("scaling.fsdp_cpu_offload: only applies with scaling.strategy: fsdp")
         if self.train.final == "best" and not (self.train.eval_every and (self.data.eval or self.data.eval_fraction)):
             problems.append(
                 "train.final: best picks the weights with the best evaluation; set train.eval_every and eval data "

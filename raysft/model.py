@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.helpers import disable_input_dtype_casting
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -20,7 +21,7 @@ from transformers import (
 from raysft.config import LoraConfig, ModelConfig
 from raysft.data.labels import trained_targets
 from raysft.data.tokenize import ensure_chat_template
-from raysft.ops import PACKED_SDPA, linear_cross_entropy, packed_segments, register_packed_sdpa
+from raysft.ops import PACKED_SDPA, PackedLayout, linear_cross_entropy, register_packed_sdpa
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ def load_model(cfg: ModelConfig, device: torch.device, for_training: bool = True
             bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=cfg.bnb_4bit_double_quant,
             bnb_4bit_compute_dtype=compute,
+            # 4-bit weights packed into compute-dtype storage: a tensor FSDP can shard evenly like any other
+            # (the uint8 default cannot be mixed with the bf16 tensors of the same layer); no effect on DDP.
+            bnb_4bit_quant_storage=compute if cfg.quantization == "4bit" else torch.uint8,
         )
         kwargs["device_map"] = {"": device}
     if cfg.attn_implementation == PACKED_SDPA:
@@ -129,11 +133,16 @@ class TokenLoss(nn.Module):
         """Return (sum of token losses, number of correctly predicted trained tokens)."""
         # No attention_mask and use_cache=False: transformers builds a block-diagonal causal mask from
         # the restarts in position_ids, so packed examples never attend to each other; packed_sdpa
-        # goes further and runs attention on each example's own span.
-        segments = {"packed_segments": packed_segments(position_ids)} if self.per_example_attention else {}
-        hidden = self.backbone(
-            input_ids=input_ids, position_ids=position_ids, use_cache=False, **segments
-        ).last_hidden_state
+        # goes further and runs attention on each example's own span (one varlen kernel on CUDA).
+        layout = {"packed_layout": PackedLayout(position_ids)} if self.per_example_attention else {}
+        # PEFT casts each LoRA input to the adapter's dtype (fp32 adapters on a bf16 base): under autocast the
+        # matmul casts it straight back, so the cast is a full activation copy per adapted linear for nothing
+        # (a fifth of a 1.7B LoRA step's GPU time, benchmarks/results/gpu_check_h100.md). Autocast's own cast
+        # of the small adapter weights gives the same numbers.
+        with disable_input_dtype_casting(self.model, active=torch.is_autocast_enabled(input_ids.device.type)):
+            hidden = self.backbone(
+                input_ids=input_ids, position_ids=position_ids, use_cache=False, **layout
+            ).last_hidden_state
         trained = trained_targets(labels, position_ids)
         wanted = labels[:, 1:][trained]
         if type(self.head) is nn.Linear:

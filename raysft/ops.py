@@ -1,9 +1,12 @@
 """The two hot spots of LoRA training that transformers leaves on the table, written for packed rows.
 
-- ``packed_sdpa``: attention run once per packed example instead of over the whole row under a
+- ``packed_sdpa``: attention run over each packed example alone instead of over the whole row under a
   block-diagonal mask. A row of k examples costs sum(n_i^2) instead of (sum n_i)^2, and no mask is
-  materialized. :func:`register_packed_sdpa` makes it a transformers attention implementation, so a model
-  loaded with ``attn_implementation="packed_sdpa"`` uses it; without segments (generation) it is plain SDPA.
+  materialized. On CUDA in bf16/fp16 it is one variable-length kernel per layer for the whole batch
+  (flash-attn's when that package is installed, else PyTorch's ``torch.nn.attention.varlen``); elsewhere
+  (CPU, fp32) it is one SDPA call per example. :func:`register_packed_sdpa` makes it a transformers
+  attention implementation, so a model loaded with ``attn_implementation="packed_sdpa"`` uses it; without
+  a packed layout (generation) it is plain SDPA.
 - ``linear_cross_entropy``: output head + cross-entropy over trained positions, a chunk at a time,
   with the gradient computed while the chunk's logits are still in cache. Vocabulary-sized logits
   are never stored for backward (at vocab 49k, 1,300 trained tokens are 256 MB of fp32 logits,
@@ -12,6 +15,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,6 +30,11 @@ PACKED_SDPA = "packed_sdpa"
 
 Segments = list[list[tuple[int, int]]]
 """Per batch row, the [start, end) spans of its packed examples (padding is a span of its own)."""
+
+VarlenKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float | None], torch.Tensor]
+"""(query, key, value as (tokens, heads, head_dim), cumulative lengths, longest length, scale) -> causal output."""
+
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def packed_segments(position_ids: torch.Tensor) -> Segments:
@@ -41,6 +52,108 @@ def packed_segments(position_ids: torch.Tensor) -> Segments:
     return segments
 
 
+class PackedLayout:
+    """Where a batch's packed examples start and end: worked out once per forward, read by every layer.
+
+    Each form is computed on first use, so a batch pays only for the kernel that runs it: Python spans
+    for the per-example SDPA loop, cumulative lengths (flattened over the batch) for a varlen kernel.
+    """
+
+    def __init__(self, position_ids: torch.Tensor):
+        self.position_ids = position_ids
+
+    @functools.cached_property
+    def segments(self) -> Segments:
+        return packed_segments(self.position_ids)
+
+    @functools.cached_property
+    def cumulative_lengths(self) -> tuple[torch.Tensor, int]:
+        """(cu_seqlens as int32 over the flattened batch, longest example): the varlen kernels' layout.
+
+        Every row starts an example at position 0 (padding restarts at 0 too), so the flattened
+        restarts are exactly the example boundaries of the whole batch.
+
+        Example:
+            >>> PackedLayout(torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]])).cumulative_lengths
+            (tensor([ 0,  3,  5,  9, 10], dtype=torch.int32), 4)
+        """
+        flat = self.position_ids.reshape(-1)
+        starts = torch.nonzero(flat == 0).flatten()
+        ends = torch.tensor([flat.numel()], device=flat.device)
+        cu_seqlens = torch.cat([starts, ends]).to(torch.int32)
+        return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+    @functools.cached_property
+    def longest(self) -> int:
+        """Tokens in the longest example (or padding span): positions count up from 0 within each."""
+        return int(self.position_ids.max()) + 1
+
+
+@functools.cache
+def varlen_kernel() -> tuple[str, VarlenKernel] | None:
+    """The causal variable-length attention kernel this install has, by name, or None.
+
+    flash-attn first: a user who installed it chose it (and on Hopper it may be FlashAttention-3);
+    else PyTorch's own varlen attention (torch >= 2.10), whose causal switch changed name across releases.
+    """
+    try:
+        from flash_attn import flash_attn_varlen_func
+
+        def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int,
+                  scale: float | None) -> torch.Tensor:
+            return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, softmax_scale=scale, causal=True)
+
+        return "flash_attn.flash_attn_varlen_func", flash
+    except ImportError:
+        pass
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    parameters = inspect.signature(varlen_attn).parameters
+    causal: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
+    native_gqa, native_scale = "enable_gqa" in parameters, "scale" in parameters
+
+    def torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int,
+                     scale: float | None) -> torch.Tensor:
+        options: dict[str, Any] = dict(causal)
+        if k.shape[1] != q.shape[1]:
+            if native_gqa:
+                options["enable_gqa"] = True
+            else:  # older releases: repeat the shared key/value heads
+                repeats = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        if native_scale:
+            options["scale"] = scale
+        elif scale is not None:  # older releases scale by 1/sqrt(head_dim) only: fold the rest into q
+            q = q * (scale * q.shape[-1] ** 0.5)
+        return varlen_attn(q, k, v, cu, cu, longest, longest, **options)
+
+    return "torch.nn.attention.varlen.varlen_attn", torch_varlen
+
+
+def _compute_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype attention runs in: autocast's when it is on (q/k come out of RoPE in fp32 under it)."""
+    if torch.is_autocast_enabled(query.device.type):
+        return torch.get_autocast_dtype(query.device.type)
+    return query.dtype
+
+
+def _varlen_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: PackedLayout,
+    kernel: VarlenKernel, dtype: torch.dtype, scaling: float | None,
+) -> torch.Tensor:
+    """All examples of the batch in one varlen call; returns (batch, seq, heads, head_dim)."""
+    batch, heads, width, head_dim = query.shape
+
+    def tokens_first(t: torch.Tensor) -> torch.Tensor:  # (batch, heads, seq, dim) -> (batch * seq, heads, dim)
+        return t.transpose(1, 2).reshape(batch * width, t.shape[1], head_dim).to(dtype)
+
+    cu_seqlens, longest = layout.cumulative_lengths
+    out = kernel(tokens_first(query), tokens_first(key), tokens_first(value), cu_seqlens, longest, scaling)
+    return out.reshape(batch, width, heads, head_dim)
+
+
 def packed_sdpa_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -49,22 +162,25 @@ def packed_sdpa_attention(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
-    packed_segments: Segments | None = None,
+    packed_layout: PackedLayout | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Causal SDPA over each packed example alone; the whole row under ``attention_mask`` otherwise.
+    """Causal attention over each packed example alone; the whole row under ``attention_mask`` otherwise.
 
     Query/key/value are (batch, heads, seq, head_dim); returns (batch, seq, heads, head_dim) like every
     transformers attention function. The fallback covers generation (a KV cache, padding masks) and a
     sliding window shorter than an example, which per-example causal attention would not apply.
     """
     window = kwargs.get("sliding_window")
-    if packed_segments is None or query.shape[2] != key.shape[2] or (
-        window is not None and any(end - start > window for row in packed_segments for start, end in row)
-    ):
+    if packed_layout is None or query.shape[2] != key.shape[2] or (window is not None and packed_layout.longest > window):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    kernel = varlen_kernel() if query.is_cuda else None
+    dtype = _compute_dtype(query)
+    # The fused kernels take half precision only and have no dropout; fp32 and dropout take the loop.
+    if kernel is not None and dtype in _HALF_DTYPES and query.shape[-1] <= 256 and not (dropout and module.training):
+        return _varlen_attention(query, key, value, packed_layout, kernel[1], dtype, scaling), None
     rows = []
-    for row, spans in enumerate(packed_segments):
+    for row, spans in enumerate(packed_layout.segments):
         pieces = [
             sdpa_attention_forward(
                 module, query[row : row + 1, :, start:end], key[row : row + 1, :, start:end],

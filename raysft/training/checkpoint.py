@@ -11,6 +11,15 @@ to a `--resume` run: one decision, the same checkpoint on every rank. Layout:
     state.json              step, data fingerprint, tokens seen, grad-scaler state, metrics at that step
     manifest.json           sha256 of every file above; a checkpoint whose files do not match is never resumed
 
+With `scaling.strategy: fsdp` no rank holds the whole state, so every rank writes its own shards, in
+parallel, with torch.distributed.checkpoint, and Ray Train merges the ranks' folders into the one checkpoint:
+
+    sharded/                .metadata (rank 0) and one __RANK_0.distcp per rank: the trained parameters and the
+                            optimizer state, reloadable on any number of workers
+    rng.pt, state.json      as above (rank 0)
+    manifest.json           rank 0's files, and how many ranks wrote shards
+    manifest_rank_NNNNN.json  each other rank's files
+
 The data position is the step itself: the batch schedule is a pure function of (seed, step).
 """
 
@@ -28,23 +37,42 @@ from typing import TYPE_CHECKING, Any
 import ray.train
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from raysft import storage
 from raysft.config import Config, is_uri
 from raysft.errors import RunError
 from raysft.fileio import write_error
 from raysft.model import trainable_state_dict
+from raysft.training.fsdp import is_sharded
 
 if TYPE_CHECKING:
-    from raysft.training.loop import LoopInputs
+    from raysft.training.worker import LoopInputs
 
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 STAGING_PREFIX = ".staging_"
 MANIFEST = "manifest.json"
+SHARDED_DIR = "sharded"
+# The trained parameters only: a LoRA run's frozen base is reloaded from the model, never checkpointed.
+# Loading them back is not strict about the frozen ones it leaves as they are; a trained parameter missing
+# from the checkpoint still fails, in dcp.load.
+_TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)
+_LOAD_TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def _manifest_name(rank: int) -> str:
+    return MANIFEST if rank == 0 else f"manifest_rank_{rank:05d}.json"
 
 
 def step_dir_name(step: int) -> str:
@@ -87,8 +115,29 @@ def write_checkpoint(
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     torch.save(rng_states, folder / "rng.pt")
     (folder / "state.json").write_text(json.dumps(state, indent=2))
-    files = {p.name: _sha256(p) for p in sorted(folder.iterdir())}
-    (folder / MANIFEST).write_text(json.dumps({"step": state["step"], "files": files}, indent=2))
+    _write_manifest(folder, state["step"], rank=0, ranks=1)
+
+
+def write_sharded_checkpoint(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rng_states: list[dict[str, torch.Tensor]],
+    state: dict[str, Any], rank: int, world: int,
+) -> None:
+    """FSDP, every rank: this rank's shards into the empty local `folder` (rank 0 adds RNG and state), its
+    manifest last. Collective: every rank calls it."""
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_TRAINED_ONLY)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder / SHARDED_DIR))
+    if rank == 0:
+        torch.save(rng_states, folder / "rng.pt")
+        (folder / "state.json").write_text(json.dumps(state, indent=2))
+    _write_manifest(folder, state["step"], rank, world)
+
+
+def _write_manifest(folder: Path, step: int, rank: int, ranks: int) -> None:
+    files = {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    manifest: dict[str, Any] = {"step": step, "files": files}
+    if rank == 0:
+        manifest["ranks"] = ranks
+    (folder / _manifest_name(rank)).write_text(json.dumps(manifest, indent=2))
 
 
 def persist_checkpoint(folder: Path, root: str, name: str, keep: int | None, higher_first: bool = False) -> None:
@@ -156,11 +205,15 @@ def remove_staging(folder: Path) -> None:
 
 
 def verify(path: Path) -> bool:
-    """True when the manifest exists and every file it lists has the recorded checksum."""
-    manifest = path / MANIFEST
+    """True when the manifest exists and every file it lists has the recorded checksum; for a sharded
+    checkpoint, every rank's manifest too."""
     try:
-        files = json.loads(manifest.read_text())["files"]
-        return all(_sha256(path / name) == digest for name, digest in files.items())
+        ranks = json.loads((path / MANIFEST).read_text()).get("ranks", 1)
+        for rank in range(ranks):
+            files = json.loads((path / _manifest_name(rank)).read_text())["files"]
+            if not all(_sha256(path / name) == digest for name, digest in files.items()):
+                return False
+        return True
     except (OSError, ValueError, KeyError):
         return False
 
@@ -170,21 +223,37 @@ def read_state(path: Path | str) -> dict[str, Any]:
     return json.loads(storage.read_bytes(storage.join(str(path), "state.json")))
 
 
-def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Verify the checkpoint in the local folder `path`; return (trainable tensors, optimizer state, state.json)
-    and restore this rank's RNG. A checkpoint that does not verify is an error, never silently skipped:
-    every rank must restore the same one."""
+def _verified_state(path: Path, rank: int) -> dict[str, Any]:
+    """state.json of the verified checkpoint in the local folder `path`, this rank's RNG restored. A checkpoint
+    that does not verify is an error, never silently skipped: every rank must restore the same one."""
     if not verify(path):
         raise RunError(f"checkpoint {path.name}: its files do not match its manifest (damaged in storage?); "
                        "remove it from the run's checkpoints/ to resume from the one before")
-    trainable = load_file(str(path / "trainable.safetensors"))
-    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     rng_states = torch.load(path / "rng.pt", weights_only=True)
     if rank < len(rng_states):  # resumed on more workers than saved: the new ranks keep their seeded RNG
         torch.set_rng_state(rng_states[rank]["cpu"])
         if "cuda" in rng_states[rank] and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng_states[rank]["cuda"])
-    return trainable, optimizer_state, read_state(path)
+    return read_state(path)
+
+
+def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Verify the checkpoint in the local folder `path`; return (trainable tensors, optimizer state, state.json)
+    and restore this rank's RNG."""
+    state = _verified_state(path, rank)
+    trainable = load_file(str(path / "trainable.safetensors"))
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    return trainable, optimizer_state, state
+
+
+def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any]:
+    """FSDP, every rank: verify the checkpoint in the local folder `path`, load this rank's shards of the trained
+    parameters and optimizer state into `model` and `optimizer` (any saved world size), restore its RNG."""
+    state = _verified_state(path, rank)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_TRAINED_ONLY)
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path / SHARDED_DIR))
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=_LOAD_TRAINED)
+    return state
 
 
 CHECKPOINT_SCORE_KEY = "checkpoint_score"
@@ -214,17 +283,22 @@ def save_checkpoint(
     """
     rng_states = gather_rng_states()
     name = step_dir_name(step)
+    sharded = is_sharded(model)
     with tempfile.TemporaryDirectory(prefix="raysft-checkpoint-") as tmp:
         folder = Path(tmp)
         try:
-            if rank == 0:
+            if sharded:
+                write_sharded_checkpoint(folder, model, optimizer, rng_states, {"step": step, **state}, rank,
+                                         dist.get_world_size())
+            elif rank == 0:
                 write_checkpoint(folder, trainable_state_dict(model), optimizer, rng_states, {"step": step, **state})
             if local_mode:
                 persist_checkpoint(folder, inputs.checkpoint_root, name, inputs.config.train.checkpoints_to_keep,
                                    higher_first=higher_is_better(inputs.config))
         except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
             raise write_error(Path(storage.join(inputs.checkpoint_root, name)), err) from err
-        checkpoint = None if local_mode or rank != 0 else ray.train.Checkpoint.from_directory(tmp)
+        # Sharded: every rank's folder, merged by Ray Train into one checkpoint; else rank 0's alone.
+        checkpoint = None if local_mode or (rank != 0 and not sharded) else ray.train.Checkpoint.from_directory(tmp)
         # Ray Train ranks checkpoints by this key (CheckpointConfig); the metrics themselves stay as logged.
         score = {} if state.get("score") is None else {CHECKPOINT_SCORE_KEY: state["score"]}
         ray.train.report({"step": step, **metrics, **score}, checkpoint=checkpoint, checkpoint_dir_name=name)
@@ -247,11 +321,14 @@ def restore(
     if checkpoint is None:
         return {"step": 0}, None
     with checkpoint.as_directory() as local:
-        trainable, optimizer_state, state = load_checkpoint(Path(local), rank)
+        if is_sharded(model):
+            state = load_sharded_checkpoint(Path(local), model, optimizer, rank)
+        else:
+            trainable, optimizer_state, state = load_checkpoint(Path(local), rank)
+            _copy_into(model, trainable)
+            optimizer.load_state_dict(optimizer_state)
     if state["data_fingerprint"] != inputs.data_fingerprint:
         raise RunError(f"checkpoint {checkpoint.path} was made with different data; start a new train.output_dir")
-    _copy_into(model, trainable)
-    optimizer.load_state_dict(optimizer_state)
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     return state, Path(checkpoint.path).name
@@ -265,6 +342,12 @@ def _copy_into(model: nn.Module, trainable: dict[str, torch.Tensor]) -> None:
 
 
 def load_trainable(model: nn.Module, location: str) -> None:
-    """Copy the trained weights of the checkpoint at `location` into `model` (final: best)."""
+    """Copy the trained weights of the checkpoint at `location` into `model` (final: best); sharded, every rank
+    loads its shards (collective)."""
     with ray.train.Checkpoint(location).as_directory() as local:
-        _copy_into(model, load_file(str(Path(local) / "trainable.safetensors")))
+        if is_sharded(model):
+            model_state = get_model_state_dict(model, options=_TRAINED_ONLY)
+            dcp.load({"model": model_state}, checkpoint_id=str(Path(local) / SHARDED_DIR))
+            set_model_state_dict(model, model_state, options=_LOAD_TRAINED)
+        else:
+            _copy_into(model, load_file(str(Path(local) / "trainable.safetensors")))

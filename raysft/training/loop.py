@@ -5,11 +5,9 @@ forward -> token-weighted loss -> backward (accumulate) -> unscale/clip -> step 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -22,7 +20,6 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from raysft import storage
@@ -49,32 +46,10 @@ from raysft.training.checkpoint import (
     save_checkpoint,
     step_dir_name,
 )
+from raysft.training.fsdp import all_finite, gathered_state_dict, is_sharded, shard
 from raysft.training.optim import build_optimizer, lr_at, set_lr
-
-# Fault injection for resilience tests: "STEP:MARKER_FILE" in the driver's environment makes rank 0
-# die once at STEP (the marker file records that it happened, so the restarted worker carries on).
-FAULT_ENV = "RAYSFT_FAULT_AT_STEP"
-
-
-@dataclass(frozen=True)
-class LoopInputs:
-    """What the driver hands every worker: the checked config and what it prepared for the run."""
-
-    config: Config
-    run_location: str
-    """Where the run lives (a local path or a URI): checkpoints/, metrics.jsonl, final/ (run_folder.py)."""
-    data_fingerprint: str
-    """Hash of the packed rows; a checkpoint made on other data is never resumed."""
-    pad_token_id: int
-    has_eval: bool
-    resume_from: str | None = None
-    """The checkpoint the driver chose for --resume when Ray Train has none to give (local mode)."""
-    fault_at_step: str | None = None
-    """Tests only: "STEP:MARKER_FILE" kills rank 0 once at STEP (see FAULT_ENV)."""
-
-    @property
-    def checkpoint_root(self) -> str:
-        return storage.join(self.run_location, "checkpoints")
+from raysft.training.step import BatchSchedule, all_reduce_sum, autocast, train_step
+from raysft.training.worker import LoopInputs  # defined apart so that Ray's controller unpickles it without torch
 
 
 @dataclass(frozen=True)
@@ -119,69 +94,32 @@ def read_rows(name: str) -> Rows:
     return Rows(pick("input_ids"), pick("labels"), pick("position_ids"))
 
 
-def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
-    """The row order of one epoch: a pure function of (seed, epoch), so resume continues it exactly."""
-    return np.random.default_rng([seed, epoch]).permutation(num_rows)
-
-
-def steps_per_epoch(num_rows: int, global_batch: int) -> int:
-    if num_rows < global_batch:
-        raise ValueError(
-            f"{num_rows} training rows after packing but one optimizer step needs {global_batch} "
-            "(num_workers x micro_batch_size x grad_accum_steps): lower those or add data"
-        )
-    return num_rows // global_batch  # the incomplete tail of an epoch is dropped, like drop_last
-
-
-def total_steps(cfg: Config, num_rows: int, world_size: int) -> int:
-    global_batch = max(1, world_size) * cfg.train.micro_batch_size * cfg.train.grad_accum_steps
-    per_epoch = steps_per_epoch(num_rows, global_batch)
-    return cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
-
-
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 @torch.no_grad()
 def evaluate(
     loss_module: TokenLoss, rows: Rows, cfg: Config, rank: int, world: int, pad_id: int, device: torch.device
 ) -> dict[str, float]:
     """Token-weighted eval loss, perplexity and next-token accuracy over all eval rows and workers."""
     loss_module.eval()
+    micro = cfg.train.micro_batch_size
     mine = np.arange(rank, len(rows), world)
+    batches: list[np.ndarray | None] = [mine[start : start + micro] for start in range(0, len(mine), micro)]
+    if is_sharded(loss_module):
+        # Each forward gathers the sharded layers collectively, so every rank runs as many as rank 0 (which
+        # holds the most rows); a rank out of rows runs one of rank 0's and discards the result.
+        batches += [None] * (math.ceil(math.ceil(len(rows) / world) / micro) - len(batches))
     loss_sum = correct = 0.0
-    for start in range(0, len(mine), cfg.train.micro_batch_size):
-        indices = mine[start : start + cfg.train.micro_batch_size]
-        batch = {k: v.to(device) for k, v in rows.batch(indices, pad_id).items()}
-        with _autocast(cfg.train.precision, device):
+    for indices in batches:
+        batch = {k: v.to(device) for k, v in rows.batch(indices if indices is not None else np.arange(1), pad_id).items()}
+        with autocast(cfg.train.precision, device):
             batch_loss, batch_correct = loss_module(**batch)
-        loss_sum += float(batch_loss)
-        correct += float(batch_correct)
+        if indices is not None:
+            loss_sum += float(batch_loss)
+            correct += float(batch_correct)
     tokens = rows.trained_tokens(mine)
-    loss_sum, correct, tokens = _all_reduce_sum([loss_sum, correct, tokens], device)
+    loss_sum, correct, tokens = all_reduce_sum([loss_sum, correct, tokens], device)
     loss_module.train()
     eval_loss = loss_sum / max(tokens, 1.0)
     return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)), "eval_token_accuracy": correct / max(tokens, 1.0)}
-
-
-def _maybe_inject_fault(spec: str | None, step: int, rank: int) -> None:
-    if not spec or rank != 0:
-        return
-    at, _, marker = spec.partition(":")
-    if step == int(at) and not Path(marker).exists():
-        Path(marker).write_text(f"killed at step {step}\n")
-        os._exit(1)
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:
@@ -212,13 +150,14 @@ def _sync_run_files(working: Path, location: str) -> None:
             storage.upload(working / name, storage.join(location, name))
 
 
-def _save_final(model: nn.Module, cfg: Config, location: str) -> None:
-    """final/: the adapter (or model) and tokenizer, replaced whole; on object storage uploaded file by file."""
+def _save_final(model: nn.Module, cfg: Config, location: str, state_dict: dict[str, torch.Tensor] | None) -> None:
+    """final/: the adapter (or model) and tokenizer, replaced whole; on object storage uploaded file by file.
+    `state_dict`: the gathered weights of a sharded model (else the model's own are saved)."""
     staging_parent = Path(location) if not is_uri(location) else Path(tempfile.mkdtemp(prefix="raysft-final-"))
     staging = staging_parent / f"{STAGING_PREFIX}final"
     try:
         shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         load_tokenizer(cfg.model).save_pretrained(staging)
         if is_uri(location):
             storage.remove(storage.join(location, "final"))
@@ -246,26 +185,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Setup: data, model, optimizer.
     train_rows = read_rows("train")
     eval_rows = read_rows("eval") if inputs.has_eval else None
-    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
-    global_batch = world * micro * accum
-    per_epoch = steps_per_epoch(len(train_rows), global_batch)
-    num_steps = total_steps(cfg, len(train_rows), world)
+    schedule = BatchSchedule(len(train_rows), world, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
+                             cfg.train.seed)
+    num_steps = schedule.total_steps(cfg.train.max_steps, cfg.train.epochs)
     model = apply_lora(load_model(cfg.model, device), cfg.lora, cfg.train.seed)
     pad_id = inputs.pad_token_id
     loss_module = TokenLoss(model)
+    sharded = world > 1 and cfg.scaling.strategy == "fsdp"
+    if sharded:  # before the optimizer: it must hold the sharded parameters
+        shard(loss_module, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg.train)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
 
     # Restore, before DDP wraps the model: every rank loads the same checkpoint, so the weights DDP
-    # broadcasts from rank 0 are the ones every rank already holds.
+    # broadcasts from rank 0 are the ones every rank already holds. Sharded, each rank loads its shards.
     restored, resumed = restore(inputs, model, optimizer, scaler, rank)
     start_step, seen_tokens = restored["step"], restored.get("num_tokens", 0)
     scored, higher = is_scored(cfg, inputs.has_eval), higher_is_better(cfg)
     last_eval: dict[str, float] = restored.get("last_eval", {})
     best: dict[str, Any] | None = restored.get("best")  # {"score", "step"} of the best checkpoint so far
     forward: nn.Module = loss_module
-    if world > 1:
+    if world > 1 and not sharded:
         forward = ray.train.torch.prepare_model(loss_module, move_to_device=False)
 
     working = _working_folder(location)
@@ -282,7 +223,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker = Tracker(cfg, working, total_steps=num_steps) if rank == 0 else None
     if tracker is not None:
         tracker.log_text(f"resuming from {resumed} at step {start_step}" if resumed else
-                         f"{len(train_rows)} rows, {num_steps} steps, {world} worker(s), global batch {global_batch} rows")
+                         f"{len(train_rows)} rows, {num_steps} steps, {world} worker(s)"
+                         f"{' (FSDP)' if sharded else ''}, global batch {schedule.global_batch} rows")
 
     def report(metrics: dict[str, float], step: int) -> None:
         if tracker is not None:
@@ -295,42 +237,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # Loop.
     loss_module.train()
-    order, order_epoch = np.empty(0, dtype=np.int64), -1
     interval_start, interval_tokens = time.perf_counter(), 0  # after the first eval, so it is not counted
     for step in range(start_step, num_steps):
-        _maybe_inject_fault(inputs.fault_at_step, step, rank)
-        epoch, index = divmod(step, per_epoch)
-        if epoch != order_epoch:
-            order, order_epoch = epoch_order(len(train_rows), cfg.train.seed, epoch), epoch
-        step_rows = order[index * global_batch : (index + 1) * global_batch]
-        # Normalize by the trained tokens of the whole global batch (all workers, all micro-batches):
-        # then k micro-batches == one batch of k x, and N workers == one worker, exactly.
+        step_rows = schedule.step_rows(step)
+        # The trained tokens of the whole global batch (all workers, all micro-batches) normalize the loss.
         step_trained = train_rows.trained_tokens(step_rows)
         set_lr(optimizer, lr_at(step, cfg.train, num_steps))
-
-        local_loss_sum = 0.0
-        for m in range(accum):
-            start = (m * world + rank) * micro
-            batch = {k: v.to(device) for k, v in train_rows.batch(step_rows[start : start + micro], pad_id).items()}
-            syncing = m == accum - 1 or world == 1
-            with contextlib.nullcontext() if syncing else forward.no_sync():  # type: ignore[operator]
-                with _autocast(cfg.train.precision, device):
-                    loss_sum, _ = forward(**batch)
-                # DDP averages gradients over workers; multiply by world so the result is the global sum / N.
-                scaler.scale(loss_sum * (world / max(step_trained, 1))).backward()
-            local_loss_sum += float(loss_sum.detach())
-
-        scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf")))
-        (global_loss_sum,) = _all_reduce_sum([local_loss_sum], device)
-        loss = global_loss_sum / max(step_trained, 1)
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if not finite and cfg.train.on_nonfinite == "abort":
-            raise FloatingPointError(f"non-finite loss {loss} / grad norm {grad_norm} at step {step + 1}; aborting")
-        if finite or scaler.is_enabled():
-            scaler.step(optimizer)  # with fp16 the scaler itself skips steps whose gradients overflowed
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        micro_batches = [{k: v.to(device) for k, v in train_rows.batch(rows, pad_id).items()}
+                         for rows in schedule.micro_batches(step, rank)]
+        result = train_step(forward, micro_batches, step_trained, optimizer, scaler, params, cfg.train.precision,
+                            cfg.train.max_grad_norm, world)
+        if not result.applied and cfg.train.on_nonfinite == "abort":
+            raise FloatingPointError(
+                f"non-finite loss {result.loss} / grad norm {result.grad_norm} at step {step + 1}; aborting")
 
         real_tokens = train_rows.real_tokens(step_rows)
         seen_tokens += real_tokens
@@ -340,9 +259,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if done % cfg.train.log_every == 0 or done == num_steps:
             elapsed = time.perf_counter() - interval_start
             metrics.update(
-                loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm, epoch=done / per_epoch,
-                tokens_per_s=interval_tokens / max(elapsed, 1e-9), num_tokens=seen_tokens,
-                trained_tokens=step_trained, skipped=0.0 if finite else 1.0,
+                loss=result.loss, lr=optimizer.param_groups[0]["lr"], grad_norm=result.grad_norm,
+                epoch=schedule.epoch(done), tokens_per_s=interval_tokens / max(elapsed, 1e-9), num_tokens=seen_tokens,
+                trained_tokens=step_trained, skipped=0.0 if result.applied else 1.0,
             )
             interval_start, interval_tokens = time.perf_counter(), 0
         if eval_rows is not None and (
@@ -353,7 +272,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if tracker is not None and metrics:
             tracker.log(metrics, done)
         checkpoint_due = bool(cfg.train.checkpoint_every) and done % cfg.train.checkpoint_every == 0 and done < num_steps
-        weights_finite = checkpoint_due and all(torch.isfinite(p).all() for p in params)
+        weights_finite = checkpoint_due and all_finite(params, device)
         if weights_finite:
             if tracker is not None:
                 _sync_run_files(working, location)  # the checkpoint and the metrics up to it land together
@@ -371,13 +290,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # Save: the last step's weights, or the best checkpoint's when it beat them.
     final_score = last_eval.get(cfg.train.checkpoint_score)
-    if rank == 0 and cfg.train.final == "best" and best and final_score is not None and better(best["score"], final_score, higher):
+    if (rank == 0 or sharded) and cfg.train.final == "best" and best and final_score is not None and better(
+        best["score"], final_score, higher
+    ):
         load_trainable(model, storage.join(inputs.checkpoint_root, step_dir_name(best["step"])))
         if tracker is not None:
             tracker.log_text(f"final/ holds step {best['step']}'s weights ({cfg.train.checkpoint_score} {best['score']:.4f}, "
                              f"last step {final_score:.4f})")
+    gathered = gathered_state_dict(model, trained_only=cfg.lora.enabled) if sharded else None  # every rank
     if rank == 0:
-        _save_final(model, cfg, location)
+        _save_final(model, cfg, location, gathered)
     if tracker is not None:
         tracker.close()
         _sync_run_files(working, location)

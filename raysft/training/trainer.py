@@ -36,7 +36,6 @@ from raysft.model import load_tokenizer
 from raysft.track import METRICS_FILE, read_metrics
 from raysft.training.checkpoint import newest_verified, read_state
 from raysft.training.checkpoint import CHECKPOINT_SCORE_KEY, higher_is_better, is_scored
-from raysft.training.loop import FAULT_ENV, LoopInputs, train_loop_per_worker
 from raysft.training.preflight import preflight
 from raysft.training.run_folder import (
     CHECKPOINTS_DIR,
@@ -49,6 +48,7 @@ from raysft.training.run_folder import (
     run_location,
     write_run_config,
 )
+from raysft.training.worker import LoopInputs, train_loop_per_worker
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,6 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
         pad_token_id=int(tokenizer.pad_token_id),
         has_eval="eval" in prepared.rows,
         resume_from=resume_from,
-        fault_at_step=os.environ.get(FAULT_ENV),
     )
     trainer = TorchTrainer(
         train_loop_per_worker,

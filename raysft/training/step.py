@@ -1,0 +1,174 @@
+"""Which rows each optimizer step trains on, and the step itself: the part of the loop that needs no Ray.
+
+Both are plain numpy/torch, so the benchmarks and the GPU check (benchmarks/gpu_check.py) run the loop's own
+schedule and step without a Ray session; :mod:`raysft.training.loop` wires them to Ray Train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The row order of one epoch: a pure function of (seed, epoch), so resume continues it exactly.
+
+    Cached (the current and the next epoch) because every step of an epoch reads the same permutation.
+
+    Example:
+        >>> epoch_order(5, seed=0, epoch=1).tolist() == epoch_order(5, seed=0, epoch=1).tolist()
+        True
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+    order.setflags(write=False)  # shared through the cache
+    return order
+
+
+@dataclass(frozen=True)
+class BatchSchedule:
+    """Step -> the packed rows of its global batch, and each worker's micro-batches of them.
+
+    A step trains ``world_size * micro_batch_size * grad_accum_steps`` rows taken in epoch order;
+    micro-batch m of worker r holds the ``micro_batch_size`` rows starting at ``(m * world_size + r) *
+    micro_batch_size``. The split never changes which rows a step trains on, only who computes them, which
+    is why N workers == 1 worker and k micro-batches == one batch k times as large. The incomplete tail of
+    an epoch is dropped, like ``drop_last``.
+
+    Example:
+        >>> schedule = BatchSchedule(num_rows=10, world_size=2, micro_batch_size=1, grad_accum_steps=2, seed=0)
+        >>> schedule.global_batch, schedule.steps_per_epoch
+        (4, 2)
+        >>> rows = schedule.step_rows(0)
+        >>> [m.tolist() for m in schedule.micro_batches(0, rank=1)] == [rows[1:2].tolist(), rows[3:4].tolist()]
+        True
+    """
+
+    num_rows: int
+    world_size: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.num_rows < self.global_batch:
+            raise ValueError(
+                f"{self.num_rows} training rows after packing but one optimizer step needs {self.global_batch} "
+                "(num_workers x micro_batch_size x grad_accum_steps): lower those or add data"
+            )
+
+    @property
+    def global_batch(self) -> int:
+        return max(1, self.world_size) * self.micro_batch_size * self.grad_accum_steps
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_rows // self.global_batch
+
+    def total_steps(self, max_steps: int | None, epochs: float) -> int:
+        """``max_steps`` when set, else ``epochs`` (possibly fractional) worth of steps, at least one."""
+        return max_steps or max(1, math.ceil(epochs * self.steps_per_epoch))
+
+    def epoch(self, step: int) -> float:
+        """Epochs completed after ``step`` optimizer steps (fractional)."""
+        return step / self.steps_per_epoch
+
+    def step_rows(self, step: int) -> np.ndarray:
+        """Indices of the rows optimizer step ``step`` (0-based) trains on, all workers together."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        return epoch_order(self.num_rows, self.seed, epoch)[index * self.global_batch : (index + 1) * self.global_batch]
+
+    def micro_batches(self, step: int, rank: int) -> list[np.ndarray]:
+        """Worker ``rank``'s rows of step ``step``, one array per micro-batch (``grad_accum_steps`` of them)."""
+        rows, micro, world = self.step_rows(step), self.micro_batch_size, max(1, self.world_size)
+        return [rows[(m * world + rank) * micro : (m * world + rank + 1) * micro] for m in range(self.grad_accum_steps)]
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision for ``train.precision`` ("fp32" runs without autocast)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sums over every worker of the process group (the values themselves without one)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@contextlib.contextmanager
+def without_gradient_sync(forward: nn.Module) -> Iterator[None]:
+    """Accumulate this micro-batch's gradients locally: DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``."""
+    if hasattr(forward, "no_sync"):
+        with forward.no_sync():
+            yield
+        return
+    forward.set_requires_gradient_sync(False)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        forward.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    """Mean loss per trained token of the whole global batch (every worker and micro-batch)."""
+    grad_norm: float
+    """Before clipping; non-finite when the gradients overflowed."""
+    applied: bool
+    """False when the step was skipped: non-finite gradients (fp16's GradScaler skips them itself)."""
+
+
+def train_step(
+    forward: nn.Module,
+    micro_batches: Sequence[dict[str, torch.Tensor]],
+    trained_tokens: int,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    params: Sequence[torch.Tensor],
+    precision: str,
+    max_grad_norm: float | None,
+    world_size: int = 1,
+) -> StepResult:
+    """One optimizer step over this worker's micro-batches: forward, token-weighted backward, clip, step.
+
+    ``forward`` is a :class:`raysft.model.TokenLoss` (DDP-wrapped when ``world_size`` > 1) and returns summed
+    token losses. Each is divided by ``trained_tokens``, the trained tokens of the *global* batch, so that
+    k micro-batches == one batch k times as large and N workers == one worker, exactly; DDP averages
+    gradients over workers, so the loss is multiplied by ``world_size`` first. Gradients sync only on the last
+    micro-batch. A non-finite loss or gradient norm skips the step (the caller decides whether to abort).
+    """
+    device = micro_batches[0]["input_ids"].device
+    scale = world_size / max(trained_tokens, 1)
+    local_loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no host sync per micro-batch
+    for m, batch in enumerate(micro_batches):
+        syncing = world_size == 1 or m == len(micro_batches) - 1
+        with contextlib.nullcontext() if syncing else without_gradient_sync(forward):
+            with autocast(precision, device):
+                loss_sum, _ = forward(**batch)
+            scaler.scale(loss_sum * scale).backward()
+        local_loss_sum += loss_sum.detach()
+
+    scaler.unscale_(optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")))
+    (global_loss_sum,) = all_reduce_sum([float(local_loss_sum)], device)
+    loss = global_loss_sum / max(trained_tokens, 1)
+    applied = math.isfinite(loss) and math.isfinite(grad_norm)
+    if applied or scaler.is_enabled():
+        scaler.step(optimizer)  # with fp16 the scaler itself skips steps whose gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=loss, grad_norm=grad_norm, applied=applied)

@@ -1,0 +1,39 @@
+"""The driver -> worker hand-off stays light, and a worker imports only the optional stacks its run uses."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+from raysft.config import parse_config
+from raysft.training.worker import LoopInputs
+
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes")
+
+
+def _config(**model: object) -> dict[str, object]:
+    return {"model": {"name_or_path": "owner/model", **model}, "data": {"train": [{"path": "x.jsonl"}]}}
+
+
+def _run(code: str, payload: bytes) -> str:
+    done = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, check=True)
+    return done.stdout.decode().strip()
+
+
+def test_unpickling_loop_inputs_imports_no_training_stack() -> None:
+    # Ray Train's controller unpickles the train loop config; it must not pay for torch/transformers/peft.
+    inputs = LoopInputs(parse_config(_config()), "/tmp/run", "abc", 0, has_eval=False)
+    code = ("import pickle, sys; pickle.loads(sys.stdin.buffer.read()); "
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    assert _run(code, pickle.dumps(inputs)) == "[]"
+
+
+def test_bitsandbytes_stays_out_of_a_worker_that_does_not_quantize() -> None:
+    code = ("import pickle, sys; from raysft.training.worker import hide_unused_bitsandbytes; "
+            "cfg = pickle.loads(sys.stdin.buffer.read()); hidden = hide_unused_bitsandbytes(cfg); import peft; "
+            "print(hidden, sys.modules.get('bitsandbytes') is not None)")
+    plain = parse_config(_config())
+    assert _run(code, pickle.dumps(plain)) == "True False"
+    qlora = parse_config(_config(quantization="4bit"))
+    assert _run(code, pickle.dumps(qlora)) == "False True"
