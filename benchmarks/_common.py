@@ -22,10 +22,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# Run from a checkout without `pip install -e .` too: the repo root goes first on sys.path, and on PYTHONPATH
-# for the child processes (and so for the Ray workers they start).
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+"""The project root: children run there and results are written under it. raysft itself is imported from the
+install (`pip install -e .`), here, in the children and in their Ray workers; nothing edits sys.path."""
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
 
 
@@ -161,8 +159,7 @@ def run_child(script: str, spec: dict[str, Any], workdir: Path, label: str, reus
     print(f"--- {label}: running in a child process (log: {log})", flush=True)
     start = time.perf_counter()
     with log.open("w") as handle:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
         with TreeRSS(proc.pid) as rss:
             code = proc.wait()
     wall = time.perf_counter() - start

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import _common as C  # noqa: E402  (adds the repo root to sys.path)
+import _common as C  # benchmarks/ is on sys.path when this runs as a script
 from raysft.config import parse_config
 from raysft.data.labels import count_trained
 from raysft.data.packing import collate

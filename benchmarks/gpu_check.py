@@ -1,7 +1,10 @@
 """One prepared check of raysft's model, ops and step code on a GPU machine: no Ray, no network, one run.
 
-    python benchmarks/gpu_check.py --out DIR                      # a CUDA machine: about 3-5 minutes on one H100
+    python benchmarks/gpu_check.py --out DIR                      # a CUDA machine: about a minute on one H100
     python benchmarks/gpu_check.py --device cpu --tiny --out DIR  # the same code on this CPU in under 2 minutes
+
+On a machine where raysft is not installed (a bare GPU box with torch, transformers and peft), run it from the
+checkout with ``PYTHONPATH=.`` and pydantic/PyYAML available; nothing else raysft depends on is imported.
 
 Writes DIR/gpu_check.json (after every section, so a run cut short still leaves what it measured) and
 DIR/gpu_check.md. Models are random-initialized Llama-architecture models of SmolLM2-135M and SmolLM2-1.7B
@@ -47,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import _common as C  # noqa: E402  (benchmarks/ is on sys.path when run as a script; it adds the repo root)
+import _common as C  # benchmarks/ is on sys.path when this runs as a script
 from raysft.config import LoraConfig, ModelConfig, TrainConfig
 from raysft.data.labels import IGNORE_INDEX, count_trained
 from raysft.data.packing import collate, pack_examples

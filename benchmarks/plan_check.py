@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # name -> (model: "tiny" | "smollm2", overrides on the base config)
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {

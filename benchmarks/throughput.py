@@ -47,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
+import _common as C
 
 VARIANTS = ("trl-nopack", "trl-pack", "raysft-nopack", "raysft-pack")
 

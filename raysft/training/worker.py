@@ -10,9 +10,6 @@ The training stack is imported by the worker only, inside `train_loop_per_worker
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import platform
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -64,39 +61,12 @@ def hide_unused_bitsandbytes(cfg: Config) -> bool:
     return True
 
 
-# glibc's mallopt parameter number for the mmap threshold (malloc.h: M_MMAP_THRESHOLD = -3).
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 4 * 2**20
-"""Blocks of this size or more get their own mapping, returned to the OS when freed (an activation of a
-micro-batch of 4 x 512 tokens of SmolLM2-135M is 4.7-12 MB)."""
-
-
-def fix_malloc_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Stop glibc from keeping freed activation memory: True when set (glibc only).
-
-    glibc raises its mmap threshold to the size of every mmapped block freed (up to 32 MB), so after the
-    first backward pass a CPU training step's activations (a few MB each) come from the heap, whose freed
-    holes the next micro-batch's differently sized tensors cannot reuse. Measured on the throughput
-    benchmark's worker step (SmolLM2-135M, LoRA, fp32, 4 packed rows of 512 tokens): peak RSS 8.5 GB with
-    the default, 4.5 GB with a fixed 4 MB threshold (the saved activations are 2.5 GB); MALLOC_ARENA_MAX=2
-    does not help (8.8 GB), malloc_trim after each step lowers the RSS between steps but not the peak.
-    Setting the threshold explicitly also turns glibc's dynamic adjustment off (mallopt(3)). The same as
-    the environment variable MALLOC_MMAP_THRESHOLD_, but it works in a process that is already running.
-    GPU training keeps its activations in the CUDA caching allocator; this only affects host memory.
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point (`loop_config["inputs"]` is the driver's LoopInputs): the training stack is
     imported here, in the worker, after deciding which optional parts it needs."""
     inputs: LoopInputs = loop_config["inputs"]
     if inputs.config.scaling.num_workers > 0:  # a Ray Train worker actor; 0 = local mode, in the driver
         hide_unused_bitsandbytes(inputs.config)
-    fix_malloc_mmap_threshold()
     from raysft.training.loop import train_loop_per_worker as run
 
     run(loop_config)
