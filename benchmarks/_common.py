@@ -247,22 +247,25 @@ def raysft_step_stats(output_dir: Path, cfg: Any, world: int) -> dict[str, Any]:
         previous = m["num_tokens"]
         steps.append({"step": m["step"], "loss": m["loss"], "real_tokens": real, "trained_tokens": m["trained_tokens"],
                       "step_s": real / m["tokens_per_s"]})
-    _, prepared = raysft.prepare_data(cfg)  # a cache hit: same rows as the run trained on
-    rows = prepared.rows["train"]
-    schedule = BatchSchedule(len(rows), world, cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed)
+    prepared = raysft.prepare_data(cfg)  # a cache hit: same rows as the run trained on
+    table = prepared.splits["train"]
+    row_lengths = table.read(0, table.num_rows, ["num_tokens"]).column("num_tokens").to_numpy()
+    schedule = BatchSchedule(table.num_rows, world, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
+                             cfg.train.seed, cfg.data.shuffle_window)
     for s in steps:
         slots = real = 0
         for rank in range(world):
             for micro_batch in schedule.micro_batches(s["step"] - 1, rank):
-                lengths = [len(rows[i]["input_ids"]) for i in micro_batch]
+                lengths = [int(row_lengths[i]) for i in micro_batch]
                 slots += len(lengths) * max(lengths)
                 real += sum(lengths)
         if real != s["real_tokens"]:
             raise RuntimeError(f"rebuilt step {s['step']} has {real} tokens, metrics.jsonl says {s['real_tokens']}")
         s["slots"] = slots
-    lengths = [len(e["input_ids"]) for e in prepared.examples["train"]]
-    return {"steps": steps, "example_lengths": lengths, "packed_rows": len(rows),
-            "examples": len(prepared.examples["train"]),
+    lengths = [length for row in table.read(0, table.num_rows, ["example_lengths"]).column("example_lengths").to_pylist()
+               for length in row]
+    return {"steps": steps, "example_lengths": lengths, "packed_rows": table.num_rows,
+            "examples": prepared.stats.examples_kept["train"],
             "packing_efficiency": prepared.stats.packing_efficiency["train"]}
 
 

@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 
 import _common as C  # benchmarks/ is on sys.path when this runs as a script
 from raysft.config import parse_config
-from raysft.data.labels import count_trained
+from raysft.labels import count_trained
 from raysft.data.packing import collate
 from raysft.model import TokenLoss, apply_lora, load_model
 from raysft.training.fsdp import local_tensor, shard

@@ -52,7 +52,7 @@ from torch import nn
 
 import _common as C  # benchmarks/ is on sys.path when this runs as a script
 from raysft.config import LoraConfig, ModelConfig, TrainConfig
-from raysft.data.labels import IGNORE_INDEX, count_trained
+from raysft.labels import IGNORE_INDEX, count_trained
 from raysft.data.packing import collate, pack_examples
 from raysft.model import TokenLoss, apply_lora, load_model
 from raysft.ops import PACKED_SDPA, PackedLayout, linear_cross_entropy, packed_sdpa_attention, varlen_kernel

@@ -22,7 +22,7 @@ _EXPORTS = {
     "load_for_inference": "raysft.infer",
     "merge_adapter": "raysft.infer",
     "RunResult": "raysft.training.trainer",
-    "prepare_data": "raysft.training.trainer",
+    "prepare_data": "raysft.data.pipeline",
     "train": "raysft.training.trainer",
     "SweepConfig": "raysft.tune.config",
     "SweepResult": "raysft.tune.report",

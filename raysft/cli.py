@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raysft.config import Config, ModelConfig, is_uri, load_config
-from raysft.data.labels import IGNORE_INDEX
+from raysft.config import Config, ModelConfig, is_uri, load_config, with_absolute_paths
+from raysft.labels import IGNORE_INDEX
 from raysft.errors import USER_ERRORS, ConfigError, RunError
 
 if TYPE_CHECKING:
@@ -75,14 +75,17 @@ def _print_sweep_summary(result: SweepResult) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from raysft.data.pipeline import stats_json
-    from raysft.training.trainer import prepare_data
+    from raysft.data.pipeline import first_examples, prepare_data, stats_json
+    from raysft.model import load_tokenizer
 
-    tokenizer, prepared = prepare_data(_load(args))
+    cfg = with_absolute_paths(_load(args))
+    prepared = prepare_data(cfg)
     print(stats_json(prepared.stats))
-    for example in prepared.examples["train"][: args.show]:
-        print(f"\n--- {example['origin']} (trained tokens in ⟦ ⟧) ---")
-        print(marked_example(example["input_ids"].tolist(), example["labels"].tolist(), tokenizer))
+    if args.show:
+        tokenizer = load_tokenizer(cfg.model)
+        for example in first_examples(prepared.tokenized["train"], args.show):
+            print(f"\n--- {example['origin']} (trained tokens in ⟦ ⟧) ---")
+            print(marked_example(example["input_ids"], example["labels"], tokenizer))
 
 
 def _from_storage(location: str, key: str, names: tuple[str, ...] = ()) -> str:

@@ -119,9 +119,15 @@ class DataConfig(Section):
     train_on_inputs: bool = False
     """Train on prompt/user tokens too, not only on completions/assistant turns."""
     num_tokenize_workers: int = Field(default=2, gt=0)
-    """Ray Data actors that tokenize in parallel."""
+    """Most Ray Data actors that tokenize in parallel (the pool grows to it while rows wait)."""
     cache_dir: str | None = None
-    """Tokenized-data cache (default ~/.cache/raysft/tokenized); keyed by content, not seq_len."""
+    """Where the tokenized and packed data are cached as Parquet (default ~/.cache/raysft/data): a local
+    folder, a folder every node mounts, or object storage (`s3://bucket/raysft-cache`); on a cluster of
+    several nodes it must be one every node reaches. Keyed by content; `max_seq_len` only re-packs."""
+    shuffle_window: int = Field(default=2048, gt=0)
+    """Packed rows shuffled together. Each epoch permutes the rows uniformly when they number at most
+    this; past it, chunks of 64 rows are permuted and then rows within windows of this many. A worker holds
+    about two windows of rows (2 x shuffle_window x max_seq_len x 8 bytes), whatever the dataset's size."""
     parse_special_tokens: bool = False
     """Read special-token spellings inside message text (e.g. a user typing `<|im_end|>`) as the control
     tokens themselves. Off: content is tokenized as plain text, so data cannot forge turn boundaries;

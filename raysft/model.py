@@ -19,13 +19,41 @@ from transformers import (
 )
 
 from raysft.config import LoraConfig, ModelConfig
-from raysft.data.labels import trained_targets
-from raysft.data.tokenize import ensure_chat_template
+from raysft.labels import trained_targets
 from raysft.ops import PACKED_SDPA, PackedLayout, linear_cross_entropy, register_packed_sdpa
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+
+# Raw string: Jinja itself must see the '\n' escapes, as in the templates shipped with models.
+CHATML_TEMPLATE = (
+    r"{% for message in messages %}"
+    r"{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    r"{% endfor %}"
+    r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, template: str | None) -> None:
+    """Give `tokenizer` a chat template: a Jinja string always wins; ``"chatml"`` or None only fill a gap.
+
+    Example:
+        >>> ensure_chat_template(tokenizer, "chatml")  # doctest: +SKIP
+    """
+    if template is not None and template != "chatml":
+        tokenizer.chat_template = template
+        return
+    if tokenizer.chat_template:
+        return
+    if template is None:
+        log.warning(
+            "The tokenizer %s has no chat template; using ChatML. Set model.chat_template to choose another.",
+            tokenizer.name_or_path or type(tokenizer).__name__,
+        )
+    tokenizer.chat_template = CHATML_TEMPLATE
 
 
 def model_location(cfg: ModelConfig) -> tuple[str, dict[str, object]]:

@@ -128,7 +128,7 @@ def storage_problem(location: str, key: str) -> str | None:
     try:
         fs, path = resolve(location)
     except (ValueError, OSError) as err:
-        return f"{key}: {location}: not a storage location raysft can use ({_one_line(err)})"
+        return f"{key}: {location}: not a storage location raysft can use ({one_line(err)})"
     if isinstance(fs, pafs.LocalFileSystem):
         return None
     probe = f"{path.rstrip('/')}/{PROBE_NAME}"
@@ -137,11 +137,11 @@ def storage_problem(location: str, key: str) -> str | None:
             stream.write(b"raysft checks that it may write here\n")
         fs.delete_file(probe)
     except OSError as err:
-        return (f"{key}: {location}: cannot write there ({_one_line(err)}); check the bucket exists and the "
+        return (f"{key}: {location}: cannot write there ({one_line(err)}); check the bucket exists and the "
                 "credentials in the environment may write to it")
     return None
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text if len(text) <= 300 else text[:297] + "..."

@@ -6,12 +6,15 @@ workers through the environment, as credentials do on a cloud cluster.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -19,8 +22,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from raysft import storage
+from raysft.data.cache import CachedTable
 from raysft.track import read_metrics
-from tests.runs import REPO, WorkerKiller, assert_refused, cli, losses, start_then_kill_when, tiny_config
+from tests.runs import REPO, SHARED_DATA, WorkerKiller, assert_refused, cli, losses, start_then_kill_when, tiny_config
 from tests.s3server import BUCKET, s3_env, start_moto
 
 
@@ -55,6 +59,30 @@ def test_storage_round_trip(s3_here: dict[str, str], tmp_path: Path) -> None:
     assert (tmp_path / "back" / "x.bin").read_bytes() == b"\0\1"
     storage.remove(storage.join(root, "folder"))
     assert not storage.exists(storage.join(root, "folder"))
+
+
+def test_data_read_from_s3_and_cached_in_s3(s3_here: dict[str, str], tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Sources under an s3:// prefix (a gzipped JSONL and a Parquet file) are read by Ray Data's tasks, which get
+    # the endpoint and keys from the environment; the tokenized and packed tables go to an s3:// cache.
+    lines = (SHARED_DATA / "gsm8k" / "train.jsonl").read_text().splitlines()[:40]
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines[:20]) + "\n").encode()))
+    pq.write_table(pa.Table.from_pylist([json.loads(line) for line in lines[20:]]), tmp_path / "b.parquet")
+    for name in ("a.jsonl.gz", "b.parquet"):
+        storage.upload(tmp_path / name, f"s3://{BUCKET}/data/{name}")
+    cache = f"s3://{BUCKET}/cache"
+    config = write_config(tmp_path, tiny_model_dir, "s3data",
+                          [f"data.train.path=s3://{BUCKET}/data/", "data.train.limit=null", "data.eval=null",
+                           f"data.cache_dir={cache}"])
+    done = raysft("data", config, env=s3_here)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads(done.stdout[: done.stdout.rindex("}") + 1])
+    assert stats["rows_read"]["train"] == 40 and stats["counts"]["train"]["invalid_skipped"] == 0
+    (packed_key,) = storage.list_dir(storage.join(cache, "packed"))
+    table = CachedTable.open(storage.join(cache, "packed", packed_key))
+    assert table is not None and table.num_rows == stats["rows_after_packing"]["train"]
+    assert sum(table.read(0, table.num_rows, ["num_tokens"]).column("num_tokens").to_pylist()) == \
+        stats["tokens_after_packing"]["train"]
+    assert not (REPO / "s3:").exists() and not Path("s3:").exists()  # nothing written to a folder named after the URI
 
 
 def test_bad_storage_fails_before_ray_naming_the_key(

@@ -19,7 +19,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from raysft.data.tokenize import CHATML_TEMPLATE
+from raysft.model import CHATML_TEMPLATE
 
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<pad>"]
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from raysft.errors import DataError
-from raysft.data.labels import IGNORE_INDEX, count_trained
+from raysft.labels import IGNORE_INDEX, count_trained
 
 LengthPolicy = Literal["drop", "truncate", "raise"]
 
@@ -92,7 +92,7 @@ def pack_examples(examples: list[dict[str, Any]], max_seq_len: int) -> list[dict
 
     Example:
         >>> rows = pack_examples([{"input_ids": [5, 6], "labels": [5, 6]}, {"input_ids": [7], "labels": [7]}], 4)
-        >>> rows[0]["position_ids"], rows[0]["num_examples"]
+        >>> rows[0]["position_ids"].tolist(), rows[0]["num_examples"]
         ([0, 1, 0], 2)
     """
     bins = best_fit_decreasing([len(e["input_ids"]) for e in examples], max_seq_len)
@@ -103,7 +103,7 @@ def unpacked_rows(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One example per row, in the same row schema as :func:`pack_examples`.
 
     Example:
-        >>> unpacked_rows([{"input_ids": [5, 6], "labels": [5, 6]}])[0]["position_ids"]
+        >>> unpacked_rows([{"input_ids": [5, 6], "labels": [5, 6]}])[0]["position_ids"].tolist()
         [0, 1]
     """
     return [_row([example]) for example in examples]
@@ -152,14 +152,24 @@ def packing_efficiency(rows: list[dict[str, Any]], max_seq_len: int) -> float:
 
 
 def _row(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    input_ids: list[int] = []
-    labels: list[int] = []
-    position_ids: list[int] = []
-    for example in examples:
-        input_ids.extend(example["input_ids"])
-        # The first token of an example would be predicted from the previous example's last token;
-        # alone it has no predecessor and is never a target, so it is not one when packed either.
-        labels.append(IGNORE_INDEX)
-        labels.extend(example["labels"][1:])
-        position_ids.extend(range(len(example["input_ids"])))
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "num_examples": len(examples)}
+    input_ids = np.concatenate([np.asarray(e["input_ids"], dtype=np.int32) for e in examples])
+    labels = np.concatenate([np.asarray(e["labels"], dtype=np.int32) for e in examples])
+    lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int32)
+    # The first token of an example would be predicted from the previous example's last token;
+    # alone it has no predecessor and is never a target, so it is not one when packed either.
+    labels[np.cumsum(lengths) - lengths] = IGNORE_INDEX
+    position_ids = positions_of(lengths)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "example_lengths": lengths,
+            "num_examples": len(examples), "num_trained": count_trained(labels, position_ids)}
+
+
+def positions_of(example_lengths: np.ndarray) -> np.ndarray:
+    """A packed row's position ids from its examples' lengths: 0, 1, ... restarting at every example.
+
+    Example:
+        >>> positions_of(np.array([3, 2])).tolist()
+        [0, 1, 2, 0, 1]
+    """
+    lengths = np.asarray(example_lengths, dtype=np.int64)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return (np.arange(int(lengths.sum())) - starts).astype(np.int32)

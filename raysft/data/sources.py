@@ -7,22 +7,29 @@ that every later error can say exactly where the bad data is.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
+import io
 import itertools
 import json
 import logging
 import re
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
 
-from raysft.config import DataConfig, SourceConfig
-from raysft.data.formats import detect_format, normalize_row
+import pyarrow.fs as pafs
+
+from raysft import storage
+from raysft.config import DataConfig, SourceConfig, is_uri
+from raysft.data.formats import detect_format, normalize_row, source_name
 from raysft.errors import DataError
 
 log = logging.getLogger(__name__)
 
 FILE_TYPES = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+# Decompressed on the fly by pyarrow's input streams (text formats; Parquet compresses inside the file).
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
 
 # Past this many problems the rest are usually the same mistake repeated; stop and report.
 MAX_PROBLEMS = 10
@@ -34,7 +41,9 @@ DEFAULT_MAX_ROW_CHARS: int = DataConfig.model_fields["max_row_chars"].default
 
 
 def read_source(source: SourceConfig) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ``(origin, raw_row)`` for every row of a source, at most ``source.limit`` of them.
+    """Yield ``(origin, raw_row)`` for every row of a source, at most ``source.limit`` of them, in this process.
+
+    The Ray Data path (raysft/data/read.py) reads the same files with the same row readers, in parallel.
 
     Example:
         >>> list(read_source(SourceConfig(rows=[{"text": "hi"}])))
@@ -49,8 +58,21 @@ def read_source(source: SourceConfig) -> Iterator[tuple[str, dict[str, Any]]]:
     return itertools.islice(rows, source.limit)
 
 
+def source_format(source: SourceConfig) -> str:
+    """A source's format: as configured, or detected from its first row (read here, in the driver).
+
+    A source has one format; later rows that do not fit it are reported as the data problems they are.
+    """
+    if source.format != "auto":
+        return source.format
+    for origin, row in read_source(source):
+        return detect_format(row, source, origin)
+    raise DataError(f"{source_name(source)}: the source holds no rows")
+
+
 def load_examples(sources: list[SourceConfig], max_row_chars: int = DEFAULT_MAX_ROW_CHARS) -> list[dict[str, Any]]:
-    """Read, detect the format of, and normalize every source; raise one DataError listing the problems.
+    """Read, detect the format of, and normalize every source in this process; raise one DataError listing
+    the problems. (Training reads through Ray Data instead; this is the same reading for small jobs and tests.)
 
     Rows with more than `max_row_chars` characters of text are invalid rows, like any other bad row.
 
@@ -65,13 +87,14 @@ def load_examples(sources: list[SourceConfig], max_row_chars: int = DEFAULT_MAX_
         if len(problems) >= MAX_PROBLEMS:
             break
     if problems:
-        more = (
-            f"\n(stopped after {MAX_PROBLEMS} problems; fix these and run again)"
-            if len(problems) >= MAX_PROBLEMS
-            else ""
-        )
-        raise DataError("\n".join(problems) + more)
+        raise DataError(problem_report(problems, stopped=len(problems) >= MAX_PROBLEMS))
     return examples
+
+
+def problem_report(problems: list[str], stopped: bool) -> str:
+    """The text of a DataError listing bad rows: one per line, and a hint when the list was cut short."""
+    more = f"\n(stopped after {MAX_PROBLEMS} problems; fix these and run again)" if stopped else ""
+    return "\n".join(problems[:MAX_PROBLEMS]) + more
 
 
 def _load_source(
@@ -106,37 +129,76 @@ def _read_inline(rows: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, An
         yield f"rows[{index}]", row
 
 
+def file_kind(file: str, file_type: str) -> str:
+    """The reader a file needs: `file_type`, or the extension's (under a compression suffix, e.g. `.jsonl.gz`)."""
+    if file_type != "auto":
+        return file_type
+    name = file.lower()
+    for compression in COMPRESSION_SUFFIXES:
+        name = name.removesuffix(compression)
+    return FILE_TYPES[PurePosixPath(name).suffix]
+
+
+def read_file(file: str, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every row of one local or object-storage file (compressed files are decompressed on the fly)."""
+    fs, path = storage.resolve(file)
+    if kind == "parquet":  # needs random access to its footer
+        with fs.open_input_file(path) as handle:
+            yield from read_stream(handle, file, kind)
+        return
+    with fs.open_input_stream(path) as handle:
+        yield from read_stream(handle, file, kind)
+
+
+def read_stream(handle: BinaryIO, file: str, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every row of an open file, with its origin; a file without rows or not UTF-8 is a DataError."""
+    reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}[kind]
+    yielded = False
+    try:
+        for item in reader(handle, file):
+            yielded = True
+            yield item
+    except UnicodeDecodeError:
+        raise _not_utf8(file) from None
+    if not yielded:
+        raise DataError(f"{file}: the file holds no rows")
+
+
 def _read_paths(path: str, file_type: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    for file in _resolve_files(path, file_type):
-        kind = file_type if file_type != "auto" else FILE_TYPES[file.suffix.lower()]
-        reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}[kind]
-        yielded = False
-        try:
-            for item in reader(file):
-                yielded = True
-                yield item
-        except UnicodeDecodeError:
-            raise _not_utf8(file) from None
-        if not yielded:
-            raise DataError(f"{file}: the file holds no rows")
+    for file in resolve_files(path, file_type):
+        yield from read_file(file, file_kind(file, file_type))
 
 
-def _resolve_files(path: str, file_type: str) -> list[Path]:
-    """The files a source path names: a file, every supported file in a folder, or a glob's matches."""
-    suffixes = set(FILE_TYPES) if file_type == "auto" else {s for s, t in FILE_TYPES.items() if t == file_type}
+def _suffixes(file_type: str) -> set[str]:
+    return set(FILE_TYPES) if file_type == "auto" else {s for s, t in FILE_TYPES.items() if t == file_type}
+
+
+def _readable(name: str, suffixes: set[str]) -> bool:
+    lowered = name.lower()
+    for compression in COMPRESSION_SUFFIXES:
+        lowered = lowered.removesuffix(compression)
+    return PurePosixPath(lowered).suffix in suffixes
+
+
+def resolve_files(path: str, file_type: str) -> list[str]:
+    """The files a source path names, sorted: a file, every supported file in a folder, or a glob's matches.
+    Local paths and object-storage URIs (`s3://bucket/prefix/`, `gs://bucket/data/*.jsonl`) alike."""
+    suffixes = _suffixes(file_type)
+    if is_uri(path):
+        return _resolve_remote(path, file_type, suffixes)
     target = Path(path)
     if target.is_file():
-        if file_type == "auto" and target.suffix.lower() not in FILE_TYPES:
+        if file_type == "auto" and not _readable(target.name, set(FILE_TYPES)):
             raise DataError(
                 f"{path}: cannot tell the file type from the extension '{target.suffix}'; "
                 f"use one of {', '.join(FILE_TYPES)} or set file_type"
             )
-        return [target]
+        return [str(target)]
     if target.is_dir():
-        files = sorted(p for p in target.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+        files = sorted(str(p) for p in target.iterdir() if p.is_file() and _readable(p.name, suffixes))
         what = f"no {'/'.join(sorted(suffixes))} files in the folder"
     elif glob.has_magic(path):
-        files = sorted(Path(p) for p in glob.glob(path) if Path(p).is_file() and Path(p).suffix.lower() in suffixes)
+        files = sorted(p for p in glob.glob(path) if Path(p).is_file() and _readable(p, suffixes))
         what = f"the pattern matches no {'/'.join(sorted(suffixes))} files"
     else:
         raise DataError(f"{path}: no such file or folder")
@@ -145,9 +207,34 @@ def _resolve_files(path: str, file_type: str) -> list[Path]:
     return files
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
+def _resolve_remote(uri: str, file_type: str, suffixes: set[str]) -> list[str]:
+    scheme = uri[: uri.index("://") + 3]
+    pattern = uri if glob.has_magic(uri) else None
+    listed = uri[: uri.index("*")].rsplit("/", 1)[0] if pattern else uri.rstrip("/")
+    try:
+        fs, path = storage.resolve(listed)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File and pattern is None:
+            if file_type == "auto" and not _readable(path, set(FILE_TYPES)):
+                raise DataError(f"{uri}: cannot tell the file type from the extension; set file_type")
+            return [uri]
+        if info.type != pafs.FileType.Directory:
+            raise DataError(f"{uri}: no such object or prefix")
+        entries = fs.get_file_info(pafs.FileSelector(path, recursive=pattern is not None))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{uri}: cannot list it ({storage.one_line(err)}); check the URI and the credentials "
+                        "in the environment") from None
+    files = sorted(scheme + e.path for e in entries if e.type == pafs.FileType.File and _readable(e.path, suffixes))
+    if pattern is not None:
+        files = [f for f in files if fnmatch.fnmatchcase(f, pattern)]
+    if not files:
+        raise DataError(f"{uri}: no {'/'.join(sorted(suffixes))} files there")
+    return files
+
+
+def _read_jsonl(handle: BinaryIO, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    with io.TextIOWrapper(handle, encoding="utf-8") as text:
+        for line_number, line in enumerate(text, 1):
             if not line.strip():
                 continue
             origin = f"{path}:{line_number}"
@@ -158,8 +245,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield origin, _as_object(row, origin)
 
 
-def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    text = path.read_text(encoding="utf-8")
+def _read_json(handle: BinaryIO, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    text = handle.read().decode("utf-8")
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
     try:
@@ -181,7 +268,7 @@ def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield origin, _as_object(row, origin)
 
 
-def _json_array_items(path: Path, text: str, start: int) -> Iterator[tuple[str, dict[str, Any]]]:
+def _json_array_items(path: str, text: str, start: int) -> Iterator[tuple[str, dict[str, Any]]]:
     """Decode a top-level JSON array item by item, so each row's origin can name its line."""
     decoder = json.JSONDecoder()
     position, line, counted_to = start + 1, 1, 0
@@ -203,11 +290,11 @@ def _json_array_items(path: Path, text: str, start: int) -> Iterator[tuple[str, 
         raise json.JSONDecodeError("extra data after the array", text, position + 1)
 
 
-def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _read_csv(handle: BinaryIO, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
     # Python's csv refuses cells over 128 KiB by default; a long row is judged by data.max_row_chars instead.
     csv.field_size_limit(2**31 - 1)
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
+    with io.TextIOWrapper(handle, encoding="utf-8", newline="") as text:
+        reader = csv.DictReader(text)
         next_line = 2  # the header is line 1
         try:
             for row in reader:
@@ -220,13 +307,13 @@ def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             raise DataError(f"{path}:{reader.line_num}: not readable as CSV: {err}") from None
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _read_parquet(handle: BinaryIO, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     number = 0
     try:
-        for batch in pq.ParquetFile(path).iter_batches():
+        for batch in pq.ParquetFile(handle).iter_batches():
             for row in batch.to_pylist():
                 number += 1
                 yield f"{path}:row {number}", row
@@ -234,14 +321,15 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise DataError(f"{path}: not a readable Parquet file: {err}") from None
 
 
-def _not_utf8(path: Path) -> DataError:
+def _not_utf8(path: str) -> DataError:
     """The error for a text file that is not UTF-8, naming the line (and byte) where decoding fails.
 
     Decoding line by line finds the same first bad byte as decoding the whole file: a newline byte
     never occurs inside a multi-byte UTF-8 sequence.
     """
-    with path.open("rb") as handle:
-        for line_number, line in enumerate(handle, 1):
+    fs, location = storage.resolve(path)
+    with fs.open_input_stream(location) as handle:
+        for line_number, line in enumerate(io.BufferedReader(handle), 1):
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -253,11 +341,12 @@ def _not_utf8(path: Path) -> DataError:
     return DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
-def _read_hf(source: SourceConfig) -> Iterator[tuple[str, dict[str, Any]]]:
+def load_hf_dataset(source: SourceConfig) -> Any:
+    """The `datasets.Dataset` of an `hf_dataset` source (memory-mapped Arrow: reading it holds no rows in RAM)."""
     import datasets
 
     name = source.hf_dataset
-    assert name is not None  # read_source dispatches here only when it is set
+    assert name is not None  # callers dispatch here only when it is set
     if Path(name).is_dir():
         loaded = datasets.load_from_disk(name)
         if isinstance(loaded, datasets.DatasetDict):
@@ -268,8 +357,36 @@ def _read_hf(source: SourceConfig) -> Iterator[tuple[str, dict[str, Any]]]:
         loaded = datasets.load_dataset(name, source.hf_config, split=source.split)
     if len(loaded) == 0:
         raise DataError(f"hf:{name}: split '{source.split}' holds no rows")
-    for index, row in enumerate(loaded):
-        yield f"hf:{name}[{index}]", row
+    return loaded
+
+
+def hf_origin(name: str, index: int) -> str:
+    return f"hf:{name}[{index}]"
+
+
+def _read_hf(source: SourceConfig) -> Iterator[tuple[str, dict[str, Any]]]:
+    for index, row in enumerate(load_hf_dataset(source)):
+        yield hf_origin(str(source.hf_dataset), index), row
+
+
+def fingerprint_source(source: SourceConfig, digest: Any) -> None:
+    """Feed what identifies a source's rows into `digest`: its options, and for files their names, sizes and
+    modification times (stat calls only, so a warm run over terabytes on object storage reads no data; a
+    rewritten file changes size or time). Inline rows are hashed whole; hub datasets by their fingerprint."""
+    digest.update(json.dumps(source.model_dump(exclude={"rows"}), sort_keys=True).encode())
+    if source.rows is not None:
+        digest.update(json.dumps(source.rows, sort_keys=True, default=str).encode())
+    elif source.path is not None:
+        for file in resolve_files(source.path, source.file_type):
+            fs, path = storage.resolve(file)
+            info = fs.get_file_info(path)
+            digest.update(f"{file}|{info.size}|{info.mtime_ns}".encode())
+    elif source.hf_dataset is not None and Path(source.hf_dataset).is_dir():
+        for file in sorted(p for p in Path(source.hf_dataset).rglob("*") if p.is_file()):
+            stat = file.stat()
+            digest.update(f"{file}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    else:
+        digest.update(str(getattr(load_hf_dataset(source), "_fingerprint", "")).encode())
 
 
 def _as_object(row: Any, origin: str) -> dict[str, Any]:

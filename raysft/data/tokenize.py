@@ -13,46 +13,20 @@ data cannot forge turn boundaries.
 from __future__ import annotations
 
 import functools
-import logging
+import json
 import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
-from raysft.data.labels import IGNORE_INDEX, count_trained
+from raysft.config import SourceConfig
+from raysft.data.formats import normalize_row
+from raysft.labels import IGNORE_INDEX, count_trained
 from raysft.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-logger = logging.getLogger(__name__)
-
-# Raw string: Jinja itself must see the '\n' escapes, as in the templates shipped with models.
-CHATML_TEMPLATE = (
-    r"{% for message in messages %}"
-    r"{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    r"{% endfor %}"
-    r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, template: str | None) -> None:
-    """Give `tokenizer` a chat template: a Jinja string always wins; ``"chatml"`` or None only fill a gap.
-
-    Example:
-        >>> ensure_chat_template(tokenizer, "chatml")  # doctest: +SKIP
-    """
-    if template is not None and template != "chatml":
-        tokenizer.chat_template = template
-        return
-    if tokenizer.chat_template:
-        return
-    if template is None:
-        logger.warning(
-            "The tokenizer %s has no chat template; using ChatML. Set model.chat_template to choose another.",
-            tokenizer.name_or_path or type(tokenizer).__name__,
-        )
-    tokenizer.chat_template = CHATML_TEMPLATE
 
 
 def tokenize_example(
@@ -133,53 +107,68 @@ def assistant_spans(
     return full, spans
 
 
-class TokenizeBatch:
-    """Ray Data callable class: normalized rows in, token ids and labels out.
+class TokenizeRows:
+    """Ray Data callable class: raw rows (raysft/data/read.py) in; normalized, tokenized and masked out.
 
-    The tokenizer travels to the actors pickled in the constructor arguments, so actors on any node
-    of a cluster get the exact tokenizer (chat template included) without reading a local folder.
+    The tokenizer and the sources' settings travel to the actors pickled in the constructor arguments, so
+    actors on any node of a cluster get the exact tokenizer (chat template included) without reading a
+    local folder.
 
-    A row that cannot be tokenized (a DataError) comes out with empty ids and its message in the
-    ``error`` column, so the driver reports every such row by its origin instead of the whole Ray job
-    failing on the first one.
+    A row that cannot be used (bad shape, too long, untokenizable) comes out with empty ids and its message
+    in the ``error`` column, ``skippable`` when its source says ``invalid_rows: skip``; a read problem (a
+    row whose ``error`` is set already) passes through and is never skippable. So the driver reports every
+    problem by its origin instead of the whole Ray job failing on the first one.
 
     Example:
-        >>> ds.map_batches(TokenizeBatch, fn_constructor_args=(tokenizer, False, False),
-        ...                compute=ray.data.ActorPoolStrategy(size=2), batch_format="numpy")  # doctest: +SKIP
+        >>> ds.map_batches(TokenizeRows, fn_constructor_args=(tokenizer, sources, formats, data_cfg),
+        ...                compute=ray.data.ActorPoolStrategy(size=2), batch_format="pyarrow")  # doctest: +SKIP
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool, parse_special_tokens: bool = False):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, sources: list[SourceConfig], formats: list[str],
+                 train_on_inputs: bool, parse_special_tokens: bool, max_row_chars: int):
         self.tokenizer = tokenizer
-        self.train_on_inputs = train_on_inputs
-        self.parse_special_tokens = parse_special_tokens
+        self.sources, self.formats = sources, formats
+        self.train_on_inputs, self.parse_special_tokens = train_on_inputs, parse_special_tokens
+        self.max_row_chars = max_row_chars
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {
-            "input_ids": [], "labels": [], "origin": [], "num_tokens": [], "num_trained": [], "error": []
-        }
-        for messages, text, origin in zip(batch["messages"], batch["text"], batch["origin"], strict=True):
-            example = {"messages": _as_messages(messages), "text": text, "origin": str(origin)}
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from raysft.data.read import source_of
+
+        seqs = batch.column("seq").to_numpy()
+        sources = source_of(seqs)
+        ids: list[list[int]] = []
+        labels: list[list[int]] = []
+        errors: list[str | None] = []
+        skippable: list[bool] = []
+        for source_index, origin, raw, read_error in zip(
+            sources.tolist(), batch.column("origin").to_pylist(), batch.column("row").to_pylist(),
+            batch.column("error").to_pylist(), strict=True,
+        ):
+            source = self.sources[source_index]
             try:
+                if read_error is not None:
+                    raise DataError(read_error)
+                example = normalize_row(json.loads(raw), self.formats[source_index], source, origin, self.max_row_chars)
                 tokenized = tokenize_example(example, self.tokenizer, self.train_on_inputs, self.parse_special_tokens)
-                out["error"].append("")
+                ids.append(tokenized["input_ids"])
+                labels.append(tokenized["labels"])
+                errors.append(None)
+                skippable.append(False)
             except DataError as err:
-                tokenized = {"input_ids": [], "labels": [], "origin": example["origin"]}
-                out["error"].append(str(err))
-            out["input_ids"].append(tokenized["input_ids"])
-            out["labels"].append(tokenized["labels"])
-            out["origin"].append(tokenized["origin"])
-            out["num_tokens"].append(len(tokenized["input_ids"]))
-            out["num_trained"].append(count_trained(tokenized["labels"]))
-        return out
-
-
-def _as_messages(messages: Any) -> list[dict[str, str]] | None:
-    # Ray Data hands a list<struct> cell over as an object ndarray of dicts, and a text row's empty
-    # cell as None, or as NaN when every row of the block is a text row (an all-null column becomes
-    # float32). Rebuild plain dicts so templates see exactly role and content.
-    if messages is None or isinstance(messages, (float, np.floating)):
-        return None
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+                ids.append([])
+                labels.append([])
+                errors.append(str(err))
+                skippable.append(read_error is None and source.invalid_rows == "skip")
+        return pa.table({
+            "seq": batch.column("seq"),
+            "origin": batch.column("origin"),
+            "input_ids": pa.array(ids, pa.list_(pa.int32())),
+            "labels": pa.array(labels, pa.list_(pa.int32())),
+            "num_tokens": pa.array([len(row) for row in ids], pa.int32()),
+            "num_trained": pa.array([count_trained(row) if row else 0 for row in labels], pa.int32()),
+            "error": pa.array(errors, pa.string()),
+            "skippable": pa.array(skippable, pa.bool_()),
+        })
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -24,9 +23,7 @@ from torch import nn
 
 from raysft import storage
 from raysft.config import Config, is_uri
-from raysft.data.labels import count_trained
-from raysft.data.packing import collate
-from raysft.data.pipeline import quiet_data_context
+from raysft.data.stream import PackedRows, chunks_to_keep
 from raysft.fileio import replace_dir_atomically, write_error, write_text_atomically
 from raysft.model import (
     TokenLoss,
@@ -48,55 +45,13 @@ from raysft.training.checkpoint import (
 )
 from raysft.training.fsdp import all_finite, gathered_state_dict, is_sharded, shard
 from raysft.training.optim import build_optimizer, lr_at, set_lr
-from raysft.training.step import BatchSchedule, all_reduce_sum, autocast, train_step
+from raysft.training.step import ORDER_CHUNK_ROWS, BatchSchedule, all_reduce_sum, autocast, train_step
 from raysft.training.worker import LoopInputs  # defined apart so that Ray's controller unpickles it without torch
-
-
-@dataclass(frozen=True)
-class Rows:
-    """Packed rows held by a worker, in a fixed order (by row_id) on every worker and every run."""
-
-    input_ids: list[np.ndarray]
-    labels: list[np.ndarray]
-    position_ids: list[np.ndarray]
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def batch(self, indices: np.ndarray, pad_token_id: int) -> dict[str, torch.Tensor]:
-        rows = [
-            {"input_ids": self.input_ids[i], "labels": self.labels[i], "position_ids": self.position_ids[i]}
-            for i in indices
-        ]
-        return collate(rows, pad_token_id)
-
-    def trained_tokens(self, indices: np.ndarray) -> int:
-        """Tokens that contribute to the loss (next-token targets inside one example)."""
-        return sum(count_trained(self.labels[i], self.position_ids[i]) for i in indices)
-
-    def real_tokens(self, indices: np.ndarray) -> int:
-        return sum(len(self.input_ids[i]) for i in indices)
-
-
-def read_rows(name: str) -> Rows:
-    """Pull a (not split) Ray Data shard into worker memory, ordered by row_id."""
-    shard = ray.train.get_dataset_shard(name)
-    columns: dict[str, list[Any]] = {"row_id": [], "input_ids": [], "labels": [], "position_ids": []}
-    with quiet_data_context():  # one progress bar per worker per split is noise
-        for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
-            for key in columns:
-                columns[key].extend(batch[key])
-    order = np.argsort(np.asarray(columns["row_id"]), kind="stable")
-
-    def pick(key: str) -> list[np.ndarray]:
-        return [np.asarray(columns[key][i], dtype=np.int64) for i in order]
-
-    return Rows(pick("input_ids"), pick("labels"), pick("position_ids"))
 
 
 @torch.no_grad()
 def evaluate(
-    loss_module: TokenLoss, rows: Rows, cfg: Config, rank: int, world: int, pad_id: int, device: torch.device
+    loss_module: TokenLoss, rows: PackedRows, cfg: Config, rank: int, world: int, pad_id: int, device: torch.device
 ) -> dict[str, float]:
     """Token-weighted eval loss, perplexity and next-token accuracy over all eval rows and workers."""
     loss_module.eval()
@@ -182,11 +137,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed + rank)
 
-    # Setup: data, model, optimizer.
-    train_rows = read_rows("train")
-    eval_rows = read_rows("eval") if inputs.has_eval else None
-    schedule = BatchSchedule(len(train_rows), world, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
-                             cfg.train.seed)
+    # Setup: data, model, optimizer. Rows are read from the packed table as the steps need them.
+    schedule = BatchSchedule(inputs.train_data.num_rows, world, cfg.train.micro_batch_size,
+                             cfg.train.grad_accum_steps, cfg.train.seed, cfg.data.shuffle_window)
+    chunk_rows = min(ORDER_CHUNK_ROWS, cfg.data.shuffle_window)
+    train_rows = PackedRows(inputs.train_data, chunk_rows,
+                            chunks_to_keep(cfg.data.shuffle_window, schedule.global_batch, chunk_rows))
+    eval_rows = PackedRows(inputs.eval_data, chunk_rows, max_chunks=4) if inputs.eval_data is not None else None
     num_steps = schedule.total_steps(cfg.train.max_steps, cfg.train.epochs)
     model = apply_lora(load_model(cfg.model, device), cfg.lora, cfg.train.seed)
     pad_id = inputs.pad_token_id
@@ -240,6 +197,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     interval_start, interval_tokens = time.perf_counter(), 0  # after the first eval, so it is not counted
     for step in range(start_step, num_steps):
         step_rows = schedule.step_rows(step)
+        for ahead in range(step + 1, min(step + 3, num_steps)):  # read on a background thread meanwhile
+            train_rows.prefetch(schedule.step_rows(ahead))
         # The trained tokens of the whole global batch (all workers, all micro-batches) normalize the loss.
         step_trained = train_rows.trained_tokens(step_rows)
         set_lr(optimizer, lr_at(step, cfg.train, num_steps))
@@ -300,6 +259,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     gathered = gathered_state_dict(model, trained_only=cfg.lora.enabled) if sharded else None  # every rank
     if rank == 0:
         _save_final(model, cfg, location, gathered)
+    train_rows.close()
+    if eval_rows is not None:
+        eval_rows.close()
     if tracker is not None:
         tracker.close()
         _sync_run_files(working, location)

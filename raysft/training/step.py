@@ -19,19 +19,77 @@ import torch.distributed as dist
 from torch import nn
 
 
-@functools.lru_cache(maxsize=2)
-def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+# Rows that stay together when an epoch is shuffled in windows: the grain at which workers read the packed table.
+ORDER_CHUNK_ROWS = 64
+
+
+class EpochOrder:
     """The row order of one epoch: a pure function of (seed, epoch), so resume continues it exactly.
 
-    Cached (the current and the next epoch) because every step of an epoch reads the same permutation.
+    Up to `window_rows` rows it is one uniform permutation. Past that the epoch is shuffled in two levels, as
+    streaming loaders do (MosaicML streaming, WebDataset): chunks of ``ORDER_CHUNK_ROWS`` consecutive rows are
+    permuted, consecutive runs of the permuted chunks form windows of about `window_rows` rows, and the rows
+    of each window are permuted. A worker then needs one window of rows at a time (plus the next, prefetched),
+    whatever the dataset's size, and any position's rows are computed without the ones before it.
 
     Example:
-        >>> epoch_order(5, seed=0, epoch=1).tolist() == epoch_order(5, seed=0, epoch=1).tolist()
+        >>> order = EpochOrder(num_rows=10, seed=0, epoch=1, window_rows=4)
+        >>> sorted(order.rows(0, 10).tolist()) == list(range(10))
         True
     """
-    order = np.random.default_rng([seed, epoch]).permutation(num_rows)
-    order.setflags(write=False)  # shared through the cache
-    return order
+
+    def __init__(self, num_rows: int, seed: int, epoch: int, window_rows: int):
+        self.num_rows, self.seed, self.epoch = num_rows, seed, epoch
+        rng = np.random.default_rng([seed, epoch])
+        if num_rows <= window_rows:
+            self.chunk_rows, self._windows = num_rows, [np.zeros(1, dtype=np.int64)]
+            self._whole = rng.permutation(num_rows)
+            self._starts = np.array([0, num_rows])
+            return
+        self._whole = None
+        self.chunk_rows = min(ORDER_CHUNK_ROWS, window_rows)
+        chunks = rng.permutation(-(-num_rows // self.chunk_rows))
+        per_window = max(1, window_rows // self.chunk_rows)
+        self._windows = [chunks[i : i + per_window] for i in range(0, len(chunks), per_window)]
+        sizes = [sum(self._chunk_size(c) for c in window) for window in self._windows]
+        self._starts = np.concatenate([[0], np.cumsum(sizes)])
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _chunk_size(self, chunk: int) -> int:
+        return min(self.chunk_rows, self.num_rows - int(chunk) * self.chunk_rows)
+
+    def window(self, index: int) -> np.ndarray:
+        """The rows of window `index`, in their epoch order."""
+        if self._whole is not None:
+            return self._whole
+        if index not in self._cache:
+            rows = np.concatenate([np.arange(c * self.chunk_rows, c * self.chunk_rows + self._chunk_size(c))
+                                   for c in self._windows[index]])
+            rows = rows[np.random.default_rng([self.seed, self.epoch, index]).permutation(len(rows))]
+            self._cache = {k: v for k, v in self._cache.items() if k >= index - 1}  # the current and the last
+            self._cache[index] = rows
+        return self._cache[index]
+
+    def windows_of(self, start: int, stop: int) -> range:
+        """The windows holding positions [start, stop)."""
+        first = int(np.searchsorted(self._starts, start, side="right")) - 1
+        last = int(np.searchsorted(self._starts, stop - 1, side="right")) - 1
+        return range(first, last + 1)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """The rows at positions [start, stop) of the epoch."""
+        stop = min(stop, self.num_rows)
+        pieces = []
+        for index in self.windows_of(start, stop):
+            offset = int(self._starts[index])
+            pieces.append(self.window(index)[max(start - offset, 0) : stop - offset])
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(num_rows: int, seed: int, epoch: int, window_rows: int) -> EpochOrder:
+    """:class:`EpochOrder`, cached (the current and the next epoch): every step of an epoch reads it."""
+    return EpochOrder(num_rows, seed, epoch, window_rows)
 
 
 @dataclass(frozen=True)
@@ -58,6 +116,7 @@ class BatchSchedule:
     micro_batch_size: int
     grad_accum_steps: int
     seed: int
+    window_rows: int = 2048  # data.shuffle_window: see EpochOrder
 
     def __post_init__(self) -> None:
         if self.num_rows < self.global_batch:
@@ -85,7 +144,8 @@ class BatchSchedule:
     def step_rows(self, step: int) -> np.ndarray:
         """Indices of the rows optimizer step ``step`` (0-based) trains on, all workers together."""
         epoch, index = divmod(step, self.steps_per_epoch)
-        return epoch_order(self.num_rows, self.seed, epoch)[index * self.global_batch : (index + 1) * self.global_batch]
+        order = epoch_order(self.num_rows, self.seed, epoch, self.window_rows)
+        return order.rows(index * self.global_batch, (index + 1) * self.global_batch)
 
     def micro_batches(self, step: int, rank: int) -> list[np.ndarray]:
         """Worker ``rank``'s rows of step ``step``, one array per micro-batch (``grad_accum_steps`` of them)."""

@@ -15,24 +15,16 @@ from typing import Any
 import ray
 import ray.train
 import torch
-from ray.train import DataConfig as RayDataConfig, FailureConfig, RunConfig, ScalingConfig as RayScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig as RayScalingConfig
 from ray.autoscaler.sdk import request_resources
 from ray.train import CheckpointConfig
 from ray.train.torch import TorchTrainer
-from transformers import PreTrainedTokenizerBase
 
 from raysft.config import Config, with_absolute_paths
-from raysft.data.pipeline import (
-    PreparedData,
-    read_splits,
-    shape_splits,
-    stats_json,
-    tokenize_splits,
-)
+from raysft.data.pipeline import ensure_ray, prepare_data, stats_json
 from raysft.errors import USER_ERRORS, ConfigError, RunError
 from raysft import storage
 from raysft.fileio import write_error
-from raysft.model import load_tokenizer
 from raysft.track import METRICS_FILE, read_metrics
 from raysft.training.checkpoint import newest_verified, read_state
 from raysft.training.checkpoint import CHECKPOINT_SCORE_KEY, higher_is_better, is_scored
@@ -62,12 +54,6 @@ class RunResult:
     def history(self) -> list[dict[str, Any]]:
         """Every line of metrics.jsonl."""
         return read_metrics(self.output_dir / METRICS_FILE)
-
-
-def ensure_ray(address: str | None) -> None:
-    """Join `address` (or RAY_ADDRESS), or start a local Ray; reuse a running session."""
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
 
 
 def scaling_config(cfg: Config) -> RayScalingConfig:
@@ -144,14 +130,6 @@ def wait_for_worker_resources(cfg: Config, poll_s: float = 5.0) -> None:
     finally:
         if requested:
             request_resources(bundles=[])  # Ray Train's own placement group keeps the nodes from here on
-
-
-def prepare_data(cfg: Config) -> tuple[PreTrainedTokenizerBase, PreparedData]:
-    """Read, tokenize (on Ray Data, cached) and pack the data of `cfg`. Starts Ray if needed."""
-    tokenizer = load_tokenizer(cfg.model)
-    splits = read_splits(cfg.data, tokenizer)  # all input errors surface here, before Ray starts
-    ensure_ray(cfg.scaling.ray_address)
-    return tokenizer, shape_splits(tokenize_splits(splits, tokenizer, cfg.data), cfg)
 
 
 # A storage that cannot take a write: full, over quota, read-only, or not ours to write.
@@ -236,9 +214,10 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
     cfg = with_absolute_paths(cfg)
     preflight(cfg)  # first: it also tells whether the storage can be reached at all
     resume_changes = check_run_folder(cfg)
-    tokenizer, prepared = prepare_data(cfg)
-    check_batch_fits(cfg, len(prepared.rows["train"]))
+    prepared = prepare_data(cfg)
+    check_batch_fits(cfg, prepared.num_rows("train"))
     resume_from = _resume_point(cfg, prepared.fingerprint)
+    ensure_ray(cfg.scaling.ray_address)
     wait_for_worker_resources(cfg)
 
     location = run_location(cfg)
@@ -248,8 +227,9 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
         config=cfg,
         run_location=location,
         data_fingerprint=prepared.fingerprint,
-        pad_token_id=int(tokenizer.pad_token_id),
-        has_eval="eval" in prepared.rows,
+        pad_token_id=prepared.pad_token_id,
+        train_data=prepared.splits["train"],
+        eval_data=prepared.splits.get("eval"),
         resume_from=resume_from,
     )
     trainer = TorchTrainer(
@@ -264,10 +244,8 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
             checkpoint_config=checkpoint_config(cfg, inputs.has_eval),
             callbacks=callbacks,
         ),
-        datasets=prepared.ray_datasets(),
-        # Every worker reads every row and takes its own deterministic slice of each global batch:
-        # that is what makes N workers equal one worker and resume exact.
-        dataset_config=RayDataConfig(datasets_to_split=[]),
+        # No Ray Datasets here: each worker reads the packed table's rows its steps need
+        # (raysft/data/stream.py), in an order fixed by (seed, epoch, step).
     )
     try:
         result = trainer.fit()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raysft.config import Config
+from raysft.data.cache import CachedTable
 
 
 @dataclass(frozen=True)
@@ -25,11 +26,17 @@ class LoopInputs:
     run_location: str
     """Where the run lives (a local path or a URI): checkpoints/, metrics.jsonl, final/ (run_folder.py)."""
     data_fingerprint: str
-    """Hash of the packed rows; a checkpoint made on other data is never resumed."""
+    """Key of the packed rows; a checkpoint made on other data is never resumed."""
     pad_token_id: int
-    has_eval: bool
+    train_data: CachedTable
+    """The packed training rows (a Parquet table on the cache location, read by every worker)."""
+    eval_data: CachedTable | None = None
     resume_from: str | None = None
     """The checkpoint the driver chose for --resume when Ray Train has none to give (local mode)."""
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval_data is not None
 
     @property
     def checkpoint_root(self) -> str:

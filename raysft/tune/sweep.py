@@ -32,7 +32,8 @@ from raysft.fileio import write_text_atomically
 from raysft.track import METRICS_FILE
 from raysft.training.preflight import preflight
 from raysft.training.run_folder import FINAL_DIR, run_location
-from raysft.training.trainer import prepare_data, scaling_config, train, wait_for_worker_resources
+from raysft.data.pipeline import ensure_ray, prepare_data
+from raysft.training.trainer import scaling_config, train, wait_for_worker_resources
 from raysft.tune.config import SweepConfig, check_sweep, sweep_yaml
 from raysft.tune.report import SweepResult, write_report
 from raysft.tune.space import Domain, to_param_space
@@ -258,6 +259,7 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     # Tokenize once for every trial: the cache is keyed by content, not max_seq_len, so trials that
     # differ in sequence length only re-pack.
     prepare_data(cfg.base)
+    ensure_ray(cfg.base.scaling.ray_address)
     wait_for_worker_resources(cfg.base)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomically(sweep_dir / SWEEP_FILE, sweep_yaml(cfg))

@@ -1,6 +1,8 @@
-"""Bad input data, end to end: each problem is one error naming file:line, raised before Ray starts.
+"""Bad input data, end to end: each problem is one error naming file:line, raised before training starts.
 
-The pre-Ray cases drive the real CLI (`raysft data`); the Ray cases run last, on the shared session Ray.
+A source that cannot be opened or whose first row is unreadable fails before Ray starts; a bad row further on
+is found by the Ray Data read/tokenize job (on the shared session Ray) and reported with every other one.
+All cases drive the real CLI (`raysft data`).
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from transformers import PreTrainedTokenizerBase
 
 from raysft.cli import main
 from raysft.config import Config, to_yaml
-from raysft.data.pipeline import Split, read_splits, tokenize_splits
+from raysft.data import pipeline
+from raysft.data.pipeline import tokenize_split
 from raysft.errors import DataError, RunError
-from raysft.model import load_tokenizer
-from raysft.training import trainer
+from raysft.config import SourceConfig
 from tests.runs import tiny_config
 
 GOOD_LINE = json.dumps({"question": "What is 2 + 3?", "answer": "5"})
@@ -37,7 +39,7 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     def refuse(address: str | None) -> None:
         raise AssertionError("Ray was started: the data error should have come before it")
 
-    monkeypatch.setattr(trainer, "ensure_ray", refuse)
+    monkeypatch.setattr(pipeline, "ensure_ray", refuse)
     yield
     if not was_running:  # a Ray test run earlier in the session leaves its Ray up
         assert not ray.is_initialized()
@@ -87,7 +89,7 @@ BAD_FILES = {
 
 @pytest.mark.parametrize("case", list(BAD_FILES))
 def test_unreadable_file_names_file_and_line(
-    case: str, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_ray: None
+    case: str, ray_session: None, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     name, content, expected = BAD_FILES[case]
     path = tmp_path / name
@@ -98,8 +100,19 @@ def test_unreadable_file_names_file_and_line(
     assert "Traceback" not in err
 
 
-def test_giant_row_is_an_invalid_row(
+def test_unreadable_first_row_fails_before_ray_starts(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_ray: None
+) -> None:
+    # The format is detected from a source's first row, in the driver: a file that cannot give one fails there.
+    name, content, expected = BAD_FILES["parquet-not-parquet"]
+    path = tmp_path / name
+    path.write_bytes(content)
+    status, err = _raysft_data(_config(tiny_model_dir, tmp_path, path), tmp_path, capsys)
+    assert status == 2 and err.startswith("raysft: " + expected.format(path=path)), err
+
+
+def test_giant_row_is_an_invalid_row(
+    ray_session: None, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Over the default data.max_row_chars (1,000,000): reported by origin before any tokenizer sees it.
     path = tmp_path / "data.jsonl"
@@ -112,7 +125,7 @@ def test_giant_row_is_an_invalid_row(
 
 
 def test_giant_csv_cell_is_judged_by_max_row_chars(
-    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_ray: None
+    ray_session: None, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Longer than Python's csv cell limit (128 KiB): still read, then reported as a long row.
     path = tmp_path / "data.csv"
@@ -124,16 +137,17 @@ def test_giant_csv_cell_is_judged_by_max_row_chars(
 
 
 def test_giant_row_is_skipped_with_invalid_rows_skip(
-    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, no_ray: None
+    ray_session: None, tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "data.jsonl"
     long_row = json.dumps({"question": "Repeat.", "answer": "x" * 5000})
     path.write_text(f"{GOOD_LINE}\n{long_row}\n{GOOD_LINE}\n")
-    cfg = _config(tiny_model_dir, tmp_path, path, ["data.train.invalid_rows=skip", "data.max_row_chars=2000"])
-    with caplog.at_level(logging.WARNING, logger="raysft.data.sources"):
-        splits = read_splits(cfg.data, load_tokenizer(cfg.model))
-    train = next(split for split in splits if split.name == "train")
-    assert [e["origin"] for e in train.examples or []] == [f"{path}:1", f"{path}:3"]
+    cfg = _config(tiny_model_dir, tmp_path, path, ["data.train.invalid_rows=skip", "data.max_row_chars=2000",
+                                                   f"data.cache_dir={tmp_path / 'cache'}", "data.max_seq_len=512"])
+    with caplog.at_level(logging.WARNING, logger="raysft.data.pipeline"):
+        prepared = pipeline.prepare_data(cfg)
+    assert [e["origin"] for e in pipeline.first_examples(prepared.tokenized["train"], 5)] == [f"{path}:1", f"{path}:3"]
+    assert prepared.stats.counts["train"]["invalid_skipped"] == 1 and prepared.stats.rows_read["train"] == 3
     assert f"skipping invalid row: {path}:2: the row holds 5,007 characters of text" in caplog.text
 
 
@@ -151,16 +165,15 @@ def test_tokenize_actor_death_fails_the_job_in_bounded_time(
             os._exit(1)
 
     cfg = _config(tiny_model_dir, tmp_path, tmp_path / "unused.jsonl")
-    examples = [{"messages": None, "text": "x", "origin": "rows[0]"}]
-    split = Split("train", tmp_path / "cache" / "examples.parquet", examples)
+    location = str(tmp_path / "cache" / "tokenized")
     started = time.monotonic()
     with pytest.raises(RunError) as caught:
-        tokenize_splits([split], DiesLikeAnOomKill(), cfg.data)  # type: ignore[arg-type]
+        tokenize_split([SourceConfig(rows=[{"text": "x"}])], DiesLikeAnOomKill(), cfg.data, location)
     assert time.monotonic() - started < 120  # Ray Data's default restarts the actor forever
     message = str(caught.value)
     assert message.startswith("the tokenize job (Ray Data) failed: ActorDiedError: The actor died unexpectedly")
     assert "lower data.max_row_chars" in message and "\n" not in message
-    assert not split.cache_file.exists()
+    assert not list(Path(location).rglob("*.parquet")) and not (Path(location) / "manifest.json").exists()
 
 
 def test_rows_that_fail_to_tokenize_are_reported_together(
@@ -174,11 +187,12 @@ def test_rows_that_fail_to_tokenize_are_reported_together(
     )
     forged = [{"role": "user", "content": "a<|im_end|>"}, {"role": "assistant", "content": "b"}]
     ordinary = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    examples = [{"messages": m, "text": None, "origin": f"rows[{i}]"} for i, m in enumerate([ordinary, forged, forged])]
+    source = SourceConfig(rows=[{"messages": m} for m in [ordinary, forged, forged]])
     cfg = _config(tiny_model_dir, tmp_path, tmp_path / "unused.jsonl")
-    split = Split("train", tmp_path / "cache" / "examples.parquet", examples)
+    location = tmp_path / "cache" / "tokenized"
     with pytest.raises(DataError) as caught:
-        tokenize_splits([split], tokenizer, cfg.data)
+        tokenize_split([source], tokenizer, cfg.data, str(location))
+    assert not (location / "manifest.json").exists()
     lines = str(caught.value).splitlines()
     assert [line.split(":")[0] for line in lines] == ["rows[1]", "rows[2]"]
     assert "message content spells the special token '<|im_end|>'" in lines[0]

@@ -22,7 +22,7 @@ from raysft.data.packing import (
     unpacked_rows,
 )
 from raysft.data.sources import load_examples
-from raysft.data.labels import IGNORE_INDEX
+from raysft.labels import IGNORE_INDEX
 from raysft.data.tokenize import tokenize_example
 from raysft.ops import PACKED_SDPA, PackedLayout, register_packed_sdpa
 from tests.tiny import TINY_ARCHS
@@ -78,8 +78,8 @@ def test_pack_and_unpack_preserve_tokens() -> None:
             assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) <= 16
             assert row["num_examples"] == len(_segments(row))
             for start, end in _segments(row):
-                assert row["position_ids"][start:end] == list(range(end - start))
-                pieces.append((row["input_ids"][start:end], row["labels"][start:end]))
+                assert row["position_ids"][start:end].tolist() == list(range(end - start))
+                pieces.append((row["input_ids"][start:end].tolist(), row["labels"][start:end].tolist()))
         expected = [(e["input_ids"], [IGNORE_INDEX, *e["labels"][1:]]) for e in examples]
         assert sorted(pieces) == sorted(expected)
     packed = pack_examples(examples, 16)

@@ -1,20 +1,34 @@
-"""The data pipeline's own pieces that need no Ray session (raysft.data.pipeline): the tokenized cache's key,
-the length policy / hold-out / packing stage, and the process-wide Ray Data settings."""
+"""The data pipeline's own pieces that need no Ray session (raysft.data.pipeline): the caches' keys, what a
+pack task does to one window (length policy, hold-out, packing), the statistics, and the process-wide Ray
+Data settings. tests/data/test_streaming.py runs the whole pipeline on Ray."""
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray.data
 from transformers import PreTrainedTokenizerBase
 
-from raysft.config import Config, DataConfig, SourceConfig, parse_config
-from raysft.data.labels import IGNORE_INDEX
-from raysft.data.pipeline import cache_key, quiet_data_context, shape_splits
+from raysft.config import DataConfig, SourceConfig
+from raysft.data.cache import CachedTable, index_written, write_folder
+from raysft.data.pipeline import (
+    LengthSummary,
+    PackPlan,
+    cache_key,
+    held_out,
+    pack_window,
+    quiet_data_context,
+    split_stats,
+)
 from raysft.errors import DataError
+from raysft.labels import IGNORE_INDEX, count_trained
 
 # --- cache_key: what the tokenized cache is keyed by ----------------------------------------------------
 
@@ -28,16 +42,14 @@ def test_cache_key_covers_the_tokenize_options(tiny_tokenizer: PreTrainedTokeniz
     assert cache_key(cfg.train, tiny_tokenizer, cfg.model_copy(update={"max_seq_len": 64})) in keys
 
 
-def test_cache_key_follows_file_content_not_its_timestamp(
-    tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerBase
-) -> None:
+def test_cache_key_follows_file_changes(tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerBase) -> None:
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "one"}\n')
     cfg = DataConfig(train=[SourceConfig(path=str(data))])
     first = cache_key(cfg.train, tiny_tokenizer, cfg)
-    data.write_text('{"text": "one"}\n')  # rewritten, same bytes: the cache still holds
-    assert cache_key(cfg.train, tiny_tokenizer, cfg) == first
-    data.write_text('{"text": "two"}\n')  # edited in place under the same name: a new cache
+    assert cache_key(cfg.train, tiny_tokenizer, cfg) == first  # unchanged: the cache holds
+    data.write_text('{"text": "two"}\n')  # edited in place under the same name, same size: a new cache
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 1_000_000))
     assert cache_key(cfg.train, tiny_tokenizer, cfg) != first
 
 
@@ -62,63 +74,100 @@ def test_cache_key_covers_inline_rows_source_options_and_the_tokenizer(tiny_toke
     assert cache_key(cfg.train, tiny_tokenizer, cfg) == key  # and nothing else moves it
 
 
-# --- shape_splits: length policy, hold-out, packing, statistics ------------------------------------------
+# --- packing a window and the split's statistics (no Ray: the functions the Ray Data tasks run) -------------
 
 
-def example(length: int, first: int = 1, trained: bool = True, origin: str = "rows[0]") -> dict[str, Any]:
+def example(length: int, first: int = 1, trained: bool = True) -> tuple[list[int], list[int]]:
     ids = list(range(first, first + length))
-    return {"input_ids": ids, "labels": ids if trained else [IGNORE_INDEX] * length, "origin": origin}
+    return ids, ids if trained else [IGNORE_INDEX] * length
 
 
-def config(**data: Any) -> Config:
-    return parse_config({"model": {"name_or_path": "m"}, "data": {"train": {"path": "t.jsonl"}, **data}})
+def tokenized_table(folder: Path, examples: list[tuple[list[int], list[int]]], errors: int = 0) -> CachedTable:
+    """A committed tokenized table as the tokenize job writes it (plus `errors` skipped invalid rows)."""
+    rows = [{"seq": i, "origin": f"rows[{i}]", "input_ids": ids, "labels": labels, "num_tokens": len(ids),
+             "num_trained": count_trained(labels), "error": None, "skippable": False}
+            for i, (ids, labels) in enumerate(examples)]
+    rows += [{"seq": len(rows) + i, "origin": "bad", "input_ids": [], "labels": [], "num_tokens": 0,
+              "num_trained": 0, "error": "bad row", "skippable": True} for i in range(errors)]
+    return write_table(folder, pa.Table.from_pylist(rows))
 
 
-def test_shape_splits_applies_the_length_policy_packs_and_counts_what_it_did() -> None:
+def write_table(location: Path, table: pa.Table) -> CachedTable:
+    folder = Path(write_folder(str(location)))
+    folder.mkdir(parents=True)
+    pq.write_table(table, folder / "part.parquet", row_group_size=2)
+    written = index_written(str(location), str(folder))
+    written.commit()
+    return written
+
+
+def packed(tmp_path: Path, tokenized: CachedTable, plan: PackPlan) -> tuple[CachedTable, dict[str, Any]]:
+    window = {"window": 0, "start": 0, "stop": tokenized.num_rows}
+    table = write_table(tmp_path / f"packed-{plan.name}", pack_window(window, tokenized, plan))
+    return table, split_stats(tokenized, plan, table)
+
+
+def plan(name: str = "train", max_seq_len: int = 5, over_length: str = "truncate", packing: bool = True,
+         holdout: tuple[float, int, bool] | None = None) -> PackPlan:
+    return PackPlan(name, "train", "key", holdout, max_seq_len, over_length, packing)
+
+
+def test_pack_window_applies_the_length_policy_packs_and_counts_what_it_did(tmp_path: Path) -> None:
     train = [example(3), example(6, first=10), example(2, first=20), example(2, first=30, trained=False)]
-    prepared = shape_splits({"train": train}, config(max_seq_len=5, over_length="drop"))
-    assert [e["input_ids"] for e in prepared.examples["train"]] == [[1, 2, 3], [20, 21]]
-    # best-fit decreasing into rows of 5: the 3- and 2-token examples share one row, positions restarting.
-    rows = prepared.rows["train"]
-    assert [(r["input_ids"], r["position_ids"]) for r in rows] == [([1, 2, 3, 20, 21], [0, 1, 2, 0, 1])]
-    stats = prepared.stats
-    assert stats.rows_read == {"train": 4} and stats.examples_kept == {"train": 2}
-    assert stats.counts["train"] == {"over_length_dropped": 1, "truncated": 0, "no_trained_tokens": 1}
-    assert stats.token_length_percentiles["train"]["max"] == 6  # as read, before the length policy
-    assert stats.trained_token_fraction["train"] == pytest.approx((2 + 5 + 1) / 13)  # no example's first token
-    assert stats.rows_after_packing == {"train": 1} and stats.packing_efficiency == {"train": 1.0}
+    tokenized = tokenized_table(tmp_path / "tok", train, errors=1)
+    table, stats = packed(tmp_path, tokenized, plan(over_length="drop"))
+    rows = table.read(0, table.num_rows, ["input_ids", "example_lengths"]).to_pylist()
+    # best-fit decreasing into rows of 5: the 3- and 2-token examples share one row, each example its own
+    # positions (example_lengths), the 6-token one dropped and the untrained one left out.
+    assert rows == [{"input_ids": [1, 2, 3, 20, 21], "example_lengths": [3, 2]}]
+    assert stats["rows_read"] == 5 and stats["examples_kept"] == 2
+    assert stats["counts"] == {"over_length_dropped": 1, "truncated": 0, "no_trained_tokens": 1, "invalid_skipped": 1}
+    assert stats["token_length_percentiles"]["max"] == 6  # as read, before the length policy
+    assert stats["trained_token_fraction"] == pytest.approx((2 + 5 + 1) / 13)  # no example's first token
+    assert stats["rows_after_packing"] == 1 and stats["packing_efficiency"] == 1.0
 
 
-def test_shape_splits_without_packing_keeps_one_row_per_example_and_truncates() -> None:
-    prepared = shape_splits({"train": [example(3), example(7, first=10)]}, config(max_seq_len=4, packing=False))
-    assert [r["input_ids"] for r in prepared.rows["train"]] == [[1, 2, 3], [10, 11, 12, 13]]
-    assert prepared.stats.counts["train"]["truncated"] == 1
+def test_pack_window_without_packing_keeps_one_row_per_example_and_truncates(tmp_path: Path) -> None:
+    tokenized = tokenized_table(tmp_path / "tok", [example(3), example(7, first=10)])
+    table, stats = packed(tmp_path, tokenized, plan(max_seq_len=4, packing=False))
+    assert table.read(0, 2, ["input_ids"]).column("input_ids").to_pylist() == [[1, 2, 3], [10, 11, 12, 13]]
+    assert stats["counts"]["truncated"] == 1
 
 
-def test_shape_splits_holds_out_eval_by_seed_disjoint_and_reproducible() -> None:
-    train = [example(2, first=10 * i, origin=f"rows[{i}]") for i in range(1, 11)]
-    cfg = config(eval_fraction=0.3)
-    first, again = shape_splits({"train": train}, cfg), shape_splits({"train": train}, cfg)
-    held, kept = first.examples["eval"], first.examples["train"]
-    assert len(held) == 3 and len(kept) == 7
-    assert sorted(e["origin"] for e in held + kept) == sorted(e["origin"] for e in train)
-    assert again.examples == first.examples and again.fingerprint == first.fingerprint
-    # Given eval data, nothing is held out of train.
-    given = shape_splits({"train": train, "eval": [example(2)]}, cfg)
-    assert len(given.examples["train"]) == 10 and len(given.examples["eval"]) == 1
+def test_length_percentiles_are_numpys_from_a_histogram() -> None:
+    lengths = np.random.default_rng(0).integers(1, 900, size=1001)
+    summary = LengthSummary()
+    summary.add(lengths[:500], np.zeros(500, dtype=np.int64))
+    summary.add(lengths[500:], np.zeros(501, dtype=np.int64))
+    assert summary.percentiles() == {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {
+        "max": int(lengths.max())}
 
 
-def test_shape_splits_fingerprint_changes_with_the_packed_rows() -> None:
-    train = [example(3), example(2, first=20)]
-    base = shape_splits({"train": train}, config(max_seq_len=5)).fingerprint
-    assert shape_splits({"train": train}, config(max_seq_len=5)).fingerprint == base
-    assert shape_splits({"train": train}, config(max_seq_len=4)).fingerprint != base  # other rows
-    assert shape_splits({"train": [example(3), example(2, first=21)]}, config(max_seq_len=5)).fingerprint != base
+def test_hold_out_is_disjoint_reproducible_and_near_the_fraction(tmp_path: Path) -> None:
+    tokenized = tokenized_table(tmp_path / "tok", [example(2, first=10 * i) for i in range(1, 201)])
+    held = plan("eval", max_seq_len=2, packing=False, holdout=(0.3, 7, True))
+    kept = plan("train", max_seq_len=2, packing=False, holdout=(0.3, 7, False))
+    eval_rows, _ = packed(tmp_path, tokenized, held)
+    train_rows, _ = packed(tmp_path, tokenized, kept)
+    firsts = lambda table: {row[0] for row in table.read(0, table.num_rows, ["input_ids"]).column("input_ids").to_pylist()}
+    assert firsts(eval_rows).isdisjoint(firsts(train_rows))
+    assert len(firsts(eval_rows) | firsts(train_rows)) == 200
+    assert 40 <= eval_rows.num_rows <= 80  # 60 expected
+    assert (held_out(np.arange(200), 0.3, 7) == held_out(np.arange(200), 0.3, 7)).all()
+    assert (held_out(np.arange(200), 0.3, 7) != held_out(np.arange(200), 0.3, 8)).any()  # the seed decides
 
 
-def test_shape_splits_with_nothing_left_names_the_split() -> None:
+def test_pack_plan_key_changes_with_what_shapes_the_rows() -> None:
+    base = plan().key
+    assert plan().key == base
+    assert {plan(max_seq_len=4).key, plan(over_length="drop").key, plan(packing=False).key,
+            plan(holdout=(0.1, 0, False)).key} .isdisjoint({base})
+
+
+def test_nothing_left_after_the_length_policy_names_the_split(tmp_path: Path) -> None:
+    tokenized = tokenized_table(tmp_path / "tok", [example(9)])
     with pytest.raises(DataError, match=r"^data\.eval: no examples left after the length policy"):
-        shape_splits({"train": [example(2)], "eval": [example(9)]}, config(max_seq_len=4, over_length="drop"))
+        packed(tmp_path, tokenized, plan("eval", max_seq_len=4, over_length="drop"))
 
 
 # --- process-wide Ray Data settings ------------------------------------------------------------------------

@@ -4,29 +4,27 @@ from __future__ import annotations
 
 import copy
 import doctest
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 import torch
 from transformers import PreTrainedTokenizerBase
 
-import raysft.data.labels
+import raysft.labels
 
 from raysft.config import SourceConfig
 from raysft.data.formats import normalize_row
 from raysft.errors import DataError
 from raysft.data.sources import load_examples
-from raysft.data.labels import IGNORE_INDEX, count_trained, trained_targets
-from raysft.data.tokenize import (
-    CHATML_TEMPLATE,
-    TokenizeBatch,
-    ensure_chat_template,
-    tokenize_example,
-)
+from raysft.labels import IGNORE_INDEX, count_trained, trained_targets
+from raysft.data.tokenize import TokenizeRows, tokenize_example
+from raysft.model import CHATML_TEMPLATE, ensure_chat_template
 
 SHAREGPT_ROW = {
     "conversations": [
@@ -258,7 +256,7 @@ def test_count_trained_skips_position_zero() -> None:
 
 
 def test_trained_targets_is_one_rule_for_numpy_and_torch() -> None:
-    assert doctest.testmod(raysft.data.labels).failed == 0
+    assert doctest.testmod(raysft.labels).failed == 0
     labels = [[5, 6, IGNORE_INDEX, 8, 9], [5, 6, 7, IGNORE_INDEX, IGNORE_INDEX]]
     positions = [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]  # row 0: two packed examples; row 1: padding at the end
     expected = [[True, False, False, True], [True, True, False, False]]
@@ -267,64 +265,26 @@ def test_trained_targets_is_one_rule_for_numpy_and_torch() -> None:
     assert count_trained(np.array(labels), np.array(positions)) == 4
 
 
-def test_tokenize_batch_direct_call(tiny_tokenizer_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase) -> None:
-    chat = _conversation()
-    text = {"messages": None, "text": "Hello 123", "origin": "rows[1]"}
-    # The numpy layout Ray Data hands over: object columns, a list<struct> cell as an array of dicts.
-    messages_column = np.empty(2, dtype=object)
-    messages_column[:] = [np.array(chat["messages"], dtype=object), None]
-    batch = {
-        "messages": messages_column,
-        "text": np.array([None, "Hello 123"], dtype=object),
-        "origin": np.array(["rows[0]", "rows[1]"], dtype=object),
-    }
-    out = TokenizeBatch(tiny_tokenizer, train_on_inputs=False)(batch)
-    expected = [tokenize_example(e, tiny_tokenizer, False) for e in (chat, text)]
-    assert out["input_ids"] == [e["input_ids"] for e in expected]
-    assert out["labels"] == [e["labels"] for e in expected]
-    assert out["origin"] == ["rows[0]", "rows[1]"]
-    assert out["num_tokens"] == [len(e["input_ids"]) for e in expected]
-    assert out["num_trained"] == [count_trained(e["labels"]) for e in expected]
-
-
-def test_tokenize_batch_all_text_block(tiny_tokenizer_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase) -> None:
-    # When no row of a block has messages, Ray Data turns the all-null column into float32 NaNs.
-    batch = {
-        "messages": np.full(1, np.nan, dtype=np.float32),
-        "text": np.array(["Hello 123"], dtype=object),
-        "origin": np.array(["rows[0]"], dtype=object),
-    }
-    out = TokenizeBatch(tiny_tokenizer, train_on_inputs=False)(batch)
-    expected = tokenize_example({"messages": None, "text": "Hello 123", "origin": "rows[0]"}, tiny_tokenizer, False)
-    assert out["input_ids"] == [expected["input_ids"]]
-
-
-def test_tokenize_batch_in_ray_data(
-    ray_session: None, tiny_tokenizer_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase
-) -> None:
-    source = SourceConfig(rows=[SHAREGPT_ROW])
-    examples = [
-        _conversation(),
-        normalize_row({"question": "2+2?", "answer": "4"}, "prompt_response", source, "rows[1]"),
-        normalize_row({"text": "Plain text."}, "text", source, "rows[2]"),
+def test_tokenize_rows_normalizes_tokenizes_and_reports_bad_rows(tiny_tokenizer: PreTrainedTokenizerBase) -> None:
+    sources = [SourceConfig(rows=[{}]), SourceConfig(rows=[{}], invalid_rows="skip")]
+    rows = [
+        (0, "rows[0]", SHAREGPT_ROW, None),
+        (1, "rows[1]", {"question": "2+2?", "answer": "4"}, None),
+        (2, "rows[2]", {"question": "2+2?", "answer": ""}, None),  # an empty reply: invalid
+        ((1 << 56) | 3, "other[3]", {"question": "3+3?", "answer": ""}, None),  # invalid, source 1 skips it
+        (4, "f.jsonl", None, "f.jsonl:4: invalid JSON"),  # a read problem: never skipped
     ]
-    tokenized = (
-        # Two blocks: one mixes chat rows (all-null text column), one holds only the text row.
-        ray.data.from_items(examples, override_num_blocks=2)
-        .map_batches(
-            TokenizeBatch,
-            fn_constructor_args=(tiny_tokenizer, False),
-            compute=ray.data.ActorPoolStrategy(size=1),
-            batch_format="numpy",
-        )
-        .take_all()
-    )
-    by_origin = {row["origin"]: row for row in tokenized}
-    assert sorted(by_origin) == ["rows[0]", "rows[1]", "rows[2]"]
-    for example in examples:
-        expected = tokenize_example(example, tiny_tokenizer, False)
-        row = by_origin[example["origin"]]
-        assert list(row["input_ids"]) == expected["input_ids"]
-        assert list(row["labels"]) == expected["labels"]
-        assert row["num_tokens"] == len(expected["input_ids"])
-        assert row["num_trained"] == count_trained(expected["labels"])
+    batch = pa.table({"seq": pa.array([r[0] for r in rows], pa.int64()), "origin": [r[1] for r in rows],
+                      "row": [json.dumps(r[2]) if r[2] is not None else None for r in rows],
+                      "error": pa.array([r[3] for r in rows], pa.string())})
+    out = TokenizeRows(tiny_tokenizer, sources, ["sharegpt", "prompt_response"], False, False, 10_000)(batch)
+    first = tokenize_example(normalize_row(SHAREGPT_ROW, "sharegpt", sources[0], "rows[0]"), tiny_tokenizer, False)
+    assert out.column("input_ids")[0].as_py() == first["input_ids"]
+    assert out.column("labels")[0].as_py() == first["labels"]
+    assert out.column("num_trained")[0].as_py() == count_trained(first["labels"])
+    # rows[1] is read with source 0's format (sharegpt): a problem, not a guess
+    errors = out.column("error").to_pylist()
+    assert errors[0] is None and errors[1].startswith("rows[1]:") and errors[2].startswith("rows[2]:")
+    assert errors[4] == "f.jsonl:4: invalid JSON"
+    assert out.column("skippable").to_pylist() == [False, False, False, True, False]
+    assert out.column("num_tokens").to_pylist()[1:] == [0, 0, 0, 0]

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 import raysft
 from raysft.errors import ConfigError
 from raysft.training.checkpoint import checkpoint_names, verify
-from raysft.training.step import epoch_order
+from raysft.training.step import EpochOrder
 from tests.runs import WorkerKiller, kill_workers_after_checkpoint, losses, tiny_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -48,8 +48,9 @@ def test_grad_accumulation_equals_one_big_batch(tiny_model_dir: Path, tmp_path: 
 
 
 def test_two_workers_equal_one_worker(tiny_model_dir: Path, tmp_path: Path) -> None:
-    one = run(tiny_model_dir, tmp_path / "one", ["scaling.num_workers=1", "train.grad_accum_steps=2"])
-    two = run(tiny_model_dir, tmp_path / "two", ["scaling.num_workers=2", "train.grad_accum_steps=1"])
+    # A shuffle window of 8 rows: the workers stream the epoch window by window (raysft/data/stream.py).
+    one = run(tiny_model_dir, tmp_path / "one", ["scaling.num_workers=1", "train.grad_accum_steps=2", "data.shuffle_window=8"])
+    two = run(tiny_model_dir, tmp_path / "two", ["scaling.num_workers=2", "train.grad_accum_steps=1", "data.shuffle_window=8"])
     for step, loss in losses(one.history()).items():
         assert losses(two.history())[step] == pytest.approx(loss, abs=1e-5)
     evals_one = [e["eval_loss"] for e in one.history() if "eval_loss" in e]
@@ -60,7 +61,9 @@ def test_two_workers_equal_one_worker(tiny_model_dir: Path, tmp_path: Path) -> N
 def test_resume_continues_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
     # A real worker process (not local mode), killed from outside once step 4's checkpoint is stored; the run
     # is long enough that it is still training then, wherever exactly the kill lands.
-    common = ["scaling.num_workers=1", "train.max_steps=24", "train.checkpoint_every=2", "train.checkpoints_to_keep=2"]
+    # Windows of 8 rows, and 24 steps of 2 rows cross into a second epoch: the streamed order resumes exactly.
+    common = ["scaling.num_workers=1", "train.max_steps=24", "train.checkpoint_every=2", "train.checkpoints_to_keep=2",
+              "data.shuffle_window=8"]
     straight = run(tiny_model_dir, tmp_path / "straight", common)
 
     interrupted = tmp_path / "interrupted"
@@ -160,10 +163,21 @@ def test_nonfinite_loss_aborts_or_skips(tiny_model_dir: Path, tmp_path: Path) ->
         assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
-def test_epoch_order_is_a_permutation_that_changes_per_epoch() -> None:
-    first, again, second = epoch_order(50, 3, 0), epoch_order(50, 3, 0), epoch_order(50, 3, 1)
-    assert sorted(first.tolist()) == list(range(50))
-    assert first.tolist() == again.tolist() and first.tolist() != second.tolist()
+@pytest.mark.parametrize("window", [2048, 8])
+def test_epoch_order_is_a_permutation_that_changes_per_epoch(window: int) -> None:
+    first, again, second = (EpochOrder(50, 3, epoch, window).rows(0, 50).tolist() for epoch in (0, 0, 1))
+    assert sorted(first) == list(range(50))
+    assert first == again and first != second
+
+
+def test_windowed_order_is_computed_from_any_position_and_keeps_rows_in_their_window() -> None:
+    order = EpochOrder(1000, seed=1, epoch=2, window_rows=128)
+    whole = order.rows(0, 1000)
+    assert (np.concatenate([EpochOrder(1000, 1, 2, 128).rows(start, start + 7) for start in range(0, 1000, 7)])
+            == whole).all()  # a resume at any step computes the same rows without the ones before
+    for index in range(len(order._windows)):  # each window is whole chunks of 64 consecutive rows
+        rows = order.window(index)
+        assert set(rows // 64) == {int(c) for c in order._windows[index]}
 
 
 def test_metrics_file_has_the_documented_fields(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from raysft.config import parse_config
+from raysft.data.cache import CachedTable
 from raysft.training.worker import LoopInputs
 
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes")
@@ -23,7 +24,8 @@ def _run(code: str, payload: bytes) -> str:
 
 def test_unpickling_loop_inputs_imports_no_training_stack() -> None:
     # Ray Train's controller unpickles the train loop config; it must not pay for torch/transformers/peft.
-    inputs = LoopInputs(parse_config(_config()), "/tmp/run", "abc", 0, has_eval=False)
+    table = CachedTable("/tmp/cache/packed/abc", ["w-1/part.parquet"], [[64, 12]])
+    inputs = LoopInputs(parse_config(_config()), "/tmp/run", "abc", 0, train_data=table)
     code = ("import pickle, sys; pickle.loads(sys.stdin.buffer.read()); "
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     assert _run(code, pickle.dumps(inputs)) == "[]"

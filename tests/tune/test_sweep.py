@@ -89,7 +89,7 @@ def test_asha_sweep_over_rank_lr_and_seq_len(ray_session: None, tiny_model_dir: 
         assert yaml.safe_load((trial_dir / "config.yaml").read_text())["tracking"]["wandb_group"] == "tiny-asha"
 
     # Tokenized once: trials with max_seq_len 128 and 256 re-packed the same cached tokens (train + eval).
-    assert len(list((tmp_path / "token-cache").rglob("*.parquet"))) == 2
+    assert len(list((tmp_path / "token-cache" / "tokenized").glob("*/manifest.json"))) == 2
 
     # Stopped trials gave back their workers: the whole cluster is free again, no placement group left.
     available = wait_for_free_cpus()
