@@ -30,6 +30,7 @@ from raysft.data.pipeline import quiet_data_context
 from raysft.fileio import replace_dir_atomically, write_error, write_text_atomically
 from raysft.model import (
     TokenLoss,
+    add_neftune_noise,
     apply_lora,
     load_model,
     load_tokenizer,
@@ -188,7 +189,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     schedule = BatchSchedule(len(train_rows), world, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
                              cfg.train.seed)
     num_steps = schedule.total_steps(cfg.train.max_steps, cfg.train.epochs)
-    model = apply_lora(load_model(cfg.model, device), cfg.lora, cfg.train.seed)
+    model = add_neftune_noise(apply_lora(load_model(cfg.model, device), cfg.lora, cfg.train.seed), cfg.train.neftune_alpha)
     pad_id = inputs.pad_token_id
     loss_module = TokenLoss(model)
     sharded = world > 1 and cfg.scaling.strategy == "fsdp"
