@@ -155,20 +155,35 @@ class LoraConfig(Section):
     r: int = Field(default=16, gt=0)
     """Rank of the update matrices."""
     alpha: float = Field(default=32, gt=0)
-    """Scale numerator: the update is multiplied by alpha / r."""
+    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with `use_rslora`)."""
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     """Dropout on the LoRA input."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt, or `all-linear` (every linear layer but the output head)."""
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter (e.g. `lm_head`, `embed_tokens`)."""
+    use_dora: bool = False
+    """DoRA (weight-decomposed LoRA, Liu et al. 2024): each adapted layer's weight becomes a magnitude, one trained
+    value per output feature (initialized to the base weight's row norms), times a direction that LoRA updates:
+    W' = m * (W + scale * BA) / ||W + scale * BA||, the norm per output row and treated as a constant in backward.
+    Costs more than LoRA: a magnitude vector per adapted layer (in the adapter and the checkpoints), the norm
+    recomputed every forward (a transient the size of the weight), two more outputs of each adapted layer kept for
+    backward, and with `dropout` > 0 a second run of the base layer on the dropped-out input, whose weight (cast or,
+    on a 4/8-bit base, dequantized) is then kept for backward too: use `dropout: 0` with QDoRA (`raysft plan` counts
+    all of it). Works on full-precision and bitsandbytes 4/8-bit bases (4-bit with `scaling.use_gpu` only: on CPU,
+    bitsandbytes repacks the weights in a way PEFT's DoRA misreads); `raysft export --merge` folds it into the
+    weights like LoRA."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA (Kalajdzievski 2023): scale the update by alpha / sqrt(r) instead of alpha / r, so that
+    high ranks are not damped. At r > 1 the update is sqrt(r) times larger for the same alpha: lower alpha or
+    `train.lr` when switching an existing config."""
 
 
 class TrainConfig(Section):
     output_dir: str = "runs/raysft"
     """Run folder: config, metrics.jsonl, checkpoints/, final/."""
     seed: int = 0
-    """Seed for data order, LoRA init and dropout."""
+    """Seed for data order, LoRA init, dropout and NEFTune noise (worker r draws its dropout and noise from seed + r)."""
     micro_batch_size: int = Field(default=4, gt=0)
     """Rows per forward pass per worker."""
     grad_accum_steps: int = Field(default=1, gt=0)
@@ -210,6 +225,13 @@ class TrainConfig(Section):
     final: Literal["last", "best"] = "last"
     """What final/ holds: the weights of the last step, or those of the checkpoint (or last step) with the best
     `checkpoint_score` (needs `eval_every` and eval data)."""
+    neftune_alpha: float | None = Field(default=None, gt=0)
+    """NEFTune (Jain et al. 2023; TRL's `neftune_noise_alpha`): in training forwards only (never in evaluation or
+    generation) add uniform noise in [-1, 1] x alpha / sqrt(L x d) to the input embeddings, d the hidden size and
+    L the length of the example the token belongs to. A packed row holds several examples: L is each one's own
+    length, so an example gets the noise it would get trained alone, whatever it is packed with (the row's length
+    would shrink it by up to sqrt(examples per row)). Drawn from torch's RNG like dropout: reproducible per seed
+    and rank, and saved in checkpoints (exact resume). The paper uses 5 to 15; null turns it off."""
     on_nonfinite: Literal["skip", "abort"] = "abort"
     """A NaN/inf loss or gradient: skip that step's update, or stop the run."""
     resume: bool = False
@@ -310,6 +332,15 @@ class Config(Section):
                 )
         elif self.scaling.fsdp_cpu_offload:
             problems.append("scaling.fsdp_cpu_offload: only applies with scaling.strategy: fsdp")
+        if not self.lora.enabled:
+            problems += [f"lora.{key}: only applies with lora.enabled: true (a full fine-tune has no adapters)"
+                         for key in ("use_dora", "use_rslora") if getattr(self.lora, key)]
+        elif self.lora.use_dora and self.model.quantization == "4bit" and not self.scaling.use_gpu:
+            problems.append(
+                "lora.use_dora on a 4-bit base (model.quantization: 4bit) needs CUDA GPUs (scaling.use_gpu: true): on CPU "
+                "bitsandbytes repacks 4-bit weights for its own kernels in the first evaluation, after which PEFT's DoRA "
+                "reads them wrongly; on CPU use model.quantization: none with DoRA"
+            )
         if self.train.final == "best" and not (self.train.eval_every and (self.data.eval or self.data.eval_fraction)):
             problems.append(
                 "train.final: best picks the weights with the best evaluation; set train.eval_every and eval data "
@@ -365,6 +396,7 @@ _FAMILIAR_NAMES = {
     "sequence_len": "max_seq_len",
     "lr_scheduler_type": "lr_schedule",
     "model_name_or_path": "name_or_path",
+    "neftune_noise_alpha": "neftune_alpha",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -120,16 +121,77 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int) -> nn.Module:
     if not cfg.enabled:
         model.requires_grad_(True)
         return model
-    torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same init on every worker
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
         modules_to_save=cfg.modules_to_save,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_cfg)
+    # LoRA A matrices are random: the same seed gives the same init on every worker. Forked, so that the caller's
+    # RNG (seeded per rank for dropout and NEFTune noise) goes on as if the init had not drawn from it.
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        return get_peft_model(model, peft_cfg)
+
+
+def add_neftune_noise(model: nn.Module, alpha: float | None) -> nn.Module:
+    """NEFTune (`train.neftune_alpha`): noisy input embeddings in training-mode forwards of `model`; returns `model`.
+
+    A forward pre-hook on the decoder rather than a hook on the embedding layer, because the noise's scale needs
+    each packed example's length and only the decoder's `position_ids` tell it: in training mode the hook embeds
+    `input_ids` itself and hands the decoder `inputs_embeds` + noise; in eval mode (evaluation, generation) it
+    does nothing. `alpha` None: `model` is left as it is.
+
+    Example:
+        >>> model = add_neftune_noise(apply_lora(load_model(cfg.model, device), cfg.lora, seed), 5.0)  # doctest: +SKIP
+    """
+    if alpha is None:
+        return model
+
+    def noisy_embeddings(
+        decoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        if not decoder.training:
+            return None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = decoder.get_input_embeddings()(args[0] if args else kwargs["input_ids"])
+        layout = kwargs.get("packed_layout")  # TokenLoss passes packed_sdpa's, restarts already found
+        if layout is None and kwargs.get("position_ids") is not None:
+            layout = PackedLayout(kwargs["position_ids"])
+        kwargs = {**kwargs, "inputs_embeds": embeds + neftune_noise(embeds, layout, alpha)}
+        if args:  # input_ids given by position: the decoder's first parameter
+            return (None, *args[1:]), kwargs
+        return args, {**kwargs, "input_ids": None}
+
+    causal_lm(model).get_decoder().register_forward_pre_hook(noisy_embeddings, with_kwargs=True)
+    return model
+
+
+def neftune_noise(embeds: torch.Tensor, layout: PackedLayout | None, alpha: float) -> torch.Tensor:
+    """NEFTune's noise for `embeds` [batch, positions, d]: uniform in [-1, 1] x alpha / sqrt(L x d), where L is the
+    length of the packed example each position belongs to (the row's width without a layout), drawn from torch's
+    RNG on `embeds`' device (the one checkpoints save).
+
+    Example (a row packing examples of 2 and 4 tokens, d = 4):
+        >>> noise = neftune_noise(torch.zeros(1, 6, 4), PackedLayout(torch.tensor([[0, 1, 0, 1, 2, 3]])), alpha=8.0)
+        >>> bool(noise[0, :2].abs().max() <= 8 / (2 * 4) ** 0.5), bool(noise[0, 2:].abs().max() <= 8 / (4 * 4) ** 0.5)
+        (True, True)
+    """
+    batch, width, dim = embeds.shape
+    if layout is None:
+        lengths = torch.full((batch, width), width, device=embeds.device)
+    else:
+        cu_seqlens, _ = layout.cumulative_lengths
+        spans = cu_seqlens.diff()
+        lengths = torch.repeat_interleave(spans, spans).view(batch, width)
+    scale = alpha / torch.sqrt(lengths.to(torch.float32) * dim)
+    return torch.empty_like(embeds).uniform_(-1.0, 1.0) * scale.unsqueeze(-1).to(embeds.dtype)
 
 
 def causal_lm(model: nn.Module) -> PreTrainedModel:

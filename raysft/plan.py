@@ -9,7 +9,8 @@ What is counted, per GPU (P = parameters, P_t = trainable parameters, n = micro_
   0.5 byte/param + quantization constants (one absmax per 64 weights: 1 byte with double quantization plus an
   fp32 per 256 of those, else 4 bytes), everything else (embeddings, head, norms, biases) fp32, because
   ``prepare_model_for_kbit_training`` upcasts it; 8bit: 1 byte/param + an fp32 scale per output row. LoRA
-  adapters (``r x (in + out)`` per adapted linear) are fp32 (PEFT keeps adapters fp32 on a half-precision base).
+  adapters (``r x (in + out)`` per adapted linear, + ``out`` for DoRA's magnitude) are fp32 (PEFT keeps adapters
+  fp32 on a half-precision base).
 - **grads**: P_t x the trainable parameters' bytes; ddp with N > 1 keeps a second copy in its buckets
   (``gradient_as_bucket_view`` is off in ``ray.train.torch.prepare_model``).
 - **optimizer**: ``adamw`` 2 states per trainable param in its dtype (8 bytes fp32); ``adamw_8bit`` 2 bytes +
@@ -25,7 +26,7 @@ What is counted, per GPU (P = parameters, P_t = trainable parameters, n = micro_
   bf16 copies of fp32 weights that autocast keeps for backward; a trained head's fp32 gradient made in forward
   and its scaled copy (full fine-tune); under fsdp the all-gathered parameters of the root (embeddings, head,
   final norm) and of two decoder layers (the current one and the prefetched one), and one layer's unsharded
-  gradients before reduce-scatter.
+  gradients before reduce-scatter; DoRA's weight norm, recomputed in every forward, at its largest linear.
 - **step**: the optimizer step's scratch, once backward has freed the activations (``torch.optim.AdamW``'s
   foreach path on CUDA allocates one state-sized tensor for sqrt(exp_avg_sq); on CPU two of one parameter).
 - **overhead**: a fixed 1 GiB for the CUDA context, cuBLAS workspaces and NCCL buffers (measured contexts are
@@ -292,6 +293,8 @@ class Setup:
     workers: int = 1
     cpu_offload: bool = False
     """scaling.fsdp_cpu_offload: fsdp keeps the shards (weights, grads, optimizer state) in CPU memory."""
+    use_dora: bool = False
+    """lora.use_dora: a trained magnitude per output feature of each adapted linear, and more kept for backward."""
 
     @classmethod
     def from_config(cls, cfg: Config) -> Setup:
@@ -306,6 +309,7 @@ class Setup:
             # scaling.strategy arrives with FSDP training (issue 12); a config without it is ddp.
             strategy=getattr(cfg.scaling, "strategy", "ddp"), gradient_checkpointing=cfg.model.gradient_checkpointing,
             workers=max(1, cfg.scaling.num_workers), cpu_offload=getattr(cfg.scaling, "fsdp_cpu_offload", False),
+            use_dora=cfg.lora.use_dora,
         )  # fmt: skip
 
     @property
@@ -342,7 +346,8 @@ def adapted_linears(shape: ModelShape, setup: Setup) -> tuple[tuple[Linear, ...]
 
 
 def lora_params(shape: ModelShape, setup: Setup) -> int:
-    """Trainable adapter parameters: r x (in + out) per adapted linear (what PEFT's trainable count reports).
+    """Trainable adapter parameters: r x (in + out) per adapted linear, + out for DoRA's magnitude vector (what
+    PEFT's trainable count reports).
 
     Example:
         >>> shape = shape_from_config_dict({"model_type": "llama", "vocab_size": 100, "hidden_size": 64,
@@ -352,8 +357,10 @@ def lora_params(shape: ModelShape, setup: Setup) -> int:
         3584
     """
     linears, head = adapted_linears(shape, setup)
-    per_layer = sum(setup.lora_r * (lin.d_in + lin.d_out) for lin in linears)
-    return shape.num_layers * per_layer + (setup.lora_r * (shape.hidden_size + shape.vocab_size) if head else 0)
+    magnitude = 1 if setup.use_dora else 0
+    per_layer = sum(setup.lora_r * (lin.d_in + lin.d_out) + magnitude * lin.d_out for lin in linears)
+    head_params = setup.lora_r * (shape.hidden_size + shape.vocab_size) + magnitude * shape.vocab_size
+    return shape.num_layers * per_layer + (head_params if head else 0)
 
 
 def _saved_modules(shape: ModelShape, setup: Setup) -> tuple[int, int, bool]:
@@ -446,10 +453,13 @@ def _trainable_tensors(shape: ModelShape, setup: Setup) -> list[tuple[int, int, 
     tensors: list[tuple[int, int, int]] = []
     if setup.lora:
         linears, head = adapted_linears(shape, setup)
+        magnitude = 1 if setup.use_dora else 0  # DoRA's vector: one per output feature
         for lin in linears:
             tensors += [(setup.lora_r, lin.d_in, 4), (lin.d_out, setup.lora_r, 4)] * shape.num_layers
+            tensors += [(lin.d_out, 1, 4)] * shape.num_layers * magnitude
         if head:
             tensors += [(setup.lora_r, shape.hidden_size, 4), (shape.vocab_size, setup.lora_r, 4)]
+            tensors += [(shape.vocab_size, 1, 4)] * magnitude
         wanted = {m.split(".")[-1] for m in setup.modules_to_save}
         for lin in shape.linears:
             if lin.name in wanted:
@@ -529,7 +539,10 @@ def layer_activation_bytes(shape: ModelShape, setup: Setup, strategy: Strategy =
       and its mask per input element (bool on CUDA, 1 byte; on CPU ATen's dropout keeps a mask in the input's
       dtype), plus lora_A's r outputs; without dropout, the input itself;
     - SDPA keeps q, k, v and its output (compute dtype; GQA native, k/v not repeated) and a fp32 logsumexp
-      per head; the MLP keeps gate and up outputs and the activation (the product is down's input).
+      per head; the MLP keeps gate and up outputs and the activation (the product is down's input);
+    - DoRA's output, (m / ||W + s BA|| - 1) x base + m / ||W + s BA|| x s x lora, keeps both of each adapted
+      linear's outputs for the magnitude's gradient: the base output (run again on the dropped-out input, in the
+      compute dtype, when dropout > 0) and the adapter's.
     """
     dt = activation_dtypes(setup, strategy)
     h, q, kv = shape.hidden_size, shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
@@ -570,6 +583,9 @@ def layer_activation_bytes(shape: ModelShape, setup: Setup, strategy: Strategy =
         kept["mlp"] = 2 * dt.outputs * shape.intermediate_size
     else:
         kept["mlp"] = 3 * dt.outputs * shape.intermediate_size  # gate out (act input), act out, up out
+    if setup.use_dora:
+        base_out = dt.compute if setup.lora_dropout > 0 else dt.outputs
+        kept["dora"] = sum(lin.d_out for lin in adapted) * (base_out + (2 if setup.autocast else 4))
     return kept
 
 
@@ -612,8 +628,10 @@ def head_chunk_bytes(shape: ModelShape, setup: Setup, strategy: Strategy) -> int
     _, lora_head = adapted_linears(shape, setup)
     _, _, saved_head = _saved_modules(shape, setup)
     if lora_head or saved_head:
-        # A wrapped head goes through plain autograd: full logits (fp32) and their softmax are kept.
-        return n * shape.vocab_size * 4 * 2
+        # A wrapped head goes through plain autograd: full logits (fp32) and their softmax are kept; with DoRA, the
+        # base and adapter outputs too (see layer_activation_bytes).
+        dora = (activation_dtypes(setup, strategy).compute + (2 if setup.autocast else 4)) if setup.use_dora and lora_head else 0
+        return n * shape.vocab_size * (4 * 2 + dora)
     chunk = min(n, HEAD_CHUNK)
     half = activation_dtypes(setup, strategy).compute == 2
     per_position = 4 * (2 if n > HEAD_CHUNK else 1) + (2 if half else 0)  # + the half-precision matmul output
@@ -629,6 +647,42 @@ def autocast_copy_bytes(shape: ModelShape, setup: Setup, strategy: Strategy, che
     layer_linear = sum(lin.d_in * lin.d_out for lin in shape.linears)
     layers = shape.num_layers if (not setup.lora or not checkpointing) else 1
     return 2 * (layers * layer_linear + lora_params(shape, setup))
+
+
+def dora_weight_copy_bytes(shape: ModelShape, setup: Setup, strategy: Strategy, checkpointing: bool) -> tuple[int, int]:
+    """(bytes, bytes per weight) of the adapted weights DoRA keeps for backward when ``lora.dropout`` > 0.
+
+    With dropout PEFT's DoRA runs each adapted linear's base weight a second time, on the dropped-out input, as
+    ``F.linear(x, W)`` on the weight cast (or dequantized) to the input's dtype, and autograd keeps that weight for
+    the input's gradient: a copy per adapted linear whenever it is not the parameter itself (a 4/8-bit base, an
+    fp32 base under bf16 autocast, a half-precision base under fp32 adapters), except where the input needs no
+    gradient (the first block's attention inputs, LoRA). Checkpointing keeps one block's. Without dropout DoRA
+    reuses the base output and keeps none.
+    """
+    if not setup.use_dora or setup.lora_dropout == 0:
+        return 0, 0
+    if setup.quantized:
+        per_weight = 2 if setup.autocast else 4  # dequantized, cast to the input: bf16 under autocast, else fp32
+    elif setup.autocast:
+        per_weight = 2 if setup.weight_bytes == 4 and strategy == "ddp" else 0  # fsdp gathers bf16 weights itself
+    else:
+        per_weight = 4 if setup.weight_bytes == 2 else 0  # cast up to the fp32 adapters' input
+    adapted, _ = adapted_linears(shape, setup)
+    layer = sum(lin.d_in * lin.d_out for lin in adapted)
+    first = layer - sum(lin.d_in * lin.d_out for lin in adapted if lin.group == "attn_in")
+    layers = layer if checkpointing else first + (shape.num_layers - 1) * layer
+    return per_weight * layers, per_weight
+
+
+def dora_norm_bytes(shape: ModelShape, setup: Setup) -> int:
+    """DoRA's weight norm, recomputed in every forward, at its largest adapted linear: PEFT gets BA by pushing an
+    in x in identity (fp32) through the adapter (in x r, then in x out), then forms s BA and W + s BA (out x in)
+    and their row norms. Transient: freed before the next linear runs (the norm is a constant to backward)."""
+    adapted, head = adapted_linears(shape, setup)
+    sizes = [(lin.d_in, lin.d_out) for lin in adapted] + ([(shape.hidden_size, shape.vocab_size)] if head else [])
+    if not setup.use_dora or not sizes:
+        return 0
+    return max(4 * d_in * (d_in + setup.lora_r + 3 * d_out) for d_in, d_out in sizes)
 
 
 def transient_bytes(shape: ModelShape, setup: Setup, strategy: Strategy, gpus: int, checkpointing: bool,
@@ -653,6 +707,12 @@ def transient_bytes(shape: ModelShape, setup: Setup, strategy: Strategy, gpus: i
         notes.append("autocast keeps bf16 copies of the fp32 weights for backward: use model.dtype: bfloat16 to drop them")
     if setup.quantized:
         total += layer_linear // len(shape.linears) * 2 * 2  # a dequantized weight (compute dtype), in and out of a matmul
+    dora_copies, per_weight = dora_weight_copy_bytes(shape, setup, strategy, checkpointing)
+    if dora_copies:
+        total += dora_copies
+        notes.append(f"DoRA with lora.dropout > 0 keeps a {per_weight}-byte copy of each adapted weight for backward: "
+                     "lora.dropout: 0 drops them")
+    total += dora_norm_bytes(shape, setup)
     trainable = _trainable_tensors(shape, setup)
     step = 0
     if setup.optimizer == "adamw":
@@ -783,6 +843,7 @@ def format_table(shape: ModelShape, setup: Setup, rows: list[Estimate], gpu_mem:
     """The `raysft plan` report: a header, one row per estimate, the assumptions, the recommendation."""
     counts = param_counts(shape, setup)
     method = ("QLoRA" if setup.quantization == "4bit" else "LoRA (8-bit base)" if setup.quantized else "LoRA") if setup.lora else "full fine-tune"
+    method += " with DoRA" if setup.lora and setup.use_dora else ""
     lines = [
         f"model: {shape.source} ({shape.model_type}, {_count(counts.total)} params, {shape.num_layers} layers, "
         f"hidden {shape.hidden_size}, vocab {shape.vocab_size})",

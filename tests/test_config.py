@@ -97,3 +97,25 @@ def test_every_shipped_example_validates() -> None:
     for path in examples:
         assert path.read_text().startswith("#"), f"{path} must open with the command that runs it"
         load_config(path)
+
+
+def test_lora_variants_and_neftune_default_off_and_their_refusals() -> None:
+    cfg = parse_config(MINIMAL)
+    assert not cfg.lora.use_dora and not cfg.lora.use_rslora and cfg.train.neftune_alpha is None
+    on = parse_config({**MINIMAL, "lora": {"use_dora": True, "use_rslora": True}, "train": {"neftune_alpha": 5}})
+    assert on.lora.use_dora and on.lora.use_rslora and on.train.neftune_alpha == 5.0
+
+    with pytest.raises(ConfigError) as err:  # meaningless without adapters: both named, together
+        parse_config({**MINIMAL, "lora": {"enabled": False, "use_dora": True, "use_rslora": True}})
+    assert err.value.problems == [
+        "lora.use_dora: only applies with lora.enabled: true (a full fine-tune has no adapters)",
+        "lora.use_rslora: only applies with lora.enabled: true (a full fine-tune has no adapters)",
+    ]
+    qdora = {**MINIMAL, "model": {"name_or_path": "m", "quantization": "4bit"}, "lora": {"use_dora": True}}
+    with pytest.raises(ConfigError, match=r"lora.use_dora on a 4-bit base .* needs CUDA GPUs \(scaling.use_gpu: true\)"):
+        parse_config(qdora)
+    assert parse_config({**qdora, "scaling": {"use_gpu": True}}).lora.use_dora  # the GPU path is allowed
+    with pytest.raises(ConfigError, match=r"train.neftune_alpha: Input should be greater than 0"):
+        parse_config({**MINIMAL, "train": {"neftune_alpha": 0}})
+    with pytest.raises(ConfigError, match=r"did you mean 'train.neftune_alpha'"):  # TRL's name
+        parse_config({**MINIMAL, "train": {"neftune_noise_alpha": 5}})

@@ -26,7 +26,9 @@ from raysft.model import TokenLoss, apply_lora, load_model
 from raysft.plan import (
     Setup,
     activation_bytes,
+    adapted_linears,
     autocast_copy_bytes,
+    dora_weight_copy_bytes,
     grad_bytes,
     lora_params,
     optimizer_bytes,
@@ -92,11 +94,13 @@ def test_parameter_count_of_llama3_8b_equals_the_real_model() -> None:
     ("llama", "all-linear"), ("llama", ["q_proj", "v_proj"]), ("llama", ["o_proj", "down_proj", "lm_head"]),
     ("qwen2", "all-linear"), ("gemma", ["gate_proj", "up_proj"]), ("phi", "all-linear"), ("phi", ["dense", "fc2"]),
 ])  # fmt: skip
-def test_lora_trainable_count_equals_peft(arch: str, targets: str | list[str]) -> None:
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_trainable_count_equals_peft(arch: str, targets: str | list[str], dora: bool) -> None:
     raw = tiny_config_dict(arch)
-    peft_model = get_peft_model(meta_model(raw), LoraConfig(r=8, target_modules=targets, task_type="CAUSAL_LM"))
+    peft_config = LoraConfig(r=8, target_modules=targets, use_dora=dora, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(meta_model(raw), peft_config)
     trainable, _ = peft_model.get_nb_trainable_parameters()
-    plan_setup = setup(target_modules=targets if isinstance(targets, str) else tuple(targets))
+    plan_setup = setup(target_modules=targets if isinstance(targets, str) else tuple(targets), use_dora=dora)
     assert lora_params(shape_from_config_dict(raw), plan_setup) == trainable
 
 
@@ -113,6 +117,11 @@ def test_bytes_by_hand_for_a_tiny_llama() -> None:
     assert adapter == 2 * 8 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 2 + (128 + 64))
     assert weight_bytes(shape, lora) == 4 * p + 4 * adapter
     assert (grad_bytes(shape, lora), optimizer_bytes(shape, lora)) == (4 * adapter, 8 * adapter)
+    dora = setup(use_dora=True)  # + a magnitude per output feature of every adapted linear, fp32, trained
+    magnitudes = 2 * (64 + 32 * 2 + 64 + 128 * 2 + 64)
+    trained = adapter + magnitudes
+    assert lora_params(shape, dora) == trained
+    assert (weight_bytes(shape, dora), grad_bytes(shape, dora), optimizer_bytes(shape, dora)) == (4 * p + 4 * trained, 4 * trained, 8 * trained)
 
     # QLoRA: decoder linear weights at 4 bits + absmax per 64 (8-bit, + fp32 per 256 absmax); the rest fp32
     qlora = setup(quantization="4bit", weight_bytes=2)
@@ -153,6 +162,9 @@ def test_fsdp_shards_weights_grads_and_optimizer_one_over_n(method: dict) -> Non
 @pytest.mark.parametrize("overrides", [
     {"lora.enabled": False}, {"lora.dropout": 0.05}, {"lora.dropout": 0.0}, {"train.precision": "bf16"},
     {"lora.target_modules": ["q_proj", "v_proj"], "lora.dropout": 0.1},
+    {"lora.use_dora": True}, {"lora.use_dora": True, "lora.dropout": 0.0}, {"lora.use_dora": True, "train.precision": "bf16"},
+    # use_gpu only passes config's CPU refusal of 4-bit DoRA: a training forward, as here, reads the weights right
+    {"lora.use_dora": True, "model.quantization": "4bit", "train.precision": "bf16", "scaling.use_gpu": True},
 ])  # fmt: skip
 def test_activations_equal_what_autograd_keeps(tiny_model_dir: Path, overrides: dict) -> None:
     """The activation formula against a real forward: the bytes of every tensor saved for backward, counted once."""
@@ -168,10 +180,12 @@ def test_activations_equal_what_autograd_keeps(tiny_model_dir: Path, overrides: 
     batch = collate([{"input_ids": r, "labels": r, "position_ids": list(range(128))} for r in ids], 0)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
+    held: list[torch.Tensor] = []  # so that no storage is freed and its address reused for another within the forward
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         if tensor.untyped_storage().data_ptr() not in params:
             kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            held.append(tensor)
         return tensor
 
     precision = cfg.train.precision
@@ -183,6 +197,11 @@ def test_activations_equal_what_autograd_keeps(tiny_model_dir: Path, overrides: 
     # Also saved, counted by the planner as temp: autocast's bf16 weight copies, a trained head's fp32 gradient.
     predicted += autocast_copy_bytes(shape, chosen, "ddp", False)
     predicted += 0 if chosen.lora else shape.vocab_size * shape.hidden_size * 4
+    predicted += dora_weight_copy_bytes(shape, chosen, "ddp", False)[0]  # temp too: weight-sized, not per token
+    if chosen.use_dora:  # saved, and freed again within each linear's forward: the identity PEFT pushes through A, B
+        adapted, _ = adapted_linears(shape, chosen)
+        width = 2 if chosen.autocast else 4
+        predicted += shape.num_layers * sum(lin.d_in * (lin.d_in + chosen.lora_r) * width for lin in adapted)
     assert sum(kept.values()) == pytest.approx(predicted, rel=0.03)
 
 

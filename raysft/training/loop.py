@@ -27,6 +27,7 @@ from raysft.data.stream import PackedRows, chunks_to_keep
 from raysft.fileio import replace_dir_atomically, write_error, write_text_atomically
 from raysft.model import (
     TokenLoss,
+    add_neftune_noise,
     apply_lora,
     load_model,
     load_tokenizer,
@@ -145,7 +146,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             chunks_to_keep(cfg.data.shuffle_window, schedule.global_batch, chunk_rows))
     eval_rows = PackedRows(inputs.eval_data, chunk_rows, max_chunks=4) if inputs.eval_data is not None else None
     num_steps = schedule.total_steps(cfg.train.max_steps, cfg.train.epochs)
-    model = apply_lora(load_model(cfg.model, device), cfg.lora, cfg.train.seed)
+    model = add_neftune_noise(apply_lora(load_model(cfg.model, device), cfg.lora, cfg.train.seed), cfg.train.neftune_alpha)
     pad_id = inputs.pad_token_id
     loss_module = TokenLoss(model)
     sharded = world > 1 and cfg.scaling.strategy == "fsdp"
