@@ -288,6 +288,30 @@ class TrackingConfig(Section):
     """W&B group (a sweep sets one per sweep)."""
     run_name: str | None = None
     """Run name shown in trackers (default: the output folder name)."""
+    mlflow: bool = False
+    """Log to MLflow (`pip install 'raysft[mlflow]'`), from rank 0: one MLflow run per training run (a resume or a
+    worker restart continues it), the resolved config as its params, every metrics.jsonl record as metrics at
+    its step. The store is MLFLOW_TRACKING_URI when set (a tracking server, Databricks; its credentials, e.g.
+    MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD, stay in the environment), else a local SQLite
+    store in `mlflow_dir`."""
+    mlflow_experiment: str = Field(default="raysft", min_length=1)
+    """MLflow experiment the run goes in (created when missing)."""
+    mlflow_dir: str | None = None
+    """Folder of the local MLflow store (mlflow.db, artifacts/) when MLFLOW_TRACKING_URI is not set; point runs at
+    one folder to compare them in one `mlflow ui`. Default: the run folder's mlflow/ (a sweep's trials: the sweep
+    folder's). A local or shared folder, not a URI: runs in object storage keep theirs in the run folder."""
+    mlflow_parent_run_id: str | None = None
+    """Nest the run under this MLflow run (tag mlflow.parentRunId). A sweep sets its own run here for each trial."""
+
+    @field_validator("mlflow_dir")
+    @classmethod
+    def _local_folder(cls, value: str | None) -> str | None:
+        if value is not None and is_uri(value):
+            raise ValueError(
+                f"{value!r} is a URI; the local MLflow store is a SQLite file in a folder. For a tracking server "
+                "set MLFLOW_TRACKING_URI in the environment instead"
+            )
+        return value
 
 
 class Config(Section):
@@ -555,7 +579,8 @@ def with_absolute_paths(cfg: Config) -> Config:
             source["path"] = _absolute(source["path"])
         if source["hf_dataset"] is not None and Path(source["hf_dataset"]).expanduser().exists():
             source["hf_dataset"] = _absolute(source["hf_dataset"])
-    for section, key in (("data", "cache_dir"), ("train", "output_dir"), ("scaling", "storage_path")):
+    for section, key in (("data", "cache_dir"), ("train", "output_dir"), ("scaling", "storage_path"),
+                         ("tracking", "mlflow_dir")):
         if raw[section][key] is not None:
             raw[section][key] = _absolute(raw[section][key])
     return Config.model_validate(raw)
@@ -569,3 +594,22 @@ def to_yaml(cfg: Config) -> str:
             if src.get("rows") is not None:
                 src["rows"] = f"<{len(src['rows'])} inline rows>"
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def public_tree(cfg: Config) -> dict[str, Any]:
+    """The config as config.yaml holds it (inline rows summarized, no secrets), as plain data."""
+    return yaml.safe_load(to_yaml(cfg))
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": [{"c": 1}]}}` -> `{"a.b.0.c": 1}`: every leaf under its dotted key."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list) and any(isinstance(item, (dict, list)) for item in tree):
+        items = enumerate(tree)
+    else:
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in items:
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -138,3 +139,40 @@ def kill_workers_after_checkpoint(train: Callable[[], object], run_folder: Path,
         with pytest.raises(ray.train.TrainingFailedError):
             train()
     assert killer.killed
+
+
+def mlflow_client(store_dir: Path) -> Any:
+    """A client of the local MLflow store (mlflow.db) in `store_dir`."""
+    from mlflow import MlflowClient
+    from mlflow.utils.file_utils import path_to_local_sqlite_uri
+
+    assert (store_dir / "mlflow.db").is_file(), store_dir
+    return MlflowClient(tracking_uri=path_to_local_sqlite_uri(str(store_dir / "mlflow.db")))
+
+
+def mlflow_steps(client: Any, run_id: str) -> dict[int, dict[str, float]]:
+    """An MLflow run's metrics read back as metrics.jsonl holds them: step -> {key: value}, the latest value
+    logged at each step (a step redone after a resume is logged again)."""
+    steps: dict[int, dict[str, tuple[int, float]]] = {}
+    for key in client.get_run(run_id).data.metrics:
+        for point in client.get_metric_history(run_id, key):
+            seen = steps.setdefault(point.step, {}).get(key)
+            if seen is None or point.timestamp >= seen[0]:
+                steps[point.step][key] = (point.timestamp, point.value)
+    return {step: {key: value for key, (_, value) in metrics.items()} for step, metrics in steps.items()}
+
+
+def records_by_step(records: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
+    """metrics.jsonl records as `mlflow_steps` reads an MLflow run back."""
+    return {record["step"]: {k: float(v) for k, v in record.items() if k != "step"} for record in records}
+
+
+def assert_mlflow_holds(client: Any, run_id: str, records: list[dict[str, Any]]) -> None:
+    """The MLflow run holds every metrics.jsonl record (`records`) at its step, every key, the same value, and
+    nothing else."""
+    assert mlflow_steps(client, run_id) == records_by_step(records)
+
+
+def mlflow_params(values: dict[str, Any]) -> dict[str, str]:
+    """`values` as raysft logs them as MLflow params: strings as they are, the rest as JSON (true, null, [..])."""
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in values.items()}

@@ -57,6 +57,7 @@ def refused_before_ray(capsys: pytest.CaptureFixture[str], args: list[str | Path
         ("train.precision=fp16", "train.precision"),
         ("model.name_or_path=./no/such/model", "model.name_or_path"),
         ("scaling.storage_path=foo://bucket/run", "scaling.storage_path"),  # object storage: tests/test_storage.py
+        ("tracking.mlflow_dir=s3://bucket/mlflow", "tracking.mlflow_dir"),  # a server is MLFLOW_TRACKING_URI
         ("train.learning_rate=1e-4", "did you mean 'train.lr'"),  # handled well before: kept as a case
     ],
 )

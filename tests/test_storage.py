@@ -24,7 +24,18 @@ from transformers import AutoModelForCausalLM
 from raysft import storage
 from raysft.data.cache import CachedTable
 from raysft.track import read_metrics
-from tests.runs import REPO, SHARED_DATA, WorkerKiller, assert_refused, cli, losses, start_then_kill_when, tiny_config
+from tests.runs import (
+    REPO,
+    SHARED_DATA,
+    WorkerKiller,
+    assert_mlflow_holds,
+    assert_refused,
+    cli,
+    losses,
+    mlflow_client,
+    start_then_kill_when,
+    tiny_config,
+)
 from tests.s3server import BUCKET, s3_env, start_moto
 
 
@@ -96,6 +107,24 @@ def test_bad_storage_fails_before_ray_naming_the_key(
     assert not list(tmp_path.glob("**/s3:*")) and not (REPO / "s3:").exists()  # never a local folder named after a URI
 
 
+def test_sweep_in_the_bucket_needs_an_mlflow_server(
+    s3_here: dict[str, str], capsys: pytest.CaptureFixture[str], tiny_model_dir: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Trials on any node cannot share one local SQLite store: refused before Ray starts, naming the way out.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    base = tiny_config(tiny_model_dir, tmp_path / "unused", ["scaling.num_workers=1", "train.eval_every=2",
+                                                             "tracking.mlflow=true",
+                                                             f"scaling.storage_path=s3://{BUCKET}/sweeps"])
+    path = tmp_path / "sweep.yaml"
+    sweep = {"name": "s", "base": base.model_dump(mode="json"), "output_dir": str(tmp_path / "sweep"),
+             "space": {"train.lr": "choice [1e-3, 1e-2]"}}
+    path.write_text(yaml.safe_dump(sweep))
+    code, _, err = cli(capsys, "sweep", path)
+    assert_refused(code, err, "base.tracking.mlflow", "MLFLOW_TRACKING_URI")
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_credentials_the_server_refuses(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     server, endpoint = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # this server checks keys
@@ -119,7 +148,7 @@ def test_run_on_s3_survives_a_worker_kill_and_exports_from_the_bucket(
 
     location = f"s3://{BUCKET}/runs/recovered"
     cfg = write_config(tmp_path, tiny_model_dir, "home", [*common, "scaling.max_failures=1", "tracking.console=true",
-                                                           f"scaling.storage_path={location}"])
+                                                           "tracking.mlflow=true", f"scaling.storage_path={location}"])
     with pytest.MonkeyPatch.context() as patch:
         for key, value in s3.items():
             patch.setenv(key, value)  # the watcher reads the bucket too
@@ -135,7 +164,10 @@ def test_run_on_s3_survives_a_worker_kill_and_exports_from_the_bucket(
     with pytest.MonkeyPatch.context() as patch:
         for key, value in s3.items():
             patch.setenv(key, value)
-        assert {"config.yaml", "data_stats.json", "metrics.jsonl", "final", "checkpoints"} <= set(storage.list_dir(location))
+        run_files = {"config.yaml", "data_stats.json", "metrics.jsonl", "final", "checkpoints", "mlflow",
+                     "mlflow_run.json"}
+        assert run_files <= set(storage.list_dir(location))
+        assert storage.exists(storage.join(location, "mlflow", "mlflow.db"))  # rank 0's local store, uploaded
         newest = sorted(storage.list_dir(storage.join(location, "checkpoints")))[-1]
         manifest = json.loads(storage.read_bytes(storage.join(location, "checkpoints", newest, "manifest.json")))
         assert newest == f"step_{manifest['step']:06d}"
@@ -145,6 +177,11 @@ def test_run_on_s3_survives_a_worker_kill_and_exports_from_the_bucket(
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, abs=1e-5)
     assert not list(REPO.glob("s3:*")) and not list(tmp_path.glob("**/s3:*"))
+    # MLflow: one run across the worker restart, its store copied home with the results.
+    client = mlflow_client(tmp_path / "home" / "mlflow")
+    [run] = client.search_runs([client.get_experiment_by_name("raysft").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "home"
+    assert_mlflow_holds(client, run.info.run_id, read_metrics(tmp_path / "home" / "metrics.jsonl"))
 
     merged = tmp_path / "merged"
     exported = raysft("export", location, "--merge", merged, env=s3)

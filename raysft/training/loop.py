@@ -32,7 +32,7 @@ from raysft.model import (
     load_model,
     load_tokenizer,
 )
-from raysft.track import METRICS_FILE, Tracker, read_metrics
+from raysft.track import METRICS_FILE, MLFLOW_DIR, Tracker, read_metrics
 from raysft.training.checkpoint import (
     STAGING_PREFIX,
     better,
@@ -89,19 +89,24 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
     write_text_atomically(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
+# What rank 0 writes in its working folder, copied to object storage with each checkpoint and at the end.
+RANK0_FILES = (METRICS_FILE, "tensorboard", MLFLOW_DIR)
+
+
 def _working_folder(location: str) -> Path:
-    """Where rank 0 writes metrics.jsonl and TensorBoard events: the run folder itself when it is a path,
-    else a scratch folder on this node, copied to object storage at each checkpoint and at the end."""
+    """Where rank 0 writes metrics.jsonl, TensorBoard events and a local MLflow store: the run folder itself when
+    it is a path, else a scratch folder on this node, copied to object storage at each checkpoint and at the end."""
     if not is_uri(location):
         return Path(location)
     return Path(tempfile.gettempdir()) / "raysft-runs" / hashlib.sha256(location.encode()).hexdigest()[:16]
 
 
 def _sync_run_files(working: Path, location: str) -> None:
-    """Copy rank 0's metrics and TensorBoard events to object storage (a path run writes there directly)."""
+    """Copy rank 0's metrics, TensorBoard events and local MLflow store to object storage (a path run writes
+    there directly)."""
     if not is_uri(location):
         return
-    for name in (METRICS_FILE, "tensorboard"):
+    for name in RANK0_FILES:
         if (working / name).exists():
             storage.upload(working / name, storage.join(location, name))
 
@@ -169,16 +174,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     working = _working_folder(location)
     if rank == 0:
-        if is_uri(location):  # a fresh node: continue the run's metrics from storage
+        if is_uri(location):  # a fresh node: continue the run's metrics (and MLflow store) from storage
             shutil.rmtree(working, ignore_errors=True)
             working.mkdir(parents=True)
-            if storage.exists(storage.join(location, METRICS_FILE)):
-                storage.download(storage.join(location, METRICS_FILE), working / METRICS_FILE)
+            for name in (METRICS_FILE, MLFLOW_DIR):
+                if storage.exists(storage.join(location, name)):
+                    storage.download(storage.join(location, name), working / name)
         else:
             remove_staging(Path(location) / "checkpoints")
             remove_staging(working)
         _truncate_metrics(working / METRICS_FILE, start_step)  # before the tracker opens it for appending
-    tracker = Tracker(cfg, working, total_steps=num_steps) if rank == 0 else None
+    tracker = Tracker(cfg, working, total_steps=num_steps, location=location) if rank == 0 else None
     if tracker is not None:
         tracker.log_text(f"resuming from {resumed} at step {start_step}" if resumed else
                          f"{len(train_rows)} rows, {num_steps} steps, {world} worker(s)"

@@ -9,6 +9,7 @@ and the sequence length against the model's positions. Data rows are checked whe
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -52,6 +53,8 @@ def _folder_problems(cfg: Config) -> list[str]:
             problems.append(problem)
     elif location is not None:
         folders.append((Path(location), "scaling.storage_path"))
+    if cfg.tracking.mlflow and cfg.tracking.mlflow_dir:
+        folders.append((Path(cfg.tracking.mlflow_dir), "tracking.mlflow_dir"))
     for folder, key in folders:
         if (problem := writable_folder_problem(folder, key)) is not None:
             problems.append(problem)
@@ -113,8 +116,15 @@ def _model_problems(cfg: Config) -> list[str]:
     return problems
 
 
+def _tracking_problems(cfg: Config) -> list[str]:
+    if cfg.tracking.mlflow and importlib.util.find_spec("mlflow") is None:
+        return [("tracking.mlflow: the mlflow package is not installed; pip install 'raysft[mlflow]' (or set "
+                 "tracking.mlflow: false)")]
+    return []
+
+
 def preflight(cfg: Config) -> None:
     """Raise one ConfigError listing every problem of `cfg` that can be known before Ray starts."""
-    problems = _folder_problems(cfg) + _model_problems(cfg)
+    problems = _folder_problems(cfg) + _model_problems(cfg) + _tracking_problems(cfg)
     if problems:
         raise ConfigError(problems)

@@ -22,9 +22,9 @@ from typing import Any
 import yaml
 
 from raysft import storage
-from raysft.config import Config, to_yaml
+from raysft.config import Config, flatten, public_tree, to_yaml
 from raysft.errors import ConfigError
-from raysft.track import METRICS_FILE
+from raysft.track import METRICS_FILE, MLFLOW_DIR, MLFLOW_RUN_FILE
 
 CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "config_history.jsonl"
@@ -32,7 +32,8 @@ DATA_STATS_FILE = "data_stats.json"
 FINAL_DIR = "final"
 CHECKPOINTS_DIR = "checkpoints"
 # Everything a run writes at the top of its folder: a fresh run refuses to start where any of these exists.
-RUN_FILES = (CONFIG_FILE, HISTORY_FILE, DATA_STATS_FILE, METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR, "tensorboard", "wandb")
+RUN_FILES = (CONFIG_FILE, HISTORY_FILE, DATA_STATS_FILE, METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR, "tensorboard",
+             "wandb", MLFLOW_DIR, MLFLOW_RUN_FILE)
 # What a run leaves once it has trained (as opposed to files of the user's that happen to share a name).
 _TRAINED_MARKS = (METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR)
 
@@ -72,25 +73,6 @@ def checkpoint_root(cfg: Config) -> str:
     return storage.join(run_location(cfg), CHECKPOINTS_DIR)
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": [{"c": 1}]}}` -> `{"a.b.0.c": 1}`: every leaf under its dotted key."""
-    if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, list) and any(isinstance(item, (dict, list)) for item in tree):
-        items = enumerate(tree)
-    else:
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in items:
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
-def _public(cfg: Config) -> dict[str, Any]:
-    # As config.yaml holds it (inline rows summarized), so a saved and a new config compare alike.
-    return yaml.safe_load(to_yaml(cfg))
-
-
 def _started_config(location: str) -> dict[str, Any] | None:
     """The config the run at `location` last ran with: config.yaml plus every recorded resume change."""
     if not storage.exists(storage.join(location, CONFIG_FILE)):
@@ -116,7 +98,7 @@ def resume_changes(cfg: Config, location: str) -> dict[str, dict[str, Any]]:
     before = _started_config(location)
     if before is None:
         return {}
-    after = flatten(_public(cfg))
+    after = flatten(public_tree(cfg))
     changed = {
         key: {"from": before.get(key), "to": after.get(key)}
         for key in sorted(set(before) | set(after))

@@ -25,7 +25,7 @@ from raysft.data.pipeline import ensure_ray, prepare_data, stats_json
 from raysft.errors import USER_ERRORS, ConfigError, RunError
 from raysft import storage
 from raysft.fileio import write_error
-from raysft.track import METRICS_FILE, read_metrics
+from raysft.track import METRICS_FILE, MLFLOW_DIR, MLFLOW_RUN_FILE, read_metrics
 from raysft.training.checkpoint import newest_verified, read_state
 from raysft.training.checkpoint import CHECKPOINT_SCORE_KEY, higher_is_better, is_scored
 from raysft.training.preflight import preflight
@@ -192,7 +192,7 @@ def _copy_results_home(cfg: Config) -> None:
     location, home = run_location(cfg), output_path(cfg)
     if location == str(home):
         return
-    for name in (CONFIG_FILE, DATA_STATS_FILE, METRICS_FILE, FINAL_DIR):
+    for name in (CONFIG_FILE, DATA_STATS_FILE, METRICS_FILE, FINAL_DIR, MLFLOW_DIR, MLFLOW_RUN_FILE):
         if storage.exists(storage.join(location, name)):
             if (home / name).is_dir():
                 shutil.rmtree(home / name)

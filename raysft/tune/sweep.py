@@ -6,6 +6,8 @@ Sweep folder (``output_dir``):
     sweep.yaml        the resolved sweep (base config inline)
     tune/             Ray Tune's experiment state (what --resume restores)
     trials/trial_N/   each trial's train run folder: trial.json, metrics.jsonl, checkpoints/, final/
+    mlflow_run.json   with base.tracking.mlflow: the sweep's MLflow run, parent of every trial's
+    mlflow/           ... and, without MLFLOW_TRACKING_URI, the local store all trials log to
     results.csv  best/  report.png  report.md   (see raysft.tune.report)
 """
 
@@ -14,22 +16,24 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import ray
+import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raysft import storage
-from raysft.config import Config, set_dotted, validate_section, with_absolute_paths
+from raysft.config import Config, flatten, set_dotted, validate_section, with_absolute_paths
 from raysft.errors import ConfigError
 from raysft.fileio import write_text_atomically
-from raysft.track import METRICS_FILE
+from raysft.track import METRICS_FILE, MLFLOW_DIR, MlflowRun, open_mlflow_run, recorded_mlflow_run
 from raysft.training.preflight import preflight
 from raysft.training.run_folder import FINAL_DIR, run_location
 from raysft.data.pipeline import ensure_ray, prepare_data
@@ -46,6 +50,8 @@ TRIAL_FILE = "trial.json"
 TRIAL_DRIVER_RESOURCES: dict[str, float] = {"memory": 512.0 * 2**20}
 # ASHA's horizon when the base config does not fix the number of steps.
 DEFAULT_MAX_ROUNDS = 100
+# How a trial's MLflow run ends (a completed trial's rank 0 has ended it FINISHED already).
+MLFLOW_STATUS = {"completed": "FINISHED", "stopped_early": "KILLED", "error": "FAILED"}
 
 
 def trial_name(trial: Any) -> str:
@@ -54,8 +60,9 @@ def trial_name(trial: Any) -> str:
     return f"trial_{trial.trial_id.rsplit('_', 1)[-1]}"
 
 
-def trial_config(cfg: SweepConfig, params: dict[str, Any], name: str) -> Config:
-    """The train config of one trial: base + the trial's values, writing into the sweep's trials/ folder."""
+def trial_config(cfg: SweepConfig, params: dict[str, Any], name: str, mlflow_parent: str | None = None) -> Config:
+    """The train config of one trial: base + the trial's values, writing into the sweep's trials/ folder
+    (`mlflow_parent`: the sweep's MLflow run, which the trial's nests under)."""
     raw = copy.deepcopy(cfg.base.model_dump(mode="json"))
     for key, value in params.items():
         set_dotted(raw, key, value)
@@ -69,6 +76,9 @@ def trial_config(cfg: SweepConfig, params: dict[str, Any], name: str) -> Config:
     raw["tracking"]["console"] = False
     raw["tracking"]["wandb_group"] = raw["tracking"].get("wandb_group") or cfg.name
     raw["tracking"]["run_name"] = name
+    if raw["tracking"]["mlflow"]:  # one local store for the sweep, unless a server or a folder was given
+        raw["tracking"]["mlflow_dir"] = raw["tracking"]["mlflow_dir"] or str(Path(str(cfg.output_dir)) / MLFLOW_DIR)
+        raw["tracking"]["mlflow_parent_run_id"] = mlflow_parent or raw["tracking"]["mlflow_parent_run_id"]
     return validate_section(Config, raw, f"trial {name}")
 
 
@@ -133,11 +143,11 @@ def _eval_records(location: str) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, lines) if is_evaluation(r)]
 
 
-def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
+def run_trial(params: dict[str, Any], sweep: dict[str, Any], mlflow_parent: str | None = None) -> None:
     """Tune driver function of one trial: train the base config with `params` set, reporting evaluations."""
     cfg = SweepConfig.model_validate(sweep)
     name = ray.tune.get_context().get_trial_name()
-    train_cfg = trial_config(cfg, params, name)
+    train_cfg = trial_config(cfg, params, name, mlflow_parent)
     location = run_location(train_cfg)
     eval_every = train_cfg.train.eval_every
     if storage.exists(storage.join(location, FINAL_DIR)):
@@ -151,6 +161,11 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     storage.write_bytes(trial_file, trial_info)
     if location != train_cfg.train.output_dir:
         storage.write_bytes(str(Path(train_cfg.train.output_dir) / TRIAL_FILE), trial_info)
+    if train_cfg.tracking.mlflow:
+        # Opened here so that its params are the trial's sampled values (as Ray Tune's MLflow callback logs
+        # them; the whole config is in the parent's); rank 0 finds the run in the trial folder and continues it.
+        open_mlflow_run(train_cfg.tracking, location, Path(train_cfg.train.output_dir) / MLFLOW_DIR, name, params,
+                        tags={"raysft.sweep": cfg.name, "raysft.trial": name})
     train(train_cfg, callbacks=[EvalRoundsToTune(eval_every)])
 
 
@@ -233,6 +248,37 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def _mlflow_problem(cfg: SweepConfig) -> str | None:
+    tracking = cfg.base.tracking
+    if tracking.mlflow and sweep_storage(cfg) and not (os.environ.get("MLFLOW_TRACKING_URI") or tracking.mlflow_dir):
+        return ("base.tracking.mlflow: a sweep in object storage (base.scaling.storage_path) runs its trials on any "
+                "node, and they cannot share one local MLflow store; set MLFLOW_TRACKING_URI to a tracking server "
+                "(or base.tracking.mlflow_dir to a folder every node mounts)")
+    return None
+
+
+def open_sweep_mlflow_run(cfg: SweepConfig, home: str) -> MlflowRun | None:
+    """The sweep's own MLflow run, which every trial's nests under (its params: the resolved sweep, base
+    included); a --resume continues it. None without base.tracking.mlflow."""
+    if not cfg.base.tracking.mlflow:
+        return None
+    return open_mlflow_run(cfg.base.tracking, home, Path(str(cfg.output_dir)) / MLFLOW_DIR, cfg.name,
+                           params=flatten(yaml.safe_load(sweep_yaml(cfg))), tags={"raysft.sweep": cfg.name})
+
+
+def end_sweep_mlflow_run(run: MlflowRun, cfg: SweepConfig, home: str, result: SweepResult) -> None:
+    """End the runs of trials that did not finish (stopped early: KILLED, failed: FAILED), tag the sweep's run
+    with the best trial and its metric, and end it."""
+    for trial in result.trials:
+        child = recorded_mlflow_run(storage.join(home, "trials", trial.name))
+        if child is not None and trial.status != "completed":
+            run.client.set_terminated(child, MLFLOW_STATUS[trial.status])
+    if result.best is not None and result.best.last is not None:
+        run.client.set_tag(run.run_id, "raysft.best_trial", result.best.name)
+        run.client.log_metric(run.run_id, f"best_{cfg.metric}", result.best.last)
+    run.end("FINISHED")
+
+
 def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     """Run (or with `resume`, continue) a sweep on Ray Tune and write results.csv, best/ and report.png.
 
@@ -249,6 +295,8 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     where = "base.scaling.storage_path" if sweep_storage(cfg) else "output_dir"
     tune_dir = storage.join(home, "tune")
     preflight(cfg.base.model_copy(update={"train": cfg.base.train.model_copy(update={"output_dir": str(sweep_dir)})}))
+    if (problem := _mlflow_problem(cfg)) is not None:
+        raise ConfigError([problem])
     if resume and not tune.Tuner.can_restore(tune_dir):
         raise ConfigError([f"{where}: no sweep to resume in {home}"])
     if not resume and storage.exists(tune_dir):
@@ -265,12 +313,15 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     write_text_atomically(sweep_dir / SWEEP_FILE, sweep_yaml(cfg))
     if home != str(sweep_dir):
         storage.write_bytes(storage.join(home, SWEEP_FILE), sweep_yaml(cfg).encode())
+    mlflow_run = open_sweep_mlflow_run(cfg, home)
 
     max_concurrent = cfg.max_concurrent_trials or default_max_concurrent(cfg.base, ray.cluster_resources())
     print(f"[sweep] {cfg.name}: {cfg.scheduler.name}, {cfg.search_alg} search, up to {max_concurrent} trial(s) at once; "
           f"folder {sweep_dir}", flush=True)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, sweep=cfg.model_dump(mode="json")), TRIAL_DRIVER_RESOURCES
+        tune.with_parameters(run_trial, sweep=cfg.model_dump(mode="json"),
+                             mlflow_parent=mlflow_run.run_id if mlflow_run else None),
+        TRIAL_DRIVER_RESOURCES,
     )
     if resume:
         tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True)
@@ -297,4 +348,7 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
         )
     tuner.fit()
     fetch_trials(cfg)
-    return write_report(sweep_dir)
+    result = write_report(sweep_dir)
+    if mlflow_run is not None:
+        end_sweep_mlflow_run(mlflow_run, cfg, home, result)
+    return result

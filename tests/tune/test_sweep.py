@@ -19,9 +19,20 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from raysft.cli import main as cli_main
+from raysft.config import flatten
+from raysft.track import MLFLOW_DIR, read_metrics
 from raysft.tune.config import parse_sweep
+from raysft.tune.report import SweepResult
 from raysft.tune.sweep import sweep
-from tests.runs import REPO, tiny_config
+from tests.runs import (
+    REPO,
+    assert_mlflow_holds,
+    mlflow_client,
+    mlflow_params,
+    mlflow_steps,
+    records_by_step,
+    tiny_config,
+)
 
 
 def tiny_base(model_dir: Path, tmp_path: Path, overrides: list[str]) -> dict[str, Any]:
@@ -44,8 +55,38 @@ def wait_for_free_cpus(timeout_s: float = 60.0) -> dict[str, float]:
         time.sleep(1.0)
 
 
+def assert_mlflow_nests_trials(sweep_dir: Path, result: SweepResult) -> None:
+    """One local MLflow store in the sweep folder: the sweep's run, and each trial's nested under it with the
+    trial's sampled values as params, its metrics.jsonl as metrics, and how it ended as its status."""
+    client = mlflow_client(sweep_dir / MLFLOW_DIR)
+    runs = client.search_runs([client.get_experiment_by_name("raysft").experiment_id])
+    [parent] = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(runs) - 1 == len(result.trials)
+    # The sweep's run: the resolved sweep (search space, base config) as params; it names the best trial.
+    resolved = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
+    assert parent.info.run_name == resolved["name"] and parent.info.status == "FINISHED"
+    assert parent.data.params == mlflow_params(flatten(resolved))
+    assert parent.data.params["space.train.lr"] == "grid [3e-2, 1e-6]"
+    assert result.best is not None and parent.data.tags["raysft.best_trial"] == result.best.name
+    assert parent.data.metrics["best_eval_loss"] == pytest.approx(result.best.last)
+    trials = {trial.name: trial for trial in result.trials}
+    assert {child.info.run_name for child in children} == set(trials)
+    for child in children:
+        trial = trials[child.info.run_name]
+        assert child.data.params == mlflow_params(trial.params) and child.data.tags["raysft.trial"] == trial.name
+        assert child.info.status == {"completed": "FINISHED", "stopped_early": "KILLED"}[trial.status]
+        records = read_metrics(sweep_dir / "trials" / trial.name / "metrics.jsonl")
+        if trial.status == "completed":
+            assert_mlflow_holds(client, child.info.run_id, records)
+        else:  # stopped between its metrics.jsonl line and MLflow at worst: one record short
+            logged, expected = mlflow_steps(client, child.info.run_id), records_by_step(records)
+            assert logged == {step: expected[step] for step in logged} and len(logged) >= len(expected) - 1
+
+
 def test_asha_sweep_over_rank_lr_and_seq_len(ray_session: None, tiny_model_dir: Path, tmp_path: Path) -> None:
-    base = tiny_base(tiny_model_dir, tmp_path, ["train.max_steps=8", "train.eval_every=2", "tracking.tensorboard=true"])
+    base = tiny_base(tiny_model_dir, tmp_path, ["train.max_steps=8", "train.eval_every=2", "tracking.tensorboard=true",
+                                                "tracking.mlflow=true"])
     sweep_dir = tmp_path / "sweep"
     cfg = parse_sweep({
         "name": "tiny-asha",
@@ -87,6 +128,8 @@ def test_asha_sweep_over_rank_lr_and_seq_len(ray_session: None, tiny_model_dir: 
         trial_dir = sweep_dir / "trials" / row["trial"]
         assert any((trial_dir / "tensorboard").iterdir())
         assert yaml.safe_load((trial_dir / "config.yaml").read_text())["tracking"]["wandb_group"] == "tiny-asha"
+
+    assert_mlflow_nests_trials(sweep_dir, result)
 
     # Tokenized once: trials with max_seq_len 128 and 256 re-packed the same cached tokens (train + eval).
     assert len(list((tmp_path / "token-cache" / "tokenized").glob("*/manifest.json"))) == 2
