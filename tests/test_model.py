@@ -17,7 +17,7 @@ from torch import nn
 
 import raysft.model
 from raysft.config import LoraConfig, ModelConfig, TrainConfig
-from raysft.data.labels import trained_targets
+from raysft.labels import trained_targets
 from raysft.data.packing import collate
 from raysft.model import TokenLoss, add_neftune_noise, apply_lora, causal_lm, load_model
 from raysft.training.optim import build_optimizer
