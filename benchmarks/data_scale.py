@@ -202,7 +202,7 @@ def window_efficiency(data_dir: Path, model_dir: str, max_len: int) -> list[list
     tokenizer = load_tokenizer(ModelConfig(name_or_path=model_dir))
     rows = []
     for name, path in (("gsm8k", data_dir / "gsm8k" / "train.jsonl"), ("code_alpaca", data_dir / "code_alpaca" / "code_alpaca_2k.json")):
-        examples = load_examples([SourceConfig(path=str(path))])
+        examples = load_examples([SourceConfig(path=str(path), invalid_rows="skip")])
         lengths = [min(len(tokenize_example(e, tokenizer, False)["input_ids"]), max_len) for e in examples]
         for window in (len(lengths), PACK_WINDOW, 2048, 512):
             bins = sum(len(best_fit_decreasing(lengths[i : i + window], max_len)) for i in range(0, len(lengths), window))
