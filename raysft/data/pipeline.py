@@ -237,7 +237,7 @@ def _tokenized_problems(table: CachedTable) -> tuple[list[str], int, list[str], 
     return problems, problem_count, skipped, skipped_count
 
 
-def _split_summary(tokenized: CachedTable, plan: PackPlan) -> tuple[LengthSummary, int]:
+def split_summary(tokenized: CachedTable, plan: PackPlan) -> tuple[LengthSummary, int]:
     """The split's examples as read (lengths, trained tokens) and its skipped invalid rows; raises the
     over-length DataError of `over_length: raise` naming the first offending example."""
     summary, skipped = LengthSummary(), 0
@@ -378,9 +378,10 @@ class DataStats:
             getattr(self, key)[name] = value
 
 
-def split_stats(tokenized: CachedTable, plan: PackPlan, packed: CachedTable) -> dict[str, Any]:
-    """The split's statistics (a DataStats column), exact, from small columns of both tables."""
-    summary, skipped = _split_summary(tokenized, plan)
+def split_stats(read: tuple[LengthSummary, int], plan: PackPlan, packed: CachedTable) -> dict[str, Any]:
+    """The split's statistics (a DataStats column), exact: `read` is its :func:`split_summary` (examples as read),
+    the packed side comes from small columns of the packed table."""
+    summary, skipped = read
     rows = examples = tokens = 0
     for group in packed.iter_groups(["num_tokens", "example_lengths"]):
         rows += group.num_rows
@@ -461,9 +462,9 @@ def prepare_data(cfg: Config) -> PreparedData:
             if source_table is None:
                 source_table = tokenized[plan.source] = tokenize_split(
                     sources[plan.source], tokenizer, cfg.data, storage.join(root, "tokenized", plan.tokenized_key))
-            _split_summary(source_table, plan)  # over_length: raise fails here, before packing
+            read = split_summary(source_table, plan)  # over_length: raise fails here, before packing
             packed = pack_split(source_table, plan, location)
-            packed.info = split_stats(source_table, plan, packed)
+            packed.info = split_stats(read, plan, packed)
             packed.commit()
         splits[plan.name] = packed
         stats.add(plan.name, packed.info)

@@ -42,7 +42,7 @@ class EpochOrder:
         self.num_rows, self.seed, self.epoch = num_rows, seed, epoch
         rng = np.random.default_rng([seed, epoch])
         if num_rows <= window_rows:
-            self.chunk_rows, self._windows = num_rows, [np.zeros(1, dtype=np.int64)]
+            self.chunk_rows, self._windows = num_rows, []
             self._whole = rng.permutation(num_rows)
             self._starts = np.array([0, num_rows])
             return

@@ -26,6 +26,7 @@ from raysft.data.pipeline import (
     pack_window,
     quiet_data_context,
     split_stats,
+    split_summary,
 )
 from raysft.errors import DataError
 from raysft.labels import IGNORE_INDEX, count_trained
@@ -104,7 +105,7 @@ def write_table(location: Path, table: pa.Table) -> CachedTable:
 def packed(tmp_path: Path, tokenized: CachedTable, plan: PackPlan) -> tuple[CachedTable, dict[str, Any]]:
     window = {"window": 0, "start": 0, "stop": tokenized.num_rows}
     table = write_table(tmp_path / f"packed-{plan.name}", pack_window(window, tokenized, plan))
-    return table, split_stats(tokenized, plan, table)
+    return table, split_stats(split_summary(tokenized, plan), plan, table)
 
 
 def plan(name: str = "train", max_seq_len: int = 5, over_length: str = "truncate", packing: bool = True,
