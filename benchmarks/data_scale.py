@@ -91,7 +91,7 @@ def _config(spec: dict[str, Any]) -> Any:
         "data": {"train": {"path": spec["data"]}, "max_seq_len": spec["max_len"], "cache_dir": spec["cache_dir"]},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"output_dir": spec["output_dir"], "micro_batch_size": 2, "max_steps": 2, "log_every": 1,
-                  "checkpoint_every": 0, "lr": 1e-3},
+                  "lr": 1e-3},
         "scaling": {"num_workers": spec["workers"], "resources_per_worker": {"CPU": 2 / spec["workers"]}},
         "tracking": {"console": False, "tensorboard": False},
     })

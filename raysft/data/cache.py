@@ -31,6 +31,18 @@ from raysft.errors import RunError
 
 MANIFEST = "manifest.json"
 KEY_COLUMN = "seq"
+# A raw row's key: source << 56 | file << 36 | row, so 255 sources, a million files each, 68 billion rows per file.
+_SOURCE_SHIFT, _FILE_SHIFT = 56, 36
+
+
+def seq_key(source_index: int, file_index: int, row_number: int) -> int:
+    """The key of row `row_number` of file `file_index` of source `source_index`: increasing in read order."""
+    return (source_index << _SOURCE_SHIFT) | (file_index << _FILE_SHIFT) | row_number
+
+
+def source_of(seq: np.ndarray) -> np.ndarray:
+    """The source index of each raw row's key."""
+    return np.asarray(seq, dtype=np.int64) >> _SOURCE_SHIFT
 
 
 @dataclass

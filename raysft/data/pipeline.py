@@ -382,6 +382,8 @@ def split_stats(read: tuple[LengthSummary, int], plan: PackPlan, packed: CachedT
     """The split's statistics (a DataStats column), exact: `read` is its :func:`split_summary` (examples as read),
     the packed side comes from small columns of the packed table."""
     summary, skipped = read
+    if plan.holdout is not None and plan.holdout[2]:
+        skipped = 0  # skipped rows are reported once, with the split they were read for (train)
     rows = examples = tokens = 0
     for group in packed.iter_groups(["num_tokens", "example_lengths"]):
         rows += group.num_rows
@@ -394,7 +396,7 @@ def split_stats(read: tuple[LengthSummary, int], plan: PackPlan, packed: CachedT
     if examples == 0:
         raise DataError(f"data.{plan.name}: no examples left after the length policy ({counts}); check max_seq_len")
     return {
-        "rows_read": summary.rows + (skipped if plan.holdout is None or not plan.holdout[2] else 0),
+        "rows_read": summary.rows + skipped,
         "counts": counts,
         "examples_kept": examples,
         "token_length_percentiles": summary.percentiles(),

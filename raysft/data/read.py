@@ -17,6 +17,7 @@ Hugging Face datasets go through ``ray.data.from_arrow`` of their memory-mapped 
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -28,24 +29,14 @@ from ray.data.datasource import FileBasedDatasource
 
 from raysft import storage
 from raysft.config import SourceConfig
+from raysft.data.cache import seq_key
 from raysft.data.sources import file_kind, hf_origin, load_hf_dataset, read_file, resolve_files
 from raysft.errors import DataError
 
 RAW_SCHEMA = pa.schema([("seq", pa.int64()), ("origin", pa.string()), ("row", pa.string()), ("error", pa.string())])
 
-# seq = source << 56 | file << 36 | row: 255 sources, a million files each, 68 billion rows per file.
-_SOURCE_SHIFT, _FILE_SHIFT = 56, 36
 # Rows per block a read task yields: small enough to stream, large enough that Arrow's per-block cost vanishes.
 READ_BLOCK_ROWS = 2048
-
-
-def seq_key(source_index: int, file_index: int, row_number: int) -> int:
-    return (source_index << _SOURCE_SHIFT) | (file_index << _FILE_SHIFT) | row_number
-
-
-def source_of(seq: np.ndarray) -> np.ndarray:
-    """The source index of each key."""
-    return np.asarray(seq, dtype=np.int64) >> _SOURCE_SHIFT
 
 
 def _raw_json(row: dict[str, Any]) -> str:
@@ -53,14 +44,9 @@ def _raw_json(row: dict[str, Any]) -> str:
 
 
 def _blocks(rows: Iterator[tuple[int, str, str | None, str | None]]) -> Iterator[pa.Table]:
-    batch: list[tuple[int, str, str | None, str | None]] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) == READ_BLOCK_ROWS:
-            yield pa.Table.from_pylist([dict(zip(RAW_SCHEMA.names, r)) for r in batch], schema=RAW_SCHEMA)
-            batch = []
-    if batch:
-        yield pa.Table.from_pylist([dict(zip(RAW_SCHEMA.names, r)) for r in batch], schema=RAW_SCHEMA)
+    """(seq, origin, row, error) tuples as raw-row blocks of READ_BLOCK_ROWS rows."""
+    while batch := list(itertools.islice(rows, READ_BLOCK_ROWS)):
+        yield pa.table([list(column) for column in zip(*batch)], schema=RAW_SCHEMA)
 
 
 class SourceFilesDatasource(FileBasedDatasource):

@@ -78,13 +78,15 @@ class PackedRows:
         return Chunk.read(self.table, start, start + self.chunk_rows)
 
     def _request(self, chunks: np.ndarray) -> None:
-        for chunk in dict.fromkeys(int(c) for c in chunks):
+        needed = dict.fromkeys(int(c) for c in chunks)
+        for chunk in needed:
             if chunk in self._chunks:
                 self._chunks.move_to_end(chunk)
             else:
                 self._chunks[chunk] = self._reader.submit(self._load, chunk)
-        while len(self._chunks) > self.max_chunks:
-            self._chunks.popitem(last=False)  # the least recently needed; a pending read just finishes unused
+        # Evict the least recently needed (a pending read just finishes unused), never one asked for now.
+        while len(self._chunks) > self.max_chunks and next(iter(self._chunks)) not in needed:
+            self._chunks.popitem(last=False)
 
     def prefetch(self, indices: np.ndarray) -> None:
         """Start reading the chunks of rows `indices` (the steps ahead) without waiting for them."""

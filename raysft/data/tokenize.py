@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysft.config import SourceConfig
+from raysft.data.cache import source_of
 from raysft.data.formats import normalize_row
 from raysft.labels import IGNORE_INDEX, count_trained
 from raysft.errors import DataError
@@ -132,8 +133,6 @@ class TokenizeRows:
         self.max_row_chars = max_row_chars
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from raysft.data.read import source_of
-
         seqs = batch.column("seq").to_numpy()
         sources = source_of(seqs)
         ids: list[list[int]] = []

@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from raysft.config import Config
-from raysft.data.cache import CachedTable
+from raysft.data.cache import CachedTable, index_written
 from raysft.data.packing import apply_length_policy, pack_examples
 from raysft.data.cache import MANIFEST as MANIFEST_NAME
 from raysft.data.pipeline import prepare_data
@@ -116,3 +118,17 @@ def test_data_preparation_and_model_loading_import_only_what_they_need() -> None
             "import raysft.model; assert not any(m.startswith('raysft.data') for m in sys.modules), sorted(sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_batch_wider_than_the_chunk_budget_is_still_served(tmp_path: Path) -> None:
+    rows = [{"seq": i, "input_ids": [i, i + 1], "labels": [i, i + 1], "example_lengths": [2], "num_tokens": 2,
+             "num_trained": 1} for i in range(12)]
+    folder = tmp_path / "packed" / "w-1"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), folder / "part.parquet", row_group_size=4)
+    table = index_written(str(tmp_path / "packed"), str(folder))
+    packed = PackedRows(table, chunk_rows=2, max_chunks=1)  # a batch over 3 chunks: none evicted while needed
+    batch = packed.batch(np.array([0, 5, 11]), pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[0, 1], [5, 6], [11, 12]]
+    assert packed.trained_tokens(np.array([0, 5, 11])) == 3
+    packed.close()
