@@ -53,6 +53,9 @@ class SourceFilesDatasource(FileBasedDatasource):
     """The files of one path source; each read task reads whole files with raysft's row readers."""
 
     def __init__(self, files: list[str], file_type: str, source_index: int):
+        # Read tasks run in other processes, whose working folder need not be the driver's: a relative path
+        # becomes absolute here (and so in the rows' origins).
+        files = [file if storage.is_uri(file) else storage.resolve(file)[1] for file in files]
         super().__init__(files)
         self._source_index = source_index
         # Ray hands each read its path inside the file system (no scheme); map it back to the source's file.

@@ -96,7 +96,10 @@ def assistant_spans(
         if message["role"] != "assistant":
             continue
         before = _render(tokenizer, messages[:index], add_generation_prompt=True)
-        through = _render(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        # The last turn's prefix is the whole conversation: rendered once already (a third of the cost of a
+        # one-turn row).
+        last = index + 1 == len(messages)
+        through = full if last else _render(tokenizer, messages[: index + 1], add_generation_prompt=False)
         if not (full.startswith(before) and full.startswith(through) and len(before) <= len(through)):
             raise DataError(
                 f"{origin}: the chat template does not render prefixes consistently (at turn {index}): "
@@ -277,11 +280,14 @@ def _end_after_marker(full: str, start: int, end: int, markers: tuple[str, ...])
 
 def _mask_outside(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
     """Labels equal to the ids for tokens starting inside a span, IGNORE_INDEX elsewhere."""
-    labels = []
-    span_index = 0
-    for token_id, (start, _) in zip(input_ids, offsets, strict=True):
-        while span_index < len(spans) and start >= spans[span_index][1]:
-            span_index += 1
-        inside = span_index < len(spans) and spans[span_index][0] <= start
-        labels.append(token_id if inside else IGNORE_INDEX)
-    return labels
+    ids = np.asarray(input_ids, dtype=np.int64)
+    if not spans:
+        return [IGNORE_INDEX] * len(ids)
+    starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
+    span_starts, span_ends = np.asarray(spans, dtype=np.int64).T
+    # Vectorized (a Python loop here was a quarter of the tokenize time): the first span ending after each
+    # token's start holds the token when it also starts at or before the token.
+    candidate = np.searchsorted(span_ends, starts, side="right")
+    inside = candidate < len(spans)
+    inside[inside] = span_starts[candidate[inside]] <= starts[inside]
+    return np.where(inside, ids, IGNORE_INDEX).tolist()

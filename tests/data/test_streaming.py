@@ -44,10 +44,12 @@ def two_files(tmp_path: Path) -> Path:
 
 
 def test_ray_data_pipeline_equals_packing_in_process(
-    ray_session: None, tiny_model_dir: Path, tmp_path: Path, two_files: Path
+    ray_session: None, tiny_model_dir: Path, tmp_path: Path, two_files: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     inline = [{"prompt": "Say hi.", "response": "Hi!"}, {"prompt": "Count to 3.", "response": "1 2 3"}]
-    cfg = _config(tiny_model_dir, tmp_path, [{"path": str(two_files)}, {"rows": inline}])
+    # A path relative to the driver's working folder, which Ray's read tasks do not share.
+    monkeypatch.chdir(tmp_path)
+    cfg = _config(tiny_model_dir, tmp_path, [{"path": two_files.name}, {"rows": inline}])
     prepared = prepare_data(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
