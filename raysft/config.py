@@ -66,7 +66,28 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
     """Run model code shipped with the checkpoint. Off unless you trust its author."""
     chat_template: str | None = None
-    """Template used when the tokenizer has none: `chatml`, or a Jinja template string."""
+    """Template used when the tokenizer has none: `chatml`, or a Jinja template string (which replaces the
+    tokenizer's own). raysft's ChatML renders tools (in the system turn), tool calls (JSON in <tool_call> tags
+    inside the assistant turn), tool results (`tool` turns) and reasoning (<think> ahead of the reply)."""
+    add_special_tokens: list[str] | None = None
+    """Tokens to add to the tokenizer as special tokens (never split; written by the chat template, while data
+    spelling them stays text unless `data.parse_special_tokens`). Tokens new to the vocabulary get embedding rows
+    (and output-head rows when untied), initialized to the mean of the existing rows; with LoRA only those rows
+    are trained besides the adapters and saved in it (PEFT trainable tokens), a full fine-tune trains them as any
+    weight. Default (null): the ChatML markers `<|im_start|>`, `<|im_end|>` when the ChatML fallback is used and
+    the tokenizer lacks them (else they would be split into several plain tokens); `[]` adds nothing."""
+
+    @field_validator("add_special_tokens")
+    @classmethod
+    def _tokens_spelled_once(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            blank = [token for token in value if not token.strip()]
+            if blank:
+                raise ValueError(f"tokens must not be empty or whitespace (got {blank})")
+            repeated = sorted({token for token in value if value.count(token) > 1})
+            if repeated:
+                raise ValueError(f"tokens listed more than once: {repeated}")
+        return value
 
 
 class SourceConfig(Section):

@@ -50,7 +50,8 @@ def _tokenizer_source(model: ModelConfig, adapter: str | Path | None) -> ModelCo
 def load_for_inference(model: ModelConfig, adapter: str | Path | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Base model (plus a PEFT adapter folder, if given) in eval mode on CPU/GPU, and its tokenizer.
 
-    The tokenizer is the one saved in the adapter folder when there is one (a run's RUN/final).
+    The tokenizer is the one saved in the adapter folder when there is one (a run's RUN/final), and the base
+    model's embeddings grow to hold its tokens (a run with `model.add_special_tokens` added some).
 
     Example:
         >>> model, tokenizer = load_for_inference(ModelConfig(name_or_path="HuggingFaceTB/SmolLM2-135M"), "runs/tiny/final")  # doctest: +SKIP
@@ -59,8 +60,10 @@ def load_for_inference(model: ModelConfig, adapter: str | Path | None = None) ->
     if problems:
         raise ConfigError(problems)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base = load_model(model, device, for_training=False)
     tokenizer = load_tokenizer(_tokenizer_source(model, adapter))
+    # A run that added tokens saved them in its tokenizer: the base gets their rows (as in training) before the
+    # adapter, which holds their trained values, is loaded onto it.
+    base = load_model(model, device, for_training=False, num_tokens=len(tokenizer))
     loaded = PeftModel.from_pretrained(base, str(adapter)) if adapter is not None else base
     return loaded.eval(), tokenizer
 

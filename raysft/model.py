@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.helpers import disable_input_dtype_casting
+from peft.utils.other import TrainableTokensWrapper
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -29,32 +31,73 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 
-# Raw string: Jinja itself must see the '\n' escapes, as in the templates shipped with models.
+# Raw strings: Jinja itself must see the '\n' escapes, as in the templates shipped with models. Plain turns render
+# as ChatML always has; tools, tool calls and tool results as Hermes / Qwen2.5 write them (the tool schemas in the
+# system turn, each call as JSON in <tool_call> tags inside the assistant turn, results as 'tool' turns); reasoning
+# in <think> tags ahead of the reply, as Qwen3 writes it (read under the names other renderers than transformers
+# may pass it with, too: the template is saved with the run and may be served elsewhere).
 CHATML_TEMPLATE = (
-    r"{% for message in messages %}"
-    r"{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    r"{% endfor %}"
-    r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    r"{%- if tools -%}"
+    r"{{- '<|im_start|>system\n' -}}"
+    r"{%- if messages and messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\n\n' -}}{%- endif -%}"
+    r"{{- '# Tools\n\nYou may call one or more functions. Their signatures are within <tools></tools>:\n<tools>' -}}"
+    r"{%- for tool in tools -%}{{- '\n' + (tool | tojson) -}}{%- endfor -%}"
+    r"{{- '\n</tools>\n\nFor each call, reply with a JSON object holding the function name and arguments within "
+    r"<tool_call></tool_call> tags:\n<tool_call>\n' -}}"
+    r"""{{- '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' -}}"""
+    r"{%- endif -%}"
+    r"{%- for message in messages -%}"
+    r"{%- if not (tools and loop.first and message['role'] == 'system') -%}"
+    r"{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    r"{%- set reasoning = message.reasoning_content or message.reasoning or message.thinking -%}"
+    r"{%- if message['role'] == 'assistant' and reasoning -%}"
+    r"{{- '<think>\n' + reasoning + '\n</think>\n\n' -}}"
+    r"{%- endif -%}"
+    r"{{- message['content'] -}}"
+    r"{%- if message['role'] == 'assistant' and message.tool_calls -%}"
+    r"{%- for call in message.tool_calls -%}"
+    r"{%- set function = call.function if call.function is defined else call -%}"
+    r"{%- if message['content'] or not loop.first -%}{{- '\n' -}}{%- endif -%}"
+    r"""{{- '<tool_call>\n{"name": ' + (function.name | tojson) + ', "arguments": ' -}}"""
+    r"{%- if function.arguments is string -%}{{- function.arguments -}}"
+    r"{%- else -%}{{- function.arguments | tojson -}}{%- endif -%}"
+    r"{{- '}\n</tool_call>' -}}"
+    r"{%- endfor -%}"
+    r"{%- endif -%}"
+    r"{{- '<|im_end|>\n' -}}"
+    r"{%- endif -%}"
+    r"{%- endfor -%}"
+    r"{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
 )
 
+CHATML_MARKERS = ("<|im_start|>", "<|im_end|>")
+"""The control tokens CHATML_TEMPLATE writes: added to a tokenizer that lacks them when the template is the fallback."""
 
-def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, template: str | None) -> None:
+# Seed of the rows that resizing the embeddings adds: the same on every worker and at every load, so runs repeat.
+_RESIZE_SEED = 0
+
+
+def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, template: str | None) -> bool:
     """Give `tokenizer` a chat template: a Jinja string always wins; ``"chatml"`` or None only fill a gap.
+
+    Returns whether raysft's ChatML fallback was put in (so its markers may need adding as tokens).
 
     Example:
         >>> ensure_chat_template(tokenizer, "chatml")  # doctest: +SKIP
+        False
     """
     if template is not None and template != "chatml":
         tokenizer.chat_template = template
-        return
+        return False
     if tokenizer.chat_template:
-        return
+        return False
     if template is None:
         log.warning(
             "The tokenizer %s has no chat template; using ChatML. Set model.chat_template to choose another.",
             tokenizer.name_or_path or type(tokenizer).__name__,
         )
     tokenizer.chat_template = CHATML_TEMPLATE
+    return True
 
 
 def model_location(cfg: ModelConfig) -> tuple[str, dict[str, object]]:
@@ -71,18 +114,65 @@ def model_location(cfg: ModelConfig) -> tuple[str, dict[str, object]]:
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The model's tokenizer with a chat template (the configured fallback if it ships none)."""
+    """The model's tokenizer with a chat template (the configured fallback if it ships none) and
+    `model.add_special_tokens` added (by default: the ChatML markers, when the fallback needs them)."""
+    return load_tokenizer_and_new_ids(cfg)[0]
+
+
+def load_tokenizer_and_new_ids(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, list[int]]:
+    """:func:`load_tokenizer`, and the ids of the tokens it added that the tokenizer did not hold before: the
+    embedding rows that training must create (:func:`load_model`'s `num_tokens`) and train (:func:`apply_lora`).
+
+    Example:
+        >>> tokenizer, new_ids = load_tokenizer_and_new_ids(ModelConfig(name_or_path="base-model-dir"))  # doctest: +SKIP
+    """
     location, kwargs = model_location(cfg)
     tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    ensure_chat_template(tokenizer, cfg.chat_template)
+    chatml_fallback = ensure_chat_template(tokenizer, cfg.chat_template)
+    wanted = cfg.add_special_tokens
+    if wanted is None:  # the default: what the fallback template writes
+        wanted = list(CHATML_MARKERS) if chatml_fallback else []
+    special = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    missing = [token for token in wanted if token not in special]
+    new_ids: list[int] = []
+    if missing:
+        known = tokenizer.get_vocab()
+        # Special: never split, written only by the template (data spelling them stays text unless
+        # data.parse_special_tokens), skipped when decoding generated text.
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+        new_ids = sorted(tokenizer.convert_tokens_to_ids(token) for token in missing if token not in known)
+        log.warning(
+            "Added %s to the tokenizer of %s as special tokens%s.", ", ".join(missing), cfg.name_or_path,
+            f": {len(new_ids)} new embedding row(s), initialized to the mean of the others and trained" if new_ids else "",
+        )
     if tokenizer.pad_token_id is None:
         # Padding positions never reach the loss (labels IGNORE_INDEX), so any id works; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return tokenizer, new_ids
 
 
-def load_model(cfg: ModelConfig, device: torch.device, for_training: bool = True) -> PreTrainedModel:
-    """Load the base causal LM on `device`, quantized if asked."""
+def resize_embeddings(model: PreTrainedModel, num_tokens: int) -> None:
+    """Grow the input embeddings (and an untied output head) to hold `num_tokens` token ids; no-op when they do.
+
+    The new rows are transformers' mean resizing: the mean of the existing rows plus noise at 1e-9 of their
+    covariance, drawn from a fixed seed so that every worker and every later load make the same rows.
+
+    Example:
+        >>> resize_embeddings(model, len(tokenizer))  # doctest: +SKIP
+    """
+    if num_tokens <= model.get_input_embeddings().weight.shape[0]:
+        return
+    device = model.get_input_embeddings().weight.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(_RESIZE_SEED)
+        model.resize_token_embeddings(num_tokens, mean_resizing=True)
+
+
+def load_model(
+    cfg: ModelConfig, device: torch.device, for_training: bool = True, num_tokens: int | None = None
+) -> PreTrainedModel:
+    """Load the base causal LM on `device`, quantized if asked, its embeddings grown to `num_tokens` token ids
+    (``len(tokenizer)``) when they hold fewer (:func:`resize_embeddings`): before anything wraps or shards it."""
     location, kwargs = model_location(cfg)
     if cfg.quantization != "none":
         compute = torch.bfloat16 if cfg.dtype == "float32" and device.type == "cuda" else _DTYPES[cfg.dtype]
@@ -108,6 +198,8 @@ def load_model(cfg: ModelConfig, device: torch.device, for_training: bool = True
         # GGUF weights are dequantized on load; the leftover quantizer marker would block save_pretrained.
         model.hf_quantizer = None
     model.config.use_cache = False
+    if num_tokens is not None:
+        resize_embeddings(model, num_tokens)
     if for_training and cfg.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     if for_training and cfg.gradient_checkpointing:
@@ -116,17 +208,24 @@ def load_model(cfg: ModelConfig, device: torch.device, for_training: bool = True
     return model
 
 
-def apply_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int) -> nn.Module:
-    """Wrap `model` with LoRA adapters (or leave every weight trainable for a full fine-tune)."""
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int, new_token_ids: Sequence[int] = ()) -> nn.Module:
+    """Wrap `model` with LoRA adapters (or leave every weight trainable for a full fine-tune).
+
+    `new_token_ids` (:func:`load_tokenizer_and_new_ids`) are rows of the input embeddings and output head that
+    did not exist before this run. With LoRA only those rows of the two matrices are trained (PEFT's trainable
+    tokens, saved in the adapter; an untied head's rows too), the rest stays frozen.
+    """
     if not cfg.enabled:
         model.requires_grad_(True)
         return model
+    rows, full_modules = _trainable_token_rows(model, new_token_ids, cfg.modules_to_save or [])
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
-        modules_to_save=cfg.modules_to_save,
+        modules_to_save=[*(cfg.modules_to_save or []), *full_modules] or None,
+        trainable_token_indices=rows,
         use_dora=cfg.use_dora,
         use_rslora=cfg.use_rslora,
         task_type="CAUSAL_LM",
@@ -137,6 +236,35 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         return get_peft_model(model, peft_cfg)
+
+
+def _trainable_token_rows(
+    model: PreTrainedModel, token_ids: Sequence[int], modules_to_save: list[str]
+) -> tuple[dict[str, list[int]] | None, list[str]]:
+    """(PEFT trainable_token_indices for `token_ids`, modules to train in full instead).
+
+    A tied head shares the embedding's rows (PEFT ties its trainable tokens too); an untied head gets its own.
+    A head with a bias (Phi) is trained in full instead: PEFT 0.21's trainable tokens leave a Linear's bias out
+    of the forward. Modules the user trains in full already (`lora.modules_to_save`) are left to that.
+    """
+    if not token_ids:
+        return None, []
+    names = {module: name for name, module in model.named_modules()}
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+
+    def saved(name: str) -> bool:  # PEFT's rule for modules_to_save: the name, or a dotted name ending in it
+        return any(name == wanted or name.endswith("." + wanted) for wanted in modules_to_save)
+
+    rows: dict[str, list[int]] = {}
+    full: list[str] = []
+    if not saved(names[embed]):
+        rows[names[embed]] = list(token_ids)
+    if head is not None and head.weight is not embed.weight and not saved(names[head]):
+        if getattr(head, "bias", None) is not None:
+            full.append(names[head])
+        else:
+            rows[names[head]] = list(token_ids)
+    return rows or None, full
 
 
 def add_neftune_noise(model: nn.Module, alpha: float | None) -> nn.Module:
@@ -237,6 +365,11 @@ class TokenLoss(nn.Module):
         wanted = labels[:, 1:][trained]
         if type(self.head) is nn.Linear:
             return linear_cross_entropy(hidden[:, :-1][trained], self.head, wanted, self.softcap)
+        if _is_plain_token_head(self.head):
+            # New tokens' rows trained on a plain head: its weight with those rows put in, through the same chunked
+            # loss, whose gradient reaches the rows' parameters.
+            weights = _HeadWeights(self.head.weight, None)
+            return linear_cross_entropy(hidden[:, :-1][trained], weights, wanted, self.softcap)
         # A head wrapped by LoRA, modules_to_save or a quantizer: plain autograd through its forward.
         logits = self.head(hidden[:, :-1][trained]).float()
         if self.softcap:
@@ -245,6 +378,20 @@ class TokenLoss(nn.Module):
         # Correct as linear_cross_entropy counts it: the target has the highest logit.
         picked = logits.detach().gather(1, wanted[:, None]).squeeze(1)
         return loss_sum, (picked >= logits.detach().amax(-1)).sum()
+
+
+class _HeadWeights(NamedTuple):
+    """An output head's weight and bias, standing in for the nn.Linear that linear_cross_entropy reads."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def _is_plain_token_head(head: nn.Module) -> bool:
+    """Whether `head` is PEFT's trainable-tokens wrapper around a bias-free nn.Linear (its `.weight` is then the
+    base weight with the trained rows put in, differentiable in those rows)."""
+    base = head.original_module if isinstance(head, TrainableTokensWrapper) else None
+    return type(base) is nn.Linear and base.bias is None
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

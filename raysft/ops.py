@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -285,8 +285,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return scaled(d_hidden, hidden_dtype), scaled(d_weight, weight_dtype), scaled(d_bias, weight_dtype), None, None, None
 
 
+class LinearHead(Protocol):
+    """What linear_cross_entropy reads of an output head: an nn.Linear, or any weight and bias standing in for one."""
+
+    @property
+    def weight(self) -> torch.Tensor: ...
+
+    @property
+    def bias(self) -> torch.Tensor | None: ...
+
+
 def linear_cross_entropy(
-    hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, softcap: float | None = None, chunk_size: int = 1024
+    hidden: torch.Tensor, head: LinearHead, targets: torch.Tensor, softcap: float | None = None, chunk_size: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy, count of positions whose target has the highest logit) of ``head(hidden)``.
 

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tests.runs import SHARED_DATA
 from tests.s3server import BUCKET, s3_env, start_moto
-from tests.tiny import make_model, make_tokenizer
+from tests.tiny import make_base_tokenizer, make_model, make_tokenizer
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -77,6 +77,13 @@ def tiny_model_factory(
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_model_factory: Callable[[str], Path]) -> Path:
     return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (untied head) whose tokenizer, like a base model's, has no chat template and no ChatML markers."""
+    path = tmp_path_factory.mktemp("base-model")
+    return make_model("llama", path, make_base_tokenizer(path))
 
 
 @pytest.fixture(scope="session")

@@ -119,3 +119,14 @@ def test_lora_variants_and_neftune_default_off_and_their_refusals() -> None:
         parse_config({**MINIMAL, "train": {"neftune_alpha": 0}})
     with pytest.raises(ConfigError, match=r"did you mean 'train.neftune_alpha'"):  # TRL's name
         parse_config({**MINIMAL, "train": {"neftune_noise_alpha": 5}})
+
+
+def test_add_special_tokens_defaults_to_the_fallbacks_needs_and_refuses_blank_or_repeated_tokens() -> None:
+    assert parse_config(MINIMAL).model.add_special_tokens is None  # null: the ChatML markers when the fallback needs them
+    listed = {**MINIMAL, "model": {"name_or_path": "m", "add_special_tokens": ["<tool_call>", "</tool_call>"]}}
+    assert parse_config(listed).model.add_special_tokens == ["<tool_call>", "</tool_call>"]
+    with pytest.raises(ConfigError) as err:
+        parse_config({**MINIMAL, "model": {"name_or_path": "m", "add_special_tokens": ["<a>", " ", "<a>"]}})
+    assert err.value.problems == ["model.add_special_tokens: tokens must not be empty or whitespace (got [' '])"]
+    with pytest.raises(ConfigError, match=r"model.add_special_tokens: tokens listed more than once: \['<a>'\]"):
+        parse_config({**MINIMAL, "model": {"name_or_path": "m", "add_special_tokens": ["<a>", "<b>", "<a>"]}})

@@ -22,6 +22,8 @@ from transformers import (
 from raysft.model import CHATML_TEMPLATE
 
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<pad>"]
+BASE_SPECIAL_TOKENS = ["<|endoftext|>", "<pad>"]
+"""A base model's tokenizer: an end-of-text token, no ChatML markers (and no chat template)."""
 
 # Enough variety (prose, digits, code, chat words) for a 512-token BPE to split anything into
 # short pieces; byte-level fallback covers every other character.
@@ -58,8 +60,13 @@ _CONFIGS: dict[str, Callable[..., PretrainedConfig]] = {
 }
 
 
-def make_tokenizer(path: Path) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE (vocab 512) on FIXTURE_TEXT, with ChatML tokens and template; save it."""
+def make_tokenizer(
+    path: Path,
+    special_tokens: list[str] = SPECIAL_TOKENS,
+    eos_token: str = "<|im_end|>",
+    chat_template: str | None = CHATML_TEMPLATE,
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE (vocab 512) on FIXTURE_TEXT, with ChatML tokens and template by default; save it."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -67,19 +74,25 @@ def make_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     bpe.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=512,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(FIXTURE_TEXT.splitlines(keepends=True), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<pad>")
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos_token, pad_token="<pad>")
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(path)
     return tokenizer
 
 
-def make_model(arch: str, path: Path, tokenizer: PreTrainedTokenizerBase) -> Path:
-    """Save a randomly initialised 2-layer model of `arch` (seed 0) and the tokenizer into `path`."""
+def make_base_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    """A base model's tokenizer (BASE_SPECIAL_TOKENS, EOS `<|endoftext|>`, no chat template), saved in `path`."""
+    return make_tokenizer(path, BASE_SPECIAL_TOKENS, "<|endoftext|>", None)
+
+
+def make_model(arch: str, path: Path, tokenizer: PreTrainedTokenizerBase, **overrides: object) -> Path:
+    """Save a randomly initialised 2-layer model of `arch` (seed 0) and the tokenizer into `path`; `overrides`
+    overrides the model config (e.g. tie_word_embeddings=True)."""
     if arch not in _CONFIGS:
         raise ValueError(f"unknown tiny arch {arch!r}; expected one of {TINY_ARCHS}")
     config = _CONFIGS[arch](
@@ -94,6 +107,7 @@ def make_model(arch: str, path: Path, tokenizer: PreTrainedTokenizerBase) -> Pat
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
         **({"head_dim": 16} if arch == "gemma" else {}),  # Gemma's default head_dim (256) ignores hidden_size
+        **overrides,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)

@@ -74,6 +74,8 @@ def cache_root(cfg: DataConfig) -> str:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """What decides a tokenizer's tokens: its vocabulary with every added token (model.add_special_tokens among
+    them), its chat template and EOS."""
     digest = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update((backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)).encode())

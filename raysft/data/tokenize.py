@@ -5,9 +5,15 @@ template, so masking works for any template: no ``{% generation %}`` markers are
 trained when it starts inside an assistant turn; the end-of-turn token is part of the turn, and EOS
 is always trained so the model learns to stop.
 
-Only the template's own markers are control tokens: a special token spelled inside message content
-(a user typing ``<|im_end|>``) is tokenized as plain text unless ``parse_special_tokens`` is set, so
-data cannot forge turn boundaries.
+Tool calls and reasoning are part of the assistant turn (whatever the template writes between the turn's
+header and its end-of-turn marker is trained); tool results are turns of their own role and never trained.
+A template that leaves out part of a conversation (tool calls, tool results, reasoning, the tool schemas)
+would train on something other than the data, so that is an error naming the row, as is a template that
+refuses the conversation (``raise_exception``).
+
+Only the template's own markers are control tokens: a special token spelled inside message content,
+reasoning, tool calls or tool schemas (a user typing ``<|im_end|>``) is tokenized as plain text unless
+``parse_special_tokens`` is set, so data cannot forge turn boundaries.
 """
 
 from __future__ import annotations
@@ -15,14 +21,16 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import jinja2
 import numpy as np
 import pyarrow as pa
 
 from raysft.config import SourceConfig
 from raysft.data.cache import source_of
-from raysft.data.formats import normalize_row
+from raysft.data.formats import normalize_row, strings_in, tool_name
 from raysft.labels import IGNORE_INDEX, count_trained
 from raysft.errors import DataError
 
@@ -58,8 +66,9 @@ def tokenize_example(
             input_ids.append(eos_id)
         return {"input_ids": input_ids, "labels": list(input_ids), "origin": example["origin"]}
 
-    full, spans = assistant_spans(example["messages"], tokenizer, example["origin"])
-    forged = [] if parse_special_tokens else _forged_spans(full, example["messages"], tokenizer, example["origin"])
+    messages, tools, origin = example["messages"], example.get("tools"), example["origin"]
+    full, spans = assistant_spans(messages, tokenizer, origin, tools)
+    forged = [] if parse_special_tokens else _forged_spans(full, messages, tools, tokenizer, origin)
     # The last turn's span reaches the end of the rendering (bar whitespace after its end-of-turn
     # marker), so EOS is trained already when the template emits it. Otherwise EOS is appended, and
     # the last turn is trained through to it so that nothing untrained sits between the two.
@@ -81,25 +90,30 @@ def tokenize_example(
 
 
 def assistant_spans(
-    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, origin: str
+    messages: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    origin: str,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation; return the text and the character span of every assistant turn.
+    """Render a conversation (with its `tools`); return the text and the character span of every assistant turn.
 
     Turn i's span runs from the end of the prefix rendered with a generation prompt to the end of the
     prefix that includes turn i, so the template's own header is excluded and its end-of-turn
-    marker included.
+    marker included: reasoning and tool calls rendered inside the turn are in the span, tool results
+    (turns of their own) are not.
     """
-    full = _render(tokenizer, messages, add_generation_prompt=False)
+    full = _render(tokenizer, messages, tools, False, origin)
+    _check_rendered(tokenizer, full, messages, tools, origin)
     markers = _end_of_turn_markers(tokenizer)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:index], add_generation_prompt=True)
+        before = _render(tokenizer, messages[:index], tools, True, origin)
         # The last turn's prefix is the whole conversation: rendered once already (a third of the cost of a
         # one-turn row).
         last = index + 1 == len(messages)
-        through = full if last else _render(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        through = full if last else _render(tokenizer, messages[: index + 1], tools, False, origin)
         if not (full.startswith(before) and full.startswith(through) and len(before) <= len(through)):
             raise DataError(
                 f"{origin}: the chat template does not render prefixes consistently (at turn {index}): "
@@ -173,10 +187,81 @@ class TokenizeRows:
         })
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    add_generation_prompt: bool,
+    origin: str,
+) -> str:
+    try:
+        rendered = tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except jinja2.TemplateError as err:  # raise_exception(...) in the template, or an undefined it cannot render
+        raise DataError(
+            f"{origin}: the chat template refused the conversation: {err}; fix the row, or set "
+            "model.chat_template to a template that renders it"
+        ) from None
     assert isinstance(rendered, str)  # tokenize=False always renders text
     return rendered
+
+
+def _check_rendered(
+    tokenizer: PreTrainedTokenizerBase,
+    full: str,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    origin: str,
+) -> None:
+    """Every tool result, tool call, reasoning and tool schema of the conversation is in the rendering: templates
+    silently skip what they do not know, and training must not quietly drop it.
+
+    Each part is looked for as a probe of its own (a private-use character absent from the data and the
+    rendering) put in place of its text, in one more rendering, so that text repeated elsewhere (a result
+    the answer quotes) cannot pass for the part. Conversations without such parts cost nothing.
+    """
+    parts: list[tuple[str, str]] = []  # (probe, what is missing when the probe is)
+    free = (chr(code) for code in range(0xE000, 0xF900) if chr(code) not in full)
+
+    def probe(missing: str) -> str:
+        parts.append((next(free), missing))
+        return parts[-1][0]
+
+    probed = []
+    for index, message in enumerate(messages):
+        message = dict(message)
+        if message["role"] == "tool":
+            message["content"] = probe(f"turn {index}: the chat template does not render 'tool' turns")
+        if message.get("reasoning_content", "").strip():
+            message["reasoning_content"] = probe(
+                f"turn {index}: the chat template does not render the assistant's reasoning (reasoning_content; "
+                "some templates, Qwen3's among them, drop it from turns before the last user message: give each "
+                "round a row of its own)")
+        if "tool_calls" in message:
+            message["tool_calls"] = [
+                {**call, "function": {**call["function"], "name": probe(
+                    f"turn {index}: the chat template does not render tool_calls (the call of "
+                    f"'{call['function']['name']}' is missing from the rendering)")}}
+                for call in message["tool_calls"]
+            ]
+        probed.append(message)
+    probed_tools = []
+    for tool in tools or ():
+        missing = f"the chat template does not render the row's tools ('{tool_name(tool)}' is missing)"
+        if isinstance(tool.get("function"), dict):
+            probed_tools.append({**tool, "function": {**tool["function"], "name": probe(missing)}})
+        else:
+            probed_tools.append({**tool, "name": probe(missing)})
+    if not parts:
+        return
+    rendered = _render(tokenizer, probed, probed_tools or None, False, origin)
+    for char, missing in parts:
+        if char not in rendered:
+            raise DataError(
+                f"{origin}: {missing}; set model.chat_template to a template that renders it (raysft's `chatml` "
+                "fallback renders tools, tool calls, tool results and reasoning)"
+            )
 
 
 def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
@@ -202,34 +287,58 @@ def _any_of(tokens: tuple[str, ...]) -> re.Pattern[str]:
 
 
 def _forged_spans(
-    full: str, messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, origin: str
+    full: str,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    tokenizer: PreTrainedTokenizerBase,
+    origin: str,
 ) -> list[tuple[int, int]]:
-    """The character spans of the rendering `full` where message content spells a special token.
+    """The character spans of the rendering `full` where the data (content, reasoning, tool calls, tool
+    schemas) spells a special token.
 
-    The conversation is rendered again with each spelling replaced by a stand-in character that the
-    rendering does not otherwise hold, so the stand-ins land exactly where content put spellings,
-    never on the template's own markers. Empty (and no second rendering) when no content spells one.
+    The conversation is rendered again with each spelling replaced by a stand-in character of its own that
+    the rendering does not otherwise hold, so the stand-ins land exactly where the data put spellings,
+    never on the template's own markers, in whatever order the template writes the parts. Empty (and no
+    second rendering) when nothing spells one.
     """
     pattern = _special_pattern(tokenizer)
-    spellings = [match.group() for message in messages for match in pattern.finditer(message["content"])]
-    if not spellings:
+    spelled = sorted({match.group() for text in strings_in([messages, tools]) for match in pattern.finditer(text)})
+    if not spelled:
         return []
-    stand_in = next(chr(code) for code in range(0xE000, 0xF900) if chr(code) not in full)  # Unicode private use
-    marked = [{"role": m["role"], "content": pattern.sub(stand_in, m["content"])} for m in messages]
-    pieces = _render(tokenizer, marked, add_generation_prompt=False).split(stand_in)
+    free = (chr(code) for code in range(0xE000, 0xF900) if chr(code) not in full)  # Unicode private use
+    stand_ins = {spelling: next(free) for spelling in spelled}
+    spelling_of = {char: spelling for spelling, char in stand_ins.items()}
+
+    def mark(text: str) -> str:
+        return pattern.sub(lambda match: stand_ins[match.group()], text)
+
+    marked = _render(tokenizer, _map_strings(messages, mark), _map_strings(tools, mark), False, origin)
+    pieces = re.split(f"([{''.join(spelling_of)}])", marked)  # text, stand-in, text, ..., text
     spans: list[tuple[int, int]] = []
     rebuilt, position = [pieces[0]], len(pieces[0])
-    for spelling, piece in zip(spellings, pieces[1:]):
+    for char, piece in zip(pieces[1::2], pieces[2::2]):
+        spelling = spelling_of[char]
         spans.append((position, position + len(spelling)))
         rebuilt += [spelling, piece]
         position += len(spelling) + len(piece)
-    if len(pieces) != len(spellings) + 1 or "".join(rebuilt) != full:
+    if "".join(rebuilt) != full:
         raise DataError(
-            f"{origin}: message content spells the special token {spellings[0]!r}, and the chat template "
-            "changes content in a way that hides where it is; remove it from the data, or set "
+            f"{origin}: the data spells the special token {spelled[0]!r}, and the chat template "
+            "changes it in a way that hides where it is; remove it from the data, or set "
             "data.parse_special_tokens=true to read it as the control token"
         )
     return spans
+
+
+def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """`value` with `change` applied to every string value inside it (keys kept as they are)."""
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, dict):
+        return {key: _map_strings(item, change) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(item, change) for item in value]
+    return value
 
 
 def _blank_out(text: str, spans: list[tuple[int, int]]) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
+from peft import PeftModel
 from torch import nn
 
 from raysft import storage
@@ -31,6 +32,7 @@ from raysft.model import (
     apply_lora,
     load_model,
     load_tokenizer,
+    load_tokenizer_and_new_ids,
 )
 from raysft.track import METRICS_FILE, MLFLOW_DIR, Tracker, read_metrics
 from raysft.training.checkpoint import (
@@ -118,7 +120,12 @@ def _save_final(model: nn.Module, cfg: Config, location: str, state_dict: dict[s
     staging = staging_parent / f"{STAGING_PREFIX}final"
     try:
         shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+        options: dict[str, Any] = {"state_dict": state_dict} if state_dict else {}
+        if isinstance(model, PeftModel):
+            # New tokens' rows are in the adapter (trainable tokens); PEFT's default would add the whole resized
+            # embedding matrices to it as well.
+            options["save_embedding_layers"] = False
+        model.save_pretrained(staging, safe_serialization=True, **options)
         load_tokenizer(cfg.model).save_pretrained(staging)
         if is_uri(location):
             storage.remove(storage.join(location, "final"))
@@ -151,7 +158,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             chunks_to_keep(cfg.data.shuffle_window, schedule.global_batch, chunk_rows))
     eval_rows = PackedRows(inputs.eval_data, chunk_rows, max_chunks=4) if inputs.eval_data is not None else None
     num_steps = schedule.total_steps(cfg.train.max_steps, cfg.train.epochs)
-    model = add_neftune_noise(apply_lora(load_model(cfg.model, device), cfg.lora, cfg.train.seed), cfg.train.neftune_alpha)
+    # The tokenizer the data were tokenized with (model.add_special_tokens included): its new tokens' rows are made
+    # before LoRA wraps or FSDP shards the model, and trained.
+    tokenizer, new_token_ids = load_tokenizer_and_new_ids(cfg.model)
+    base = load_model(cfg.model, device, num_tokens=len(tokenizer))
+    model = add_neftune_noise(apply_lora(base, cfg.lora, cfg.train.seed, new_token_ids), cfg.train.neftune_alpha)
     pad_id = inputs.pad_token_id
     loss_module = TokenLoss(model)
     sharded = world > 1 and cfg.scaling.strategy == "fsdp"

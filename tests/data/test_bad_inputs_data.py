@@ -195,4 +195,4 @@ def test_rows_that_fail_to_tokenize_are_reported_together(
     assert not (location / "manifest.json").exists()
     lines = str(caught.value).splitlines()
     assert [line.split(":")[0] for line in lines] == ["rows[1]", "rows[2]"]
-    assert "message content spells the special token '<|im_end|>'" in lines[0]
+    assert "the data spells the special token '<|im_end|>'" in lines[0]

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raysft.config import SourceConfig
-from raysft.data.formats import detect_format, normalize_row
+from raysft.data.formats import REASONING_KEYS, detect_format, normalize_row
 from raysft.errors import DataError
 from raysft.data.sources import MAX_PROBLEMS, load_examples, read_source
 
@@ -192,7 +192,7 @@ def test_folder_glob_and_limit_across_files(tmp_path: Path) -> None:
 def test_sources_concatenate_each_with_its_own_format() -> None:
     examples = load_examples([_src(rows=QA_ROWS[:1]), _src(rows=[{"text": "plain text"}])])
     assert examples[0]["messages"] == QA_MESSAGES[0]
-    assert examples[1] == {"messages": None, "text": "plain text", "origin": "rows[0]"}
+    assert examples[1] == {"messages": None, "tools": None, "text": "plain text", "origin": "rows[0]"}
 
 
 # --- formats ---------------------------------------------------------------------------------------
@@ -287,7 +287,9 @@ def test_prompt_completion_plain_and_conversational() -> None:
 
 
 def test_text_format() -> None:
-    assert _one({"text": "Once upon a time."}) == {"messages": None, "text": "Once upon a time.", "origin": "rows[0]"}
+    assert _one({"text": "Once upon a time."}) == {
+        "messages": None, "tools": None, "text": "Once upon a time.", "origin": "rows[0]"
+    }
 
 
 def test_system_prompt_added_only_when_missing() -> None:
@@ -310,6 +312,7 @@ def test_normalize_row_directly() -> None:
     row = normalize_row({"instruction": "I", "output": "O"}, "alpaca", _src(rows=[{}]), "here:1")
     assert row == {
         "messages": [{"role": "user", "content": "I"}, {"role": "assistant", "content": "O"}],
+        "tools": None,
         "text": None,
         "origin": "here:1",
     }
@@ -361,9 +364,9 @@ def test_csv_row_with_too_many_cells(tmp_path: Path) -> None:
             "rows[0]: turn 0: unknown role 'robot' in 'from'",
         ),
         (
-            {"messages": [{"role": "user", "content": "Q"}, {"role": "tool", "content": "A"}]},
+            {"messages": [{"role": "user", "content": "Q"}, {"role": "function", "content": "A"}]},
             "messages",
-            "rows[0]: turn 1: unknown role 'tool'",
+            "rows[0]: turn 1: unknown role 'function'",
         ),
         (
             {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": None}]},
@@ -487,3 +490,163 @@ def test_unreadable_paths(setup: Callable[[Path], str], message: str, tmp_path: 
 def test_empty_inline_rows() -> None:
     with pytest.raises(DataError, match=r"^rows: no rows given"):
         load_examples([_src(rows=[])])
+
+
+# --- tool calls, tool results and reasoning (OpenAI / Hugging Face chat format) ----------------------------
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+
+
+def tool_row(**changes: Any) -> dict[str, Any]:
+    """A tool conversation as the OpenAI API writes it (arguments and tools as JSON strings, content null beside
+    the call); `changes` replace turns by index (`turn1=...`) or the row's columns."""
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "22 C, sunny"},
+        {"role": "assistant", "content": "22 C and sunny."},
+    ]
+    row: dict[str, Any] = {"messages": messages, "tools": json.dumps([WEATHER_TOOL])}
+    for key, value in changes.items():
+        if key.startswith("turn"):
+            messages[int(key[4:])] = value
+        else:
+            row[key] = value
+    return row
+
+
+def test_openai_tool_conversation_is_normalized_as_chat_templates_read_it() -> None:
+    example = _one(tool_row())
+    assert example["tools"] == [WEATHER_TOOL]  # a JSON string column, parsed
+    assert example["messages"] == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{**CALL, "id": "call_1"}]},  # arguments: a dict
+        {"role": "tool", "content": "22 C, sunny", "tool_call_id": "call_1", "name": "get_weather"},
+        {"role": "assistant", "content": "22 C and sunny."},
+    ]
+
+
+def test_call_shapes_normalize_alike() -> None:
+    given = [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},  # HF: a dict
+        {"function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},  # no type
+        {"name": "get_weather", "arguments": {"city": "Paris"}},  # flat (Hermes, LLaMA-Factory)
+    ]
+    for call in given:
+        turn = {"role": "assistant", "content": "Let me look.", "tool_calls": [call]}
+        assert _one(tool_row(turn1=turn, turn2={"role": "tool", "content": "22 C"}))["messages"][1] == {
+            "role": "assistant", "content": "Let me look.", "tool_calls": [CALL]}
+
+
+def test_reasoning_is_read_from_any_of_its_names() -> None:
+    for key in REASONING_KEYS:
+        row = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", key: "Add."}]}
+        assert _one(row)["messages"][1] == {"role": "assistant", "content": "4", "reasoning_content": "Add."}
+
+
+def test_a_conversation_may_end_with_the_assistants_call() -> None:
+    # Single-step function calling data: the example teaches the call itself.
+    row = {"messages": tool_row()["messages"][:2], "tools": [WEATHER_TOOL]}
+    assert _one(row)["messages"][-1]["tool_calls"] == [{**CALL, "id": "call_1"}]
+
+
+def test_sharegpt_function_call_and_observation_as_llama_factory_writes_them() -> None:
+    row = {
+        "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+            {"from": "observation", "value": "22 C, sunny"},
+            {"from": "gpt", "value": "22 C and sunny."},
+        ],
+        "tools": json.dumps([WEATHER_TOOL]),
+    }
+    example = _one(row)
+    assert example["tools"] == [WEATHER_TOOL]
+    assert example["messages"] == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "content": "22 C, sunny"},
+        {"role": "assistant", "content": "22 C and sunny."},
+    ]
+    parallel = json.dumps([CALL["function"], CALL["function"]])  # a list: parallel calls in one turn
+    row["conversations"][1]["value"] = parallel
+    assert _one(row)["messages"][1]["tool_calls"] == [CALL, CALL]
+
+
+def test_tool_rows_in_parquet_read_like_json(tmp_path: Path) -> None:
+    # Columnar files give every turn every key (None where a turn had none): None counts as absent.
+    rows = [tool_row(tools=json.dumps([WEATHER_TOOL])), {"messages": QA_MESSAGES[0], "tools": None}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "tools.parquet")
+    from_parquet = load_examples([_src(path=str(tmp_path / "tools.parquet"))])
+    from_json = load_examples([_src(path=str(_write_jsonl(tmp_path / "tools.jsonl", rows)))])
+    assert [e["messages"] for e in from_parquet] == [e["messages"] for e in from_json]
+    assert from_parquet[1]["messages"] == QA_MESSAGES[0] and from_parquet[1]["tools"] is None
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (tool_row(turn1={"role": "assistant", "content": None, "tool_calls": {"name": "get_weather"}}),
+         "rows[0]: turn 1: 'tool_calls' must be a list of calls"),
+        (tool_row(turn1={"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {}}}]}),
+         "rows[0]: turn 1: tool_calls[0]: the function 'name' must be a non-empty string, got None"),
+        (tool_row(turn1={"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": '{"city": Paris}'}}]}),
+         "rows[0]: turn 1: tool_calls[0]: 'arguments' is not valid JSON"),
+        (tool_row(turn1={"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": '["Paris"]'}}]}),
+         "rows[0]: turn 1: tool_calls[0]: 'arguments' must be a JSON object (or a string holding one), got list"),
+        (tool_row(turn1={"role": "assistant", "content": "", "tool_calls": [{"type": "code", "function": CALL["function"]}]}),
+         "rows[0]: turn 1: tool_calls[0]: type 'code' is not supported"),
+        (tool_row(turn1={"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_time", "arguments": {}}}]}),
+         "rows[0]: turn 1: tool_calls[0] calls 'get_time', which is not among the row's tools (get_weather)"),
+        (tool_row(turn1={"role": "tool", "content": "22 C"}),
+         "rows[0]: turn 1: role 'tool' is out of order (expected 'assistant')"),
+        (tool_row(turn2={"role": "user", "content": "And?"}),
+         "rows[0]: turn 2: role 'user' is out of order (expected 'tool' after an assistant turn with tool_calls)"),
+        (tool_row(turn3={"role": "user", "content": "And?"}),
+         "rows[0]: turn 3: role 'user' is out of order (expected 'tool' or 'assistant')"),
+        (tool_row(turn2={"role": "tool", "tool_call_id": "call_9", "content": "22 C"}),
+         "rows[0]: turn 2: tool_call_id 'call_9' answers none of the calls of the assistant turn before it (call_1)"),
+        (tool_row(turn2={"role": "tool", "content": None}), "rows[0]: turn 2: 'content' must be a string, got NoneType"),
+        (tool_row(turn3={"role": "assistant", "content": "Sunny.", "reasoning_content": "a", "thinking": "b"}),
+         "rows[0]: turn 3: reasoning is given twice (reasoning_content, thinking)"),
+        (tool_row(turn3={"role": "assistant", "content": "Sunny.", "reasoning": ["a"]}),
+         "rows[0]: turn 3: 'reasoning' must be a string, got list"),
+        (tool_row(tools="[{"), "rows[0]: column 'tools' is not valid JSON"),
+        (tool_row(tools=[{"type": "function", "function": {"description": "no name"}}]), "rows[0]: tools[0]: no function name"),
+        (tool_row(tools={"name": "get_weather"}), "rows[0]: column 'tools' must be a list of tool schemas, got dict"),
+        ({"messages": tool_row()["messages"][:3]}, "rows[0]: the conversation ends with a 'tool' turn"),
+        ({"conversations": [{"from": "human", "value": "Q"}, {"from": "function_call", "value": "get_weather(Paris)"}]},
+         "rows[0]: turn 1: the function_call value is not valid JSON"),
+    ],
+)
+def test_bad_tool_rows_name_their_origin(row: dict[str, Any], message: str) -> None:
+    with pytest.raises(DataError) as caught:
+        load_examples([_src(rows=[row])])
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_bad_tool_call_in_a_file_names_file_and_line(tmp_path: Path) -> None:
+    bad_call = {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": '{"city": '}}]}
+    path = _write_jsonl(tmp_path / "tools.jsonl", [tool_row(), tool_row(turn1=bad_call)])
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: turn 1: tool_calls[0]: 'arguments' is not valid JSON")):
+        load_examples([_src(path=str(path))])
+
+
+def test_tool_text_counts_toward_max_row_chars() -> None:
+    row = tool_row(turn2={"role": "tool", "tool_call_id": "call_1", "content": "x" * 500})
+    with pytest.raises(DataError, match=r"rows\[0\]: the row holds \d+ characters of text, more than"):
+        load_examples([_src(rows=[row])], max_row_chars=500)

@@ -103,3 +103,17 @@ def test_fsdp_refuses_what_it_cannot_shard(tiny_model_dir: Path, tmp_path: Path)
         tiny_config(tiny_model_dir, tmp_path / "x", [*TWO_SHARDED, "train.optimizer=adamw_8bit"])
     with pytest.raises(ConfigError, match="fsdp_cpu_offload: only applies"):
         tiny_config(tiny_model_dir, tmp_path / "x", ["scaling.fsdp_cpu_offload=true"])
+
+
+@pytest.mark.slow
+def test_fsdp_trains_new_tokens_as_one_worker_does(tiny_base_model_dir: Path, tmp_path: Path) -> None:
+    """A base model whose tokenizer gets the ChatML markers: the embeddings are grown before sharding, and the new
+    rows (PEFT trainable tokens in the sharded root) train on 2 workers as on 1."""
+    one = run(tiny_base_model_dir, tmp_path / "one", ONE_WORKER)
+    two = run(tiny_base_model_dir, tmp_path / "two", TWO_SHARDED)
+    assert_same_run(two, one)
+    a = load_file(str(one.final_dir / "adapter_model.safetensors"))
+    b = load_file(str(two.final_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any("trainable_tokens_delta" in name for name in a)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import raysft
+from raysft.config import ModelConfig, parse_config
 from raysft.errors import ConfigError
+from raysft.infer import load_for_inference
+from raysft.model import load_model
 from raysft.training.checkpoint import checkpoint_names, verify
 from raysft.training.step import EpochOrder
 from tests.runs import WorkerKiller, kill_workers_after_checkpoint, losses, tiny_config
@@ -239,3 +243,52 @@ def test_dora_rslora_neftune_run_resumes_exactly_and_exports(tiny_model_dir: Pat
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(base_logits, adapted(ids).logits)
+
+
+def tool_rows(count: int) -> list[dict[str, Any]]:
+    """OpenAI-format tool conversations: a call with reasoning, its result, the answer."""
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    cities = ["Paris", "Lyon", "Rome", "Oslo"]
+    rows = []
+    for index in range(count):
+        city, degrees = cities[index % len(cities)], 10 + index
+        rows.append({"tools": json.dumps([tool]), "messages": [
+            {"role": "user", "content": f"What is the weather in {city}?"},
+            {"role": "assistant", "content": None, "reasoning_content": f"I need the weather in {city}.",
+             "tool_calls": [{"id": f"call_{index}", "type": "function",
+                             "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}]},
+            {"role": "tool", "tool_call_id": f"call_{index}", "content": f"{degrees} C, sunny"},
+            {"role": "assistant", "content": f"It is {degrees} C and sunny in {city}."},
+        ]})
+    return rows
+
+
+def test_base_model_trains_on_tool_calls_with_new_chatml_tokens(tiny_base_model_dir: Path, tmp_path: Path) -> None:
+    """A base model (no chat template, no ChatML markers) on tool-call data: raysft's ChatML with its markers added
+    as special tokens, the data tokenized with them on Ray Data, their new rows trained and saved in the adapter
+    (not whole matrices); the run's final/ loads with raysft's inference path and merges like any adapter."""
+    raw = tiny_config(tiny_base_model_dir, tmp_path / "run", ["train.max_steps=3"]).model_dump(mode="json")
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in tool_rows(16)))
+    raw["data"].update(train=[{"path": str(data)}], eval=None, max_seq_len=512)
+    result = raysft.train(parse_config(raw))
+
+    tokenizer = AutoTokenizer.from_pretrained(result.final_dir)
+    assert [tokenizer.encode(marker, add_special_tokens=False) for marker in ("<|im_start|>", "<|im_end|>")] == [[512], [513]]
+    config = json.loads((result.final_dir / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"model.embed_tokens": [512, 513], "lm_head": [512, 513]}
+    saved = load_file(str(result.final_dir / "adapter_model.safetensors"))
+    assert not any(t.shape[0] == 514 for t in saved.values())
+    # The embedding rows train only where the tokens are inputs: the packed data holds the new ids.
+    initial = load_model(ModelConfig(name_or_path=str(tiny_base_model_dir)), torch.device("cpu"), num_tokens=514)
+    trained_rows = saved["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert (trained_rows - initial.get_input_embeddings().weight[512:]).abs().amax(-1).min() > 1e-4
+
+    adapted, loaded_tokenizer = load_for_inference(ModelConfig(name_or_path=str(tiny_base_model_dir)), result.final_dir)
+    merged = AutoModelForCausalLM.from_pretrained(raysft.merge_adapter(result.output_dir, tmp_path / "merged")).eval()
+    ids = torch.tensor([loaded_tokenizer.apply_chat_template(tool_rows(1)[0]["messages"][:1], add_generation_prompt=True,
+                                                             tools=json.loads(tool_rows(1)[0]["tools"]))["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(initial(ids).logits, adapted(ids).logits)
