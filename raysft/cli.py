@@ -23,6 +23,14 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="also show what raysft quiets: Ray's and Ray Train's info lines (one per reported step), Ray Data's "
+             "progress, transformers' progress bars and deprecation warnings (same as RAYSFT_VERBOSE=1)",
+    )
+
+
 def _load(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
     return load_config(args.config, [*args.overrides, *(extra or [])])
 
@@ -77,10 +85,11 @@ def _print_sweep_summary(result: SweepResult) -> None:
 def cmd_data(args: argparse.Namespace) -> None:
     from raysft.data.pipeline import first_examples, prepare_data, stats_json
     from raysft.model import load_tokenizer
+    from raysft.track import stats_table
 
     cfg = with_absolute_paths(_load(args))
     prepared = prepare_data(cfg)
-    print(stats_json(prepared.stats))
+    print(stats_json(prepared.stats) if args.json else stats_table(prepared.stats.__dict__))
     if args.show:
         tokenizer = load_tokenizer(cfg.model)
         for example in first_examples(prepared.tokenized["train"], args.show):
@@ -145,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune a model (LoRA, QLoRA or full)")
     _add_config_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the newest verified checkpoint")
+    _add_verbose(train)
     train.set_defaults(run=cmd_train)
 
     sweep = commands.add_parser("sweep", help="hyperparameter sweep on Ray Tune (one trial = one Ray Train run)")
@@ -154,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a sweep field, e.g. --set num_samples=4 or --set base.train.max_steps=20 (repeatable)",
     )
     sweep.add_argument("--resume", action="store_true", help="continue a killed sweep (finished trials are not rerun)")
+    _add_verbose(sweep)
     sweep.set_defaults(run=cmd_sweep)
 
     report = commands.add_parser("report", help="rewrite results.csv, best/ and report.png of a sweep folder")
@@ -163,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="dataset statistics and rendered examples with trained tokens marked")
     _add_config_args(data)
     data.add_argument("--show", type=int, default=3, help="examples to render")
+    data.add_argument("--json", action="store_true",
+                      help="the statistics as JSON (as data_stats.json holds them) instead of a table")
+    _add_verbose(data)
     data.set_defaults(run=cmd_data)
 
     generate = commands.add_parser("generate", help="sample from a base model plus an optional adapter")
@@ -199,14 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart = commands.add_parser("quickstart", help="fine-tune SmolLM2-135M on a generated task, before/after")
     quickstart.add_argument("--output-dir", default="runs/quickstart")
     quickstart.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_verbose(quickstart)
     quickstart.set_defaults(run=cmd_quickstart)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from raysft.track import console_mode, verbose
+
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        if hasattr(args, "verbose"):  # the commands that run on Ray: its console is raysft's to set
+            with console_mode(args.verbose or verbose()):
+                args.run(args)
+        else:
+            args.run(args)
     except USER_ERRORS as err:
         print(f"raysft: {err}", file=sys.stderr)
         return 2

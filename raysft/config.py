@@ -298,7 +298,7 @@ class ScalingConfig(Section):
 
 class TrackingConfig(Section):
     console: bool = True
-    """Print a progress line per logged step (rank 0)."""
+    """Print a line per logged step and per evaluation (rank 0), and per data preparation stage."""
     tensorboard: bool = True
     """Write TensorBoard events to output_dir/tensorboard."""
     wandb: bool = False

@@ -1,4 +1,5 @@
-"""Where metrics go: metrics.jsonl (always), console, TensorBoard, W&B and MLflow. Rank 0 only.
+"""Where metrics go: metrics.jsonl (always), console, TensorBoard, W&B and MLflow. Rank 0 only. Also the
+console itself: raysft's own lines, the tables it prints, and what it quiets of Ray and transformers.
 
 MLflow follows Ray's integration (ray.air.integrations.mlflow) where it fits: rank 0 logs, the experiment is
 created when missing, the tracking URI and its credentials come from the environment, a trial's params are
@@ -9,10 +10,14 @@ run on every call, where a resume and a Ray Train restart must continue the one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,9 +67,10 @@ class Tracker:
     `location` is the run folder itself (a path or a URI), where the MLflow run's id is recorded.
     """
 
-    def __init__(self, cfg: Config, output_dir: Path, total_steps: int, location: str):
+    def __init__(self, cfg: Config, output_dir: Path, total_steps: int, location: str, start_step: int = 0):
         self.total_steps = total_steps
         self.console = cfg.tracking.console
+        self.clock = StepClock(start_step)
         self.metrics_file = (output_dir / METRICS_FILE).open("a", buffering=1)
         self.tensorboard = None
         self.wandb_run = None
@@ -105,13 +111,19 @@ class Tracker:
             self.wandb_run.log(metrics, step=step)
         if self.mlflow is not None:
             self.mlflow.log(metrics, step)
+        trained = any(not name.startswith("eval_") for name in metrics)
+        eta = self.clock.eta(step, self.total_steps) if trained else None
+        if not trained:
+            self.clock.evaluated(step)  # an evaluation before any step: its time is not a step's
         if self.console:
-            shown = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k not in {"epoch", "skipped"})
-            print(f"[raysft] step {step}/{self.total_steps}  {shown}", flush=True)
+            if trained:
+                say(step_line(step, self.total_steps, metrics, eta))
+            if any(name.startswith("eval_") for name in metrics):
+                say(eval_line(step, self.total_steps, metrics))
 
     def log_text(self, text: str) -> None:
         if self.console:
-            print(f"[raysft] {text}", flush=True)
+            say(text)
 
     def close(self) -> None:
         self.metrics_file.close()
@@ -121,6 +133,335 @@ class Tracker:
             self.wandb_run.finish()
         if self.mlflow is not None:
             self.mlflow.end("FINISHED")
+
+
+# --- the console ----------------------------------------------------------------------------------------------
+
+CONSOLE_PREFIX = "[raysft] "
+VERBOSE_ENV = "RAYSFT_VERBOSE"
+"""Set to 1 (what `--verbose` does) to keep what raysft quiets by default: Ray's and Ray Train's info lines,
+Ray Data's progress, transformers' progress bars and deprecation warnings."""
+
+
+def verbose() -> bool:
+    """Whether this process runs verbose (RAYSFT_VERBOSE=1)."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def say(text: str) -> None:
+    """One line of raysft's own on the console (stderr: progress, beside the results a command prints on stdout).
+
+    Written to the stream, not with print(): a Ray Train worker replaces print() with one that writes the
+    line and also logs it to its console handler, so every printed line reached the driver twice.
+    """
+    sys.stderr.write(f"{CONSOLE_PREFIX}{text}\n")
+    sys.stderr.flush()
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as a short duration.
+
+    Example:
+        >>> format_duration(5.2), format_duration(65), format_duration(7384)
+        ('5s', '1m05s', '2h03m')
+    """
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class StepClock:
+    """Wall time per step since training (re)started, for the ETA: the average over every step so far, evaluations
+    included (they recur), the model load and an evaluation before the first step not (they do not)."""
+
+    def __init__(self, start_step: int) -> None:
+        self.start_step, self.started = start_step, time.monotonic()
+
+    def evaluated(self, step: int) -> None:
+        if step == self.start_step:
+            self.started = time.monotonic()
+
+    def eta(self, step: int, total: int) -> float | None:
+        done = step - self.start_step
+        return (time.monotonic() - self.started) / done * max(total - step, 0) if done > 0 else None
+
+
+# Shown in the step line in this order and form; the rest of a record (other than HIDDEN) follows as `name value`.
+HIDDEN_METRICS = {"epoch", "skipped", "num_tokens", "trained_tokens", "tokens_per_s"}
+
+
+def step_line(step: int, total: int, metrics: dict[str, float], eta_s: float | None) -> str:
+    """The console line of one logged training step.
+
+    Example:
+        >>> step_line(3, 28, {"loss": 1.23456, "lr": 2e-4, "grad_norm": 0.5, "tokens_per_s": 1234.5}, 65.0)
+        'step 3/28 (11%)  loss 1.235  lr 2.00e-04  grad_norm 0.5  tokens/s 1,234  eta 1m05s'
+    """
+    parts = [f"step {step}/{total} ({step / max(total, 1):.0%})"]
+    if "loss" in metrics:
+        parts.append(f"loss {_fmt(metrics['loss'])}")
+    if "lr" in metrics:
+        parts.append(f"lr {metrics['lr']:.2e}")
+    parts += [f"{name} {_fmt(value)}" for name, value in metrics.items()
+              if name not in HIDDEN_METRICS | {"loss", "lr"} and not name.startswith("eval_")]
+    if "tokens_per_s" in metrics:
+        parts.append(f"tokens/s {metrics['tokens_per_s']:,.0f}")
+    parts.append(f"eta {format_duration(eta_s)}" if eta_s is not None else "eta ?")
+    if metrics.get("skipped"):
+        parts.append("(update skipped: non-finite gradients)")
+    return "  ".join(parts)
+
+
+def eval_line(step: int, total: int, metrics: dict[str, float]) -> str:
+    """The console line of one evaluation.
+
+    Example:
+        >>> eval_line(0, 28, {"eval_loss": 2.0712, "eval_ppl": 7.93})
+        'eval at step 0/28  eval_loss 2.071  eval_ppl 7.93'
+    """
+    shown = "  ".join(f"{name} {_fmt(value)}" for name, value in metrics.items() if name.startswith("eval_"))
+    return f"eval at step {step}/{total}  {shown}"
+
+
+# What each DataStats count means, as the console and `raysft data` say it (another count shows as its key).
+COUNT_LABELS = {
+    "invalid_skipped": "skipped (invalid)",
+    "over_length_dropped": "dropped (over length)",
+    "truncated": "truncated",
+    "no_trained_tokens": "dropped (no trained tokens)",
+}
+
+
+def split_line(info: dict[str, Any]) -> str:
+    """One split's statistics (a DataStats column) on one line: rows in, what the length policy did, rows out.
+
+    Example:
+        >>> split_line({"rows_read": 48, "examples_kept": 44, "rows_after_packing": 12, "packing_efficiency": 0.971,
+        ...             "counts": {"over_length_dropped": 4, "truncated": 0}})
+        '48 rows read, 4 dropped (over length), 44 examples kept, 12 rows 97.1% full'
+    """
+    counts = [f"{count:,} {COUNT_LABELS.get(name, name)}" for name, count in info.get("counts", {}).items() if count]
+    return ", ".join([f"{info['rows_read']:,} rows read", *counts, f"{info['examples_kept']:,} examples kept",
+                      f"{info['rows_after_packing']:,} rows {info['packing_efficiency']:.1%} full"])
+
+
+def stats_table(stats: dict[str, dict[str, Any]]) -> str:
+    """DataStats (as data_stats.json holds it) as a table, one column per split.
+
+    Example:
+        >>> print(stats_table({"rows_read": {"train": 48}, "counts": {"train": {"truncated": 3}},
+        ...                    "examples_kept": {"train": 48}, "token_length_percentiles": {"train": {"p50": 210}},
+        ...                    "trained_token_fraction": {"train": 0.4123}, "rows_after_packing": {"train": 12},
+        ...                    "packing_efficiency": {"train": 0.97}, "tokens_after_packing": {"train": 2980}}))
+                                 train
+        rows read                   48
+          truncated                  3
+        examples kept               48
+        tokens per example, p50    210
+        trained tokens           41.2%
+        packed rows                 12
+        packing efficiency       97.0%
+        tokens after packing     2,980
+    """
+    splits = list(stats.get("rows_read", {}))
+    rows: list[tuple[str, list[str]]] = []
+
+    def add(label: str, values: dict[str, Any], form: str = "{:,}") -> None:
+        rows.append((label, [form.format(values[split]) if split in values else "-" for split in splits]))
+
+    add("rows read", stats.get("rows_read", {}))
+    count_names = list(dict.fromkeys(name for split in splits for name in stats.get("counts", {}).get(split, {})))
+    for name in count_names:
+        add(f"  {COUNT_LABELS.get(name, name)}", {split: stats["counts"][split].get(name, 0) for split in splits})
+    add("examples kept", stats.get("examples_kept", {}))
+    percentiles = stats.get("token_length_percentiles", {})
+    for name in dict.fromkeys(name for split in splits for name in percentiles.get(split, {})):
+        add(f"tokens per example, {name}",
+            {split: percentiles[split][name] for split in splits if name in percentiles.get(split, {})})
+    add("trained tokens", stats.get("trained_token_fraction", {}), "{:.1%}")
+    add("packed rows", stats.get("rows_after_packing", {}))
+    add("packing efficiency", stats.get("packing_efficiency", {}), "{:.1%}")
+    add("tokens after packing", stats.get("tokens_after_packing", {}))
+    label_width = max(len(label) for label, _ in rows)
+    widths = [max(len(split), *(len(values[i]) for _, values in rows)) + 2 for i, split in enumerate(splits)]
+    lines = [" " * label_width + "".join(split.rjust(width) for split, width in zip(splits, widths))]
+    lines += [label.ljust(label_width) + "".join(value.rjust(width) for value, width in zip(values, widths))
+              for label, values in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def interactive() -> bool:
+    """Whether both output streams are terminals: elsewhere (a file, a pipe, `ray job logs`) a progress bar's
+    carriage returns pile up as one endless line, so no bars."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def _set_progress_bars(on: bool) -> None:
+    """transformers' and the Hugging Face hub's tqdm bars ("Loading weights", downloads) on or off in this process
+    (a transformers imported later takes the hub's setting)."""
+    import huggingface_hub.utils
+
+    if on:
+        huggingface_hub.utils.enable_progress_bars()
+    else:
+        huggingface_hub.utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        import transformers.utils.logging
+
+        (transformers.utils.logging.enable_progress_bar if on else transformers.utils.logging.disable_progress_bar)()
+
+
+def _progress_bars_on() -> bool:
+    import huggingface_hub.utils
+
+    if "transformers" in sys.modules:
+        import transformers.utils.logging
+
+        return transformers.utils.logging.is_progress_bar_enabled()
+    return not huggingface_hub.utils.are_progress_bars_disabled()
+
+
+def _hide_deprecations() -> None:
+    """Deprecation notices of the libraries raysft calls (FutureWarning, DeprecationWarning, Ray's
+    RayDeprecationWarning) concern raysft's code, which pins and tests those versions, not a user's run."""
+    if "ray" in sys.modules:  # Ray adds its own filter for its deprecations when imported: ours go in front
+        import ray.util.annotations  # noqa: F401
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+_quiet_console = False  # inside console_mode, not verbose
+
+
+def after_ray_import() -> None:
+    """Ray adds a filter of its own for its deprecation warnings when first imported, in front of raysft's: a
+    quiet console puts its own back in front (ensure_ray calls this once Ray is imported)."""
+    if _quiet_console:
+        _hide_deprecations()
+
+
+# Loggers whose notices say nothing a user of raysft can act on: bitsandbytes on CPUs without its optional
+# `kernels` package ("Failed to load CPU gemm_4bit_forward"), which falls back to its own CPU code.
+QUIET_LOGGERS = {"bitsandbytes": logging.ERROR}
+
+
+@contextlib.contextmanager
+def console_mode(verbose_run: bool) -> Iterator[None]:
+    """The console of a raysft command, for as long as it runs (the previous settings come back after, so a
+    command run in-process, as tests do, leaves nothing behind).
+
+    Quiet (the default): transformers' progress bars, deprecation warnings, and the notices of QUIET_LOGGERS
+    off here; Ray, Ray Train and Ray Data keep to warnings, in this process and the ones Ray starts
+    (`train_log_level`, `quiet_worker`, `filter_worker_logs`, raysft.data.pipeline's `ensure_ray` and
+    `quiet_data_context`). Verbose (`--verbose`, RAYSFT_VERBOSE=1): all of it as the libraries print it, except
+    progress bars when the output is not a terminal.
+    """
+    names = (VERBOSE_ENV, "RAY_COLOR_PREFIX")
+    saved_env = {name: os.environ.get(name) for name in names}
+    saved_levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    bars_were_on = _progress_bars_on()
+    os.environ[VERBOSE_ENV] = "1" if verbose_run else "0"
+    if not interactive():
+        # Ray colours each forwarded line's "(name pid=...)" prefix with escape codes, also into files and pipes.
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    global _quiet_console
+    try:
+        with warnings.catch_warnings():
+            if not verbose_run or not interactive():
+                _set_progress_bars(False)
+            if not verbose_run:
+                _quiet_console = True
+                _hide_deprecations()
+                for name, level in QUIET_LOGGERS.items():
+                    logging.getLogger(name).setLevel(level)
+            yield
+    finally:
+        _quiet_console = False
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+        _set_progress_bars(bars_were_on)
+
+
+def quiet_worker(verbose_run: bool) -> None:
+    """In a process that runs one run (or trial) and exits with it, a Ray Train worker: no progress bars, whose
+    output is never a terminal there (HF_HUB_DISABLE_PROGRESS_BARS for the processes it starts), and unless
+    `verbose_run`, no deprecation warnings and no "Reporting training result" line per report."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    _set_progress_bars(False)
+    if verbose_run:
+        return
+    _hide_deprecations()
+    try:
+        # Ray Train 2.60 logs that line (INFO) to a logger named after its module's file, outside the `ray.train`
+        # loggers that RunConfig's LoggingConfig levels (see train_log_level).
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def train_log_level() -> str:
+    """Ray Train's console level (RunConfig's LoggingConfig): its INFO lines ("Reporting training result N:
+    TrainingReport(...)" after every report, worker group start-up) only when verbose."""
+    return "INFO" if verbose() else "WARNING"
+
+
+# Lines of Ray's own processes that say nothing about the run, dropped from what reaches the console unless
+# verbose. Ray Train's controller starts an actor with restarts and arguments in the object store
+# (PreemptionWatcher), on which Ray core logs an error-level notice (ray-project/ray#53727) a user cannot act on.
+# bitsandbytes, imported with peft by every process that unpickles raysft's training code, notes on CPUs without
+# its optional `kernels` package that it uses its own CPU code instead.
+HARMLESS_RAY_LINES = (
+    "has constructor arguments in the object store and max_restarts > 0",
+    "Failed to load CPU gemm_4bit_forward from kernels-community",
+)
+
+
+def filter_worker_logs() -> bool:
+    """Route the worker output Ray forwards to this driver through raysft's filter: HARMLESS_RAY_LINES dropped,
+    raysft's own lines printed as the driver prints them (without Ray's "(RayTrainWorker pid=...)" prefix),
+    everything else as Ray prints it. True when installed.
+
+    Ray 2.60 has no public hook for this; the handler Ray registers at ray.init ("ray_print_logs" on its
+    stdstream dispatcher) is replaced by one that calls Ray's own printer. When those internals move, nothing
+    is installed and the output is Ray's (tests/test_cli.py runs a worker and fails on the noise).
+    """
+    try:
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        print_batch = ray_worker.print_to_stdstream
+        ray_prefix_off = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+    except (ImportError, AttributeError):
+        return False
+    if not any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+        return False  # log_to_driver=False: nothing is forwarded
+
+    def forward(data: dict[str, Any]) -> None:
+        group: list[str] = []
+        ours = False
+        for line in data.get("lines", []):
+            if any(text in line for text in HARMLESS_RAY_LINES):
+                continue
+            if line.startswith(CONSOLE_PREFIX) != ours and group:
+                print_batch({**data, "lines": group}, ignore_prefix=ours or ray_prefix_off)
+                group = []
+            ours = line.startswith(CONSOLE_PREFIX)
+            group.append(line)
+        if group:
+            print_batch({**data, "lines": group}, ignore_prefix=ours or ray_prefix_off)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", forward)  # the name Ray removes again at ray.shutdown
+    return True
 
 
 def _fmt(value: float) -> str:

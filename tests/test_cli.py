@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,11 +37,17 @@ def test_train_export_generate(tiny_model_dir: Path, tmp_path: Path) -> None:
     secret = "wandb-key-that-must-never-be-written-anywhere-0123456789"
     cfg = write_config(tmp_path, tiny_model_dir, ["tracking.tensorboard=true", "tracking.wandb=true",
                                                    "tracking.console=true", "train.checkpoint_every=2"])
-    done = raysft("train", str(cfg), "--set", "train.max_steps=4",
+    done = raysft("train", str(cfg), "--set", "train.max_steps=4", "--verbose",
                   env={"WANDB_MODE": "offline", "WANDB_API_KEY": secret, "WANDB_SILENT": "true"})
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
-    assert "[raysft] step 4/4" in done.stdout + done.stderr
+    output = done.stdout + done.stderr
+    [last] = [line for line in output.splitlines() if line.startswith("[raysft] step 4/4 ")]  # once, verbose too
+    assert last.startswith("[raysft] step 4/4 (100%)  loss ")
+    # --verbose: what is quiet by default is back (test_worker_run_console_... checks the default), Ray Train's
+    # line per report (local mode's wording) and Ray's own info lines among it.
+    assert "Reported metrics: {'step': 4, 'loss'" in output
+    assert "Started a local Ray instance" in output
 
     # The documented layout.
     assert {"config.yaml", "metrics.jsonl", "data_stats.json", "final", "checkpoints", "tensorboard", "wandb"} <= {
@@ -77,9 +84,56 @@ def test_train_export_generate(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert "> What is 2+2?" in generated.stdout
 
 
+# What Ray, Ray Train and transformers print on their own in a worker run, none of it about the run: quiet
+# unless --verbose (each was on the console before raysft quieted it).
+RAY_NOISE = (
+    "Reporting training result",  # Ray Train, after every ray.train.report
+    "TrainController",  # Ray Train's controller: resource requests, worker group start-up, a core_worker notice
+    "Setting up process group",
+    "Loading weights",  # transformers' tqdm bar, carriage returns and all
+    "FutureWarning",
+    "PreemptionWatcher",  # Ray core's error-level notice on an actor Ray Train starts (ray-project/ray#53727)
+    "Failed to load CPU gemm_4bit_forward",  # bitsandbytes without its optional kernels
+    "execution finished",  # Ray Data, per job
+    "Started a local Ray instance",
+)
+
+
+def test_worker_run_console_is_one_line_per_step_and_quiet(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # A real Ray Train worker (the output crosses Ray's log forwarding), and fresh data (Ray Data jobs run).
+    cfg = write_config(tmp_path, tiny_model_dir, [
+        "scaling.num_workers=1", "tracking.console=true", "train.max_steps=4", "train.eval_every=2",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ])
+    done = raysft("train", str(cfg))
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    lines = output.splitlines()
+    for step in range(1, 5):
+        [line] = [line for line in lines if f"step {step}/4 " in line and "eval" not in line]  # exactly once
+        assert line.startswith(f"[raysft] step {step}/4 ({step / 4:.0%})  loss "), line  # no Ray prefix
+        assert re.search(r"  tokens/s [\d,]+  eta (\d+s|\d+m\d\ds|\?)$", line), line
+    for step in (0, 2, 4):
+        [line] = [line for line in lines if line.startswith(f"[raysft] eval at step {step}/4  eval_loss ")]
+    assert any(line.startswith("[raysft] data train: ") and "rows read" in line for line in lines)
+    assert any(line.startswith("[raysft] data eval: ") and "rows read" in line for line in lines)
+    assert [noise for noise in RAY_NOISE if noise in output] == []
+    assert "\r" not in output and "\x1b[" not in output  # no bars, no colour codes in a pipe
+
+
+def table_values(text: str) -> dict[str, list[str]]:
+    """`raysft data`'s table: each row's label (two spaces or more end it) and its values, one per split."""
+    rows = {}
+    for line in text.splitlines()[1:]:
+        label, _, values = line.strip().partition("  ")
+        rows[label] = values.split()
+    return rows
+
+
 def test_data_command_reports_statistics(tiny_model_dir: Path, tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, tiny_model_dir, ["data.max_seq_len=384", "data.over_length=drop", "data.eval=null"])
-    done = raysft("data", str(cfg), "--show", "1")
+    cfg = write_config(tmp_path, tiny_model_dir,
+                       ["data.max_seq_len=384", "data.over_length=drop", "tracking.console=true"])
+    done = raysft("data", str(cfg), "--show", "1", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     stats = json.loads(done.stdout[: done.stdout.index("\n---")])
     assert stats["rows_read"]["train"] == 48
@@ -88,6 +142,30 @@ def test_data_command_reports_statistics(tiny_model_dir: Path, tmp_path: Path) -
     assert stats["token_length_percentiles"]["train"]["max"] > 384  # measured before the length policy
     assert 0 < stats["packing_efficiency"]["train"] <= 1
     assert "⟦" in done.stdout  # the rendered example marks its trained tokens
+    assert "[raysft] data train: " in done.stderr  # a line per stage, beside the machine form on stdout
+
+    # Without --json: the same numbers as a table, one column per split (from the cache now: no Ray).
+    table = raysft("data", str(cfg), "--show", "0")
+    assert table.returncode == 0, table.stderr[-3000:]
+    assert "[raysft] data train: cached, 48 rows read" in table.stderr
+    header, *_ = table.stdout.splitlines()
+    assert header.split() == ["train", "eval"]
+    rows = table_values(table.stdout)
+    for split, column in (("train", 0), ("eval", 1)):
+        number = lambda label, column=column: int(rows[label][column].replace(",", ""))
+        percent = lambda label, column=column: float(rows[label][column].rstrip("%")) / 100
+        assert number("rows read") == stats["rows_read"][split]
+        assert number("dropped (over length)") == stats["counts"][split]["over_length_dropped"]
+        assert number("dropped (no trained tokens)") == stats["counts"][split]["no_trained_tokens"]
+        assert number("skipped (invalid)") == stats["counts"][split]["invalid_skipped"]
+        assert number("truncated") == stats["counts"][split]["truncated"]
+        assert number("examples kept") == stats["examples_kept"][split]
+        for name, value in stats["token_length_percentiles"][split].items():
+            assert number(f"tokens per example, {name}") == value
+        assert percent("trained tokens") == pytest.approx(stats["trained_token_fraction"][split], abs=5e-4)
+        assert number("packed rows") == stats["rows_after_packing"][split]
+        assert percent("packing efficiency") == pytest.approx(stats["packing_efficiency"][split], abs=5e-4)
+        assert number("tokens after packing") == stats["tokens_after_packing"][split]
 
 
 def test_bad_config_fails_before_ray_with_the_key(tmp_path: Path) -> None:

@@ -84,7 +84,7 @@ def test_data_read_from_s3_and_cached_in_s3(s3_here: dict[str, str], tiny_model_
     config = write_config(tmp_path, tiny_model_dir, "s3data",
                           [f"data.train.path=s3://{BUCKET}/data/", "data.train.limit=null", "data.eval=null",
                            f"data.cache_dir={cache}"])
-    done = raysft("data", config, env=s3_here)
+    done = raysft("data", config, "--json", env=s3_here)
     assert done.returncode == 0, done.stderr[-3000:]
     stats = json.loads(done.stdout[: done.stdout.rindex("}") + 1])
     assert stats["rows_read"]["train"] == 40 and stats["counts"]["train"]["invalid_skipped"] == 0

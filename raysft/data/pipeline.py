@@ -24,14 +24,18 @@ import hashlib
 import json
 import logging
 import re
+import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from raysft import storage
 from raysft.config import Config, DataConfig, SourceConfig, default_cache_root
@@ -39,6 +43,7 @@ from raysft.data.cache import CachedTable, index_written, list_arrays, write_fol
 from raysft.data.packing import apply_length_policy, pack_examples, unpacked_rows
 from raysft.data.sources import MAX_PROBLEMS, fingerprint_source, problem_report, source_format
 from raysft.errors import DataError, RunError
+from raysft.track import after_ray_import, filter_worker_logs, format_duration, say, split_line, verbose
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +64,24 @@ TOKENIZE_BATCH_ROWS = 256
 
 PACKED_COLUMNS = ["input_ids", "labels", "example_lengths", "num_tokens", "num_trained"]
 
+# A long Ray Data job says how far it is at this interval (rows written so far), so a console or `ray job logs`
+# shows it is alive; a job shorter than this prints only its start and its result.
+PROGRESS_EVERY_S = 30.0
+
 
 def ensure_ray(address: str | None) -> None:
-    """Join `address` (or RAY_ADDRESS), or start a local Ray; reuse a running session."""
+    """Join `address` (or RAY_ADDRESS), or start a local Ray; reuse a running session.
+
+    Ray's own logging is configured (its INFO lines: "Started a local Ray instance", the dashboard's address)
+    only when verbose; either way the workers' output is forwarded here, through raysft's filter unless verbose.
+    """
     import ray
 
+    after_ray_import()
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
+        ray.init(address=address, log_to_driver=True, configure_logging=verbose())
+        if not verbose():
+            filter_worker_logs()
 
 
 def cache_root(cfg: DataConfig) -> str:
@@ -142,14 +158,31 @@ def _selected(table: pa.Table, plan: PackPlan) -> np.ndarray:
     return keep
 
 
+class _QuietRayDataConsole(logging.Filter):
+    """On Ray Data's console handlers: warnings and errors only, and not the notice that raysft turned its
+    progress bars off (its info lines, "Dataset ... execution finished", "Data sink Parquet finished", stay in
+    Ray Data's log file)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and not record.getMessage().startswith("Progress bars disabled")
+
+
+def _ray_data_console_handlers() -> list[logging.Handler]:
+    return [handler for handler in logging.getLogger("ray.data").handlers
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
+
+
 @contextlib.contextmanager
-def quiet_data_context(preserve_order: bool = False) -> Iterator[Any]:
-    """Ray Data settings for raysft's own jobs: no progress bars, no start banner, and with
-    `preserve_order` a deterministic output order; the previous settings come back on exit.
+def quiet_data_context(preserve_order: bool = False, verbose_run: bool = False) -> Iterator[Any]:
+    """Ray Data settings for raysft's own jobs: no progress bars, no start banner, only warnings on the console
+    (all of it as Ray Data prints it with `verbose_run`), and with `preserve_order` a deterministic output
+    order; the previous settings come back on exit.
 
     Ray's DataContext is one per process, shared with whatever else the process runs on Ray Data (a
     user's own pipeline next to `raysft.train`), so raysft changes it only while its own job runs.
-    Run the job (not only build the Dataset) inside the block.
+    Run the job (not only build the Dataset) inside the block. raysft prints its own line per stage
+    (`prepare_data`); Ray Data's bars, when verbose, become its log lines every 10 s where the output is not
+    a terminal.
 
     Example:
         >>> with quiet_data_context(preserve_order=True):  # doctest: +SKIP
@@ -162,12 +195,71 @@ def quiet_data_context(preserve_order: bool = False) -> Iterator[Any]:
     saved = (options.preserve_order, context.enable_progress_bars, context.print_on_execution_start)
     if preserve_order:
         options.preserve_order = True
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
+    context.enable_progress_bars = verbose_run
+    context.print_on_execution_start = verbose_run
+    console_filter, handlers = _QuietRayDataConsole(), [] if verbose_run else _ray_data_console_handlers()
+    for handler in handlers:
+        handler.addFilter(console_filter)
     try:
         yield context
     finally:
         options.preserve_order, context.enable_progress_bars, context.print_on_execution_start = saved
+        for handler in handlers:
+            handler.removeFilter(console_filter)
+
+
+@dataclass
+class WrittenSoFar:
+    """What a running Ray Data write has finished so far in its folder: rows, and the distinct pack windows of
+    their keys (window << 32 | row). Each finished Parquet file is read once (its footer only); a file still
+    being written has no footer yet and is counted when it has."""
+
+    folder: str
+    rows: int = 0
+    windows: set[int] = field(default_factory=set)
+    seen: set[str] = field(default_factory=set)
+
+    def poll(self) -> WrittenSoFar:
+        fs, path = storage.resolve(self.folder)
+        for entry in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
+            if entry.type != pafs.FileType.File or not entry.path.endswith(".parquet") or entry.path in self.seen:
+                continue
+            try:
+                metadata = pq.ParquetFile(fs.open_input_file(entry.path)).metadata
+            except (OSError, pa.ArrowInvalid):
+                continue  # not finished yet
+            self.seen.add(entry.path)
+            key = metadata.schema.to_arrow_schema().get_field_index("seq")
+            for index in range(metadata.num_row_groups):
+                group = metadata.row_group(index)
+                self.rows += group.num_rows
+                stats = group.column(key).statistics if key >= 0 and group.num_rows else None
+                if stats is not None and stats.has_min_max:
+                    self.windows.update(range(int(stats.min) >> 32, (int(stats.max) >> 32) + 1))
+        return self
+
+
+@contextlib.contextmanager
+def progress_lines(describe: Callable[[], str], every_s: float = PROGRESS_EVERY_S) -> Iterator[None]:
+    """While the block runs, say `describe()` and the time so far every `every_s` seconds (from a thread of its
+    own: the job's call blocks). A failing `describe` (storage not answering) skips that line."""
+    stop, started = threading.Event(), time.monotonic()
+
+    def run() -> None:
+        while not stop.wait(every_s):
+            try:
+                text = describe()
+            except Exception:  # noqa: BLE001, S112 (a progress line is never worth failing the job for)
+                continue
+            say(f"{text} ({format_duration(time.monotonic() - started)})")
+
+    thread = threading.Thread(target=run, name="raysft-data-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
@@ -269,9 +361,11 @@ def _origin_of(tokenized: CachedTable, seq: int) -> str:
 # --- the Ray Data jobs ---------------------------------------------------------------------------------------
 
 
-def tokenize_split(sources: list[SourceConfig], tokenizer: Any, cfg: DataConfig, location: str) -> CachedTable:
+def tokenize_split(sources: list[SourceConfig], tokenizer: Any, cfg: DataConfig, location: str,
+                   label: str | None = None) -> CachedTable:
     """Read, normalize and tokenize a split's sources into the tokenized table at `location`; every bad row
-    is reported together (DataError) and then nothing is committed."""
+    is reported together (DataError) and then nothing is committed. With `label` (e.g. "data train"), a long
+    job says on the console how many rows it has done."""
     import ray
     import ray.data
 
@@ -282,7 +376,10 @@ def tokenize_split(sources: list[SourceConfig], tokenizer: Any, cfg: DataConfig,
     # The actors need each source's settings, not inline rows (those travel in the dataset itself).
     settings = [source.model_copy(update={"rows": None}) for source in sources]
     folder = write_folder(location)
-    with quiet_data_context(preserve_order=True), warnings.catch_warnings():
+    written = WrittenSoFar(folder)
+    progress = progress_lines(lambda: f"{label}: tokenizing, {written.poll().rows:,} rows done") if label \
+        else contextlib.nullcontext()
+    with quiet_data_context(preserve_order=True, verbose_run=verbose()), warnings.catch_warnings(), progress:
         # Ray 2.60 deprecates **ray_remote_args but has no named parameter for restarts or retries yet.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         dataset = split_dataset(sources).map_batches(
@@ -345,18 +442,35 @@ def _pack_batch(batch: pa.Table, tokenized: CachedTable, plan: PackPlan) -> pa.T
     return pa.concat_tables(tables)
 
 
-def pack_split(tokenized: CachedTable, plan: PackPlan, location: str) -> CachedTable:
-    """The packed table of one split, made by Ray Data tasks one pack window each, written to `location`."""
+def pack_split(tokenized: CachedTable, plan: PackPlan, location: str, label: str | None = None) -> CachedTable:
+    """The packed table of one split, made by Ray Data tasks one pack window each, written to `location`.
+    With `label`, a long job says on the console how many windows it has packed."""
     import ray.data
 
     windows = [{"window": index, "start": start, "stop": min(start + PACK_WINDOW, tokenized.num_rows)}
                for index, start in enumerate(range(0, tokenized.num_rows, PACK_WINDOW))]
     folder = write_folder(location)
-    with quiet_data_context(preserve_order=True):
+    written = WrittenSoFar(folder)
+    progress = progress_lines(
+        lambda: f"{label}: packing, {len(written.poll().windows)}/{len(windows)} windows done ({written.rows:,} rows)"
+    ) if label else contextlib.nullcontext()
+    _wait_for_a_free_cpu()
+    with quiet_data_context(preserve_order=True, verbose_run=verbose()), progress:
         ray.data.from_items(windows, override_num_blocks=len(windows)).map_batches(
             _pack_batch, fn_kwargs={"tokenized": tokenized, "plan": plan}, batch_size=1, batch_format="pyarrow",
         ).write_parquet(folder, row_group_size=PACKED_GROUP_ROWS)
     return index_written(location, folder)
+
+
+def _wait_for_a_free_cpu(timeout_s: float = 10.0) -> None:
+    """Give the tokenize job's actors a moment to hand their CPUs back before the next job starts: Ray Data
+    checks for a free CPU once, at the start, and otherwise warns that the job "will hang", which it would not.
+    A cluster whose CPUs stay busy (a sweep's trials) still gets the warning, where it is true."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 # --- the driver's view ---------------------------------------------------------------------------------------
@@ -457,19 +571,34 @@ def prepare_data(cfg: Config) -> PreparedData:
             for source in split_sources:
                 source_format(source)  # an unreadable or undetectable source fails here, before Ray starts
     stats, splits, digest = DataStats(), {}, hashlib.sha256()
+    # The console's line per stage (tracking.console): what runs, then what it made, or what the cache holds.
+    report = say if cfg.tracking.console else (lambda text: None)
     for plan in _pack_plans(cfg, keys):
         location = storage.join(root, "packed", plan.key)
         packed = CachedTable.open(location)
+        label = f"data {plan.name}"
         if packed is None:
             ensure_ray(cfg.scaling.ray_address)
             source_table = tokenized[plan.source]
             if source_table is None:
+                count = len(sources[plan.source])
+                report(f"data {plan.source}: reading and tokenizing {count} source{'s' * (count != 1)} on Ray Data")
+                started = time.monotonic()
                 source_table = tokenized[plan.source] = tokenize_split(
-                    sources[plan.source], tokenizer, cfg.data, storage.join(root, "tokenized", plan.tokenized_key))
+                    sources[plan.source], tokenizer, cfg.data, storage.join(root, "tokenized", plan.tokenized_key),
+                    label=f"data {plan.source}" if cfg.tracking.console else None)
+                report(f"data {plan.source}: {source_table.num_rows:,} rows read and tokenized "
+                       f"({format_duration(time.monotonic() - started)})")
             read = split_summary(source_table, plan)  # over_length: raise fails here, before packing
-            packed = pack_split(source_table, plan, location)
+            report(f"{label}: packing {read[0].rows:,} examples into rows of {plan.max_seq_len} tokens"
+                   if plan.packing else f"{label}: {read[0].rows:,} examples, one per row of up to {plan.max_seq_len}")
+            started = time.monotonic()
+            packed = pack_split(source_table, plan, location, label=label if cfg.tracking.console else None)
             packed.info = split_stats(read, plan, packed)
             packed.commit()
+            report(f"{label}: {split_line(packed.info)} ({format_duration(time.monotonic() - started)})")
+        else:
+            report(f"{label}: cached, {split_line(packed.info)}")
         splits[plan.name] = packed
         stats.add(plan.name, packed.info)
         digest.update(plan.key.encode())

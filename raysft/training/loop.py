@@ -195,7 +195,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             remove_staging(Path(location) / "checkpoints")
             remove_staging(working)
         _truncate_metrics(working / METRICS_FILE, start_step)  # before the tracker opens it for appending
-    tracker = Tracker(cfg, working, total_steps=num_steps, location=location) if rank == 0 else None
+    tracker = Tracker(cfg, working, total_steps=num_steps, location=location, start_step=start_step) if rank == 0 else None
     if tracker is not None:
         tracker.log_text(f"resuming from {resumed} at step {start_step}" if resumed else
                          f"{len(train_rows)} rows, {num_steps} steps, {world} worker(s)"

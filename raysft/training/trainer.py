@@ -17,7 +17,7 @@ import ray.train
 import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig as RayScalingConfig
 from ray.autoscaler.sdk import request_resources
-from ray.train import CheckpointConfig
+from ray.train import CheckpointConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from raysft.config import Config, with_absolute_paths
@@ -25,7 +25,7 @@ from raysft.data.pipeline import ensure_ray, prepare_data, stats_json
 from raysft.errors import USER_ERRORS, ConfigError, RunError
 from raysft import storage
 from raysft.fileio import write_error
-from raysft.track import METRICS_FILE, MLFLOW_DIR, MLFLOW_RUN_FILE, read_metrics
+from raysft.track import METRICS_FILE, MLFLOW_DIR, MLFLOW_RUN_FILE, read_metrics, say, train_log_level, verbose
 from raysft.training.checkpoint import newest_verified, read_state
 from raysft.training.checkpoint import CHECKPOINT_SCORE_KEY, higher_is_better, is_scored
 from raysft.training.preflight import preflight
@@ -124,8 +124,8 @@ def wait_for_worker_resources(cfg: Config, poll_s: float = 5.0) -> None:
                 # The autoscaler adds nodes for work that waits; nothing waits yet, so ask for the workers' shape.
                 request_resources(bundles=[bundle] * wanted)
                 requested = True
-                print(f"[raysft] waiting up to {cfg.scaling.resource_wait_s:g} s for the autoscaler to add nodes for "
-                      f"{wanted} worker(s) of {bundle}", flush=True)
+                say(f"waiting up to {cfg.scaling.resource_wait_s:g} s for the autoscaler to add nodes for "
+                    f"{wanted} worker(s) of {bundle}")
             time.sleep(poll_s)
     finally:
         if requested:
@@ -231,6 +231,7 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
         train_data=prepared.splits["train"],
         eval_data=prepared.splits.get("eval"),
         resume_from=resume_from,
+        verbose=verbose(),
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -243,6 +244,7 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=checkpoint_config(cfg, inputs.has_eval),
             callbacks=callbacks,
+            logging_config=LoggingConfig(log_level=train_log_level()),
         ),
         # No Ray Datasets here: each worker reads the packed table's rows its steps need
         # (raysft/data/stream.py), in an order fixed by (seed, epoch, step).

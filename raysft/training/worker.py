@@ -33,6 +33,8 @@ class LoopInputs:
     eval_data: CachedTable | None = None
     resume_from: str | None = None
     """The checkpoint the driver chose for --resume when Ray Train has none to give (local mode)."""
+    verbose: bool = False
+    """The driver's console mode (raysft.track.verbose): a worker quiets its libraries unless it is set."""
 
     @property
     def has_eval(self) -> bool:
@@ -74,6 +76,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     inputs: LoopInputs = loop_config["inputs"]
     if inputs.config.scaling.num_workers > 0:  # a Ray Train worker actor; 0 = local mode, in the driver
         hide_unused_bitsandbytes(inputs.config)
+        from raysft.track import quiet_worker  # light: the training stack is not imported yet
+
+        quiet_worker(inputs.verbose)
     from raysft.training.loop import train_loop_per_worker as run
 
     run(loop_config)

@@ -13,12 +13,14 @@ Sweep folder (``output_dir``):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,16 @@ from raysft import storage
 from raysft.config import Config, flatten, set_dotted, validate_section, with_absolute_paths
 from raysft.errors import ConfigError
 from raysft.fileio import write_text_atomically
-from raysft.track import METRICS_FILE, MLFLOW_DIR, MlflowRun, open_mlflow_run, recorded_mlflow_run
+from raysft.track import (
+    METRICS_FILE,
+    MLFLOW_DIR,
+    VERBOSE_ENV,
+    MlflowRun,
+    open_mlflow_run,
+    quiet_worker,
+    recorded_mlflow_run,
+    verbose,
+)
 from raysft.training.preflight import preflight
 from raysft.training.run_folder import FINAL_DIR, run_location
 from raysft.data.pipeline import ensure_ray, prepare_data
@@ -143,8 +154,12 @@ def _eval_records(location: str) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, lines) if is_evaluation(r)]
 
 
-def run_trial(params: dict[str, Any], sweep: dict[str, Any], mlflow_parent: str | None = None) -> None:
-    """Tune driver function of one trial: train the base config with `params` set, reporting evaluations."""
+def run_trial(params: dict[str, Any], sweep: dict[str, Any], mlflow_parent: str | None = None,
+              verbose_run: bool = False) -> None:
+    """Tune driver function of one trial: train the base config with `params` set, reporting evaluations.
+    `verbose_run` is the sweep driver's console mode, which this process (Tune's, for this trial) takes on."""
+    os.environ[VERBOSE_ENV] = "1" if verbose_run else "0"
+    quiet_worker(verbose_run)
     cfg = SweepConfig.model_validate(sweep)
     name = ray.tune.get_context().get_trial_name()
     train_cfg = trial_config(cfg, params, name, mlflow_parent)
@@ -167,6 +182,23 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any], mlflow_parent: str 
         open_mlflow_run(train_cfg.tracking, location, Path(train_cfg.train.output_dir) / MLFLOW_DIR, name, params,
                         tags={"raysft.sweep": cfg.name, "raysft.trial": name})
     train(train_cfg, callbacks=[EvalRoundsToTune(eval_every)])
+
+
+@contextlib.contextmanager
+def _tune_console() -> Iterator[None]:
+    """Tune's own console off unless verbose: its output engine prints an experiment box and a TensorBoard hint
+    at every start whatever RunConfig's `verbose` says; its legacy engine (RAY_AIR_NEW_OUTPUT=0, read when the
+    run starts) prints nothing at verbose=0. The LiveTable callback is the sweep's console."""
+    saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    if not verbose():
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = saved
 
 
 def default_max_concurrent(train_cfg: Config, cluster: dict[str, float]) -> int:
@@ -320,7 +352,7 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
           f"folder {sweep_dir}", flush=True)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, sweep=cfg.model_dump(mode="json"),
-                             mlflow_parent=mlflow_run.run_id if mlflow_run else None),
+                             mlflow_parent=mlflow_run.run_id if mlflow_run else None, verbose_run=verbose()),
         TRIAL_DRIVER_RESOURCES,
     )
     if resume:
@@ -346,7 +378,8 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
                 verbose=0,
             ),
         )
-    tuner.fit()
+    with _tune_console():
+        tuner.fit()
     fetch_trials(cfg)
     result = write_report(sweep_dir)
     if mlflow_run is not None:

@@ -5,7 +5,10 @@ Data settings. tests/data/test_streaming.py runs the whole pipeline on Ray."""
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +24,11 @@ from raysft.data.cache import CachedTable, index_written, write_folder
 from raysft.data.pipeline import (
     LengthSummary,
     PackPlan,
+    WrittenSoFar,
     cache_key,
     held_out,
     pack_window,
+    progress_lines,
     quiet_data_context,
     split_stats,
     split_summary,
@@ -184,3 +189,63 @@ def test_quiet_data_context_restores_the_process_wide_settings() -> None:
         raise KeyError("the job failed")  # the settings come back on the way out of a failed job too
     after = (context.execution_options.preserve_order, context.enable_progress_bars, context.print_on_execution_start)
     assert after == before
+
+
+def test_quiet_data_context_keeps_ray_datas_console_to_warnings_unless_verbose() -> None:
+    def record(level: int, message: str) -> logging.LogRecord:
+        return logging.LogRecord("ray.data._internal.execution.streaming_executor", level, __file__, 1, message, None,
+                                 None)
+
+    finished, notice = record(logging.INFO, "Dataset dataset_1 execution finished"), record(
+        logging.WARNING, "Progress bars disabled. To enable, set ...")  # raysft turned them off itself
+    real = record(logging.WARNING, "Warning: The Ray cluster currently does not have any available CPUs")
+    # Ray Data's console handler(s): what prints Ray Data's lines on the driver's console.
+    consoles = [h for h in logging.getLogger("ray.data").handlers if type(h).__name__ == "PlainRayHandler"]
+    assert consoles
+    shown = lambda r: all(handler.filter(r) for handler in consoles)
+    with quiet_data_context():
+        assert not shown(finished) and not shown(notice) and shown(real)
+    with quiet_data_context(verbose_run=True) as context:
+        assert context.enable_progress_bars is True and shown(finished)
+    assert shown(finished) and shown(notice)  # outside raysft's jobs: Ray Data's console as it was
+
+
+# --- progress of a running job: what its folder holds so far -------------------------------------------------
+
+
+def test_written_so_far_counts_finished_files_rows_and_pack_windows(tmp_path: Path) -> None:
+    location = tmp_path / "packed"
+    folder = Path(write_folder(str(location)))
+    folder.mkdir(parents=True)
+    progress = WrittenSoFar(str(folder))
+    assert (progress.poll().rows, progress.windows) == (0, set())  # nothing written yet
+    for window, rows in ((0, 5), (2, 3)):  # as pack tasks write them: keys window << 32 | row
+        seq = pa.array([(window << 32) + row for row in range(rows)], pa.int64())
+        pq.write_table(pa.table({"seq": seq, "num_tokens": pa.array([4] * rows)}), folder / f"{window}.parquet",
+                       row_group_size=2)
+    (folder / "9.parquet").write_bytes(b"PAR1 a file still being written: no footer yet")
+    assert (progress.poll().rows, progress.windows) == (8, {0, 2})
+    assert (progress.poll().rows, progress.windows) == (8, {0, 2})  # each finished file counted once
+
+
+def test_progress_lines_say_how_far_a_long_job_is(capsys: pytest.CaptureFixture[str]) -> None:
+    calls = iter([RuntimeError("storage did not answer"), "data train: tokenizing, 4,096 rows done"])
+
+    def describe() -> str:
+        answer = next(calls, "data train: tokenizing, 8,192 rows done")
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    err, deadline = "", time.monotonic() + 30
+    with progress_lines(describe, every_s=0.1):
+        while err.count("\n") < 2 and time.monotonic() < deadline:  # however slow the machine, two lines
+            time.sleep(0.05)
+            err += capsys.readouterr().err
+    lines = (err + capsys.readouterr().err).splitlines()
+    assert lines[0].startswith("[raysft] data train: tokenizing, 4,096 rows done (")  # the failed look skipped
+    assert lines[1].startswith("[raysft] data train: tokenizing, 8,192 rows done (")
+    assert all(re.fullmatch(r"\[raysft\] data train: tokenizing, [\d,]+ rows done \(\d+s\)", line) for line in lines)
+    with progress_lines(describe, every_s=10):  # a job shorter than the interval says nothing of its own
+        pass
+    assert capsys.readouterr().err == ""
