@@ -105,8 +105,16 @@ def chat_generate(
 
 
 def run_config(run_dir: str | Path) -> Config:
-    """The config a run was trained with (from its saved config.yaml)."""
-    return parse_config(read_yaml(Path(run_dir) / "config.yaml"), str(Path(run_dir) / "config.yaml"))
+    """The config a run was trained with (from its saved config.yaml).
+
+    config.yaml summarizes inline rows instead of keeping them (see raysft.config.to_yaml); what reads a run back
+    needs its model and adapter settings, not its data, so such a source reads back with no rows."""
+    raw = read_yaml(Path(run_dir) / "config.yaml")
+    for split in ("train", "eval"):
+        for source in (raw.get("data") or {}).get(split) or []:
+            if isinstance(source, dict) and isinstance(source.get("rows"), str):
+                source["rows"] = []
+    return parse_config(raw, str(Path(run_dir) / "config.yaml"))
 
 
 def _run_dir_problem(run_dir: Path) -> str | None:

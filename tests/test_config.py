@@ -91,6 +91,17 @@ def test_saved_config_round_trips_and_summarizes_inline_rows() -> None:
     assert "<3 inline rows>" in to_yaml(inline)
 
 
+def test_a_run_trained_on_inline_rows_reads_back_for_export(tmp_path: Path) -> None:
+    from raysft.infer import run_config
+
+    inline = parse_config({"model": {"name_or_path": "m"}, "lora": {"r": 4},
+                           "data": {"train": {"rows": [{"text": "a"}] * 3}, "eval": {"rows": [{"text": "b"}]}}})
+    (tmp_path / "config.yaml").write_text(to_yaml(inline))
+    again = run_config(tmp_path)
+    assert again.model == inline.model and again.lora == inline.lora
+    assert again.data.train[0].rows == [] and again.data.eval[0].rows == []
+
+
 def test_every_shipped_example_validates() -> None:
     examples = sorted((REPO / "examples").glob("*.yaml"))
     assert examples, "examples/ must ship at least one config"
