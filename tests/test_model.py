@@ -66,13 +66,7 @@ BATCH = [[40, 24], [64]]
 
 def train(model: nn.Module, steps: int, lr: float = 1e-2) -> list[float]:
     """`steps` optimizer steps of the loop's own train_step on one packed batch: the losses."""
-    batch = packed_batch(BATCH)
-    loss_module = TokenLoss(model).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, TrainConfig(lr=lr))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    tokens = int(trained_targets(batch["labels"], batch["position_ids"]).sum())
-    return [train_step(loss_module, [batch], tokens, optimizer, scaler, params, "fp32", 1.0).loss for _ in range(steps)]
+    return train_on(model, packed_batch(BATCH), steps, lr)
 
 
 def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
