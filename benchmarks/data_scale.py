@@ -102,21 +102,21 @@ class ObjectStorePeak(threading.Thread):
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.peak, self._stop = 0.0, threading.Event()
+        self.peak, self._done = 0.0, threading.Event()
 
     def run(self) -> None:
         import ray
 
-        while not self._stop.is_set():
+        while not self._done.is_set():
             try:
                 total = ray.cluster_resources().get("object_store_memory", 0.0)
                 self.peak = max(self.peak, total - ray.available_resources().get("object_store_memory", total))
             except Exception:  # noqa: BLE001 - Ray not up yet, or shutting down
                 pass
-            self._stop.wait(0.5)
+            self._done.wait(0.5)
 
     def stop(self) -> float:
-        self._stop.set()
+        self._done.set()
         return self.peak
 
 

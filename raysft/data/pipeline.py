@@ -61,6 +61,7 @@ PACKED_GROUP_ROWS = 64
 # its batch retried this many times; Ray Data's default is forever, which hangs the run on such a row.
 TOKENIZE_RETRIES = 1
 TOKENIZE_BATCH_ROWS = 256
+WRITE_TASKS_AT_ONCE = 2
 
 PACKED_COLUMNS = ["input_ids", "labels", "example_lengths", "num_tokens", "num_trained"]
 
@@ -393,7 +394,9 @@ def tokenize_split(sources: list[SourceConfig], tokenizer: Any, cfg: DataConfig,
             max_task_retries=TOKENIZE_RETRIES,
         )
         try:
-            dataset.write_parquet(folder, row_group_size=TOKENIZED_GROUP_ROWS)
+            # Writes reserve no CPU either (see READ_TASKS_AT_ONCE): encoding Parquet is a sliver of tokenizing.
+            dataset.write_parquet(folder, row_group_size=TOKENIZED_GROUP_ROWS, ray_remote_args={"num_cpus": 0},
+                                  concurrency=WRITE_TASKS_AT_ONCE)
         except ray.exceptions.RayError as err:
             storage.remove(folder)
             raise RunError(

@@ -37,6 +37,10 @@ RAW_SCHEMA = pa.schema([("seq", pa.int64()), ("origin", pa.string()), ("row", pa
 
 # Rows per block a read task yields: small enough to stream, large enough that Arrow's per-block cost vanishes.
 READ_BLOCK_ROWS = 2048
+# Read tasks reserve no CPU: reading is a small fraction of the tokenizing it feeds (about 40k rows/s per task
+# against 1k per tokenize actor), and a CPU held by a read is one the tokenize pool cannot have: on a 2-CPU node
+# a second actor never started, and tokenizing ran at one core's speed. So few run at once instead.
+READ_TASKS_AT_ONCE = 4
 
 
 def _raw_json(row: dict[str, Any]) -> str:
@@ -92,7 +96,8 @@ def source_dataset(source: SourceConfig, source_index: int) -> ray.data.Dataset:
     """The raw rows of one source as a Ray Dataset (at most ``source.limit`` of them), in read order."""
     if source.path is not None:
         files = resolve_files(source.path, source.file_type)
-        dataset = ray.data.read_datasource(SourceFilesDatasource(files, source.file_type, source_index))
+        dataset = ray.data.read_datasource(SourceFilesDatasource(files, source.file_type, source_index),
+                                           num_cpus=0, concurrency=min(READ_TASKS_AT_ONCE, len(files)))
     elif source.hf_dataset is not None:
         loaded = load_hf_dataset(source)
         table = (loaded.flatten_indices() if loaded._indices is not None else loaded).data.table
