@@ -246,6 +246,12 @@ class TokenLoss(nn.Module):
         picked = logits.detach().gather(1, wanted[:, None]).squeeze(1)
         return loss_sum, (picked >= logits.detach().amax(-1)).sum()
 
+    def generate(self, **kwargs: Any) -> torch.Tensor:
+        """The wrapped model's `generate` (eval.generate). Reached through this module because under FSDP it is
+        the root unit, whose hooks must gather the embeddings and head around the whole generation
+        (raysft.training.fsdp registers this method as a forward of the root)."""
+        return self.model.generate(**kwargs)
+
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the parameters being trained (the adapter for LoRA), detached on CPU."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from raysft.config import Config
 from raysft.data.cache import CachedTable
+from raysft.evaluation import GenerationSet
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class LoopInputs:
     eval_data: CachedTable | None = None
     resume_from: str | None = None
     """The checkpoint the driver chose for --resume when Ray Train has none to give (local mode)."""
+    generation: GenerationSet | None = None
+    """eval.generate's prompts and references (raysft/data/prompts.py), or None."""
 
     @property
     def has_eval(self) -> bool:
