@@ -1,6 +1,7 @@
 """The training loop every Ray Train worker runs, written out in one place.
 
-forward -> token-weighted loss -> backward (accumulate) -> unscale/clip -> step -> schedule -> eval -> report
+forward -> token-weighted loss -> backward (accumulate) -> unscale/clip -> step -> schedule -> eval (loss, then
+eval.generate's task metrics) -> report -> checkpoint -> early stop
 """
 
 from __future__ import annotations

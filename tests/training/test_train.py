@@ -11,15 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import raysft
+from raysft.config import GenerateMetricConfig
 from raysft.errors import ConfigError
 from raysft.evaluation import score_generations
 from raysft.training.checkpoint import checkpoint_names, verify
 from raysft.training.step import EpochOrder
+from tests import metric_functions
 from tests.runs import (
     GENERATE_WITH_DIGEST,
     WorkerKiller,
@@ -196,9 +199,12 @@ def test_windowed_order_is_computed_from_any_position_and_keeps_rows_in_their_wi
 
 def test_metrics_file_has_the_documented_fields(tiny_model_dir: Path, tmp_path: Path, shared_data: Path) -> None:
     generate = ("eval.generate={num_prompts: 6, max_new_tokens: 8, metrics: [exact_match, contains, rouge_l, "
-                "{type: exact_match, name: answer, extract: '####\\s*(-?[\\d,.]+)', normalize: [number]}, "
-                "{function: 'tests.metric_functions:reference_length'}]}")
-    result = run(tiny_model_dir, tmp_path / "run", ["train.eval_every=2", generate])
+                "{type: exact_match, name: answer, extract: '####\\s*(-?[\\d,.]+)', normalize: [number]}]}")
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", ["train.eval_every=2", generate])
+    # Python API: a metric function given as the callable itself.
+    cfg.eval.generate.metrics = [*cfg.eval.generate.metrics,
+                                 GenerateMetricConfig(type="function", function=metric_functions.reference_length)]
+    result = raysft.train(cfg)
     history = result.history()
     train_entries = [e for e in history if "loss" in e]
     eval_entries = [e for e in history if "eval_loss" in e]
@@ -224,11 +230,12 @@ def test_metrics_file_has_the_documented_fields(tiny_model_dir: Path, tmp_path: 
         assert [g["reference"] for g in at_step] == [row["answer"] for row in rows]
         assert all(row["question"] in g["prompt"] and g["prompt"].endswith("<|im_start|>assistant\n")
                    for row, g in zip(rows, at_step))
-        cfg = tiny_config(tiny_model_dir, tmp_path / "unused", [generate])
         rescored = score_generations([g["prediction"] for g in at_step], [g["reference"] for g in at_step],
                                      cfg.eval.generate.metrics)
         assert rescored == {name: entry[name] for name in task_metrics}
     assert eval_entries[0]["eval_reference_length"] == sum(len(row["answer"]) for row in rows) / 6
+    written = yaml.safe_load((result.output_dir / "config.yaml").read_text())["eval"]["generate"]["metrics"][-1]
+    assert written["function"] == "tests.metric_functions:reference_length"  # written as the name that imports it
 
 
 @pytest.mark.parametrize("workers", [0, 1], ids=["local-mode", "ray-train-worker"])
