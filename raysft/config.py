@@ -562,10 +562,10 @@ def metric_mode(cfg: Config, metric: str) -> Literal["min", "max"] | None:
     """
     if metric in LOSS_METRICS:
         return LOSS_METRICS[metric]
-    for spec in cfg.eval.generate.metrics if cfg.eval.generate else []:
-        if metric == spec.metric_name or (spec.type == "function" and metric.startswith(spec.metric_name + "_")):
-            return "max" if spec.higher_is_better else "min"
-    return None
+    specs = cfg.eval.generate.metrics if cfg.eval.generate else []
+    exact = [spec for spec in specs if metric == spec.metric_name]  # before prefixes: eval_exact_match is not eval_exact_*
+    found = exact or [spec for spec in specs if spec.type == "function" and metric.startswith(spec.metric_name + "_")]
+    return ("max" if found[0].higher_is_better else "min") if found else None
 
 
 # Marks a cross-field validator's message: one or more "dotted.key: problem" lines, reported as they are.
