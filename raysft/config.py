@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -20,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -200,6 +202,20 @@ class LoraConfig(Section):
     `train.lr` when switching an existing config."""
 
 
+class EarlyStoppingConfig(Section):
+    metric: str = "eval_loss"
+    """Evaluation metric watched: eval_loss, eval_ppl, eval_token_accuracy or an `eval.generate` metric
+    (eval_exact_match, ...), the same value on every worker, so every worker stops at the same step."""
+    patience: int = Field(default=3, gt=0)
+    """Evaluations in a row without an improvement after which the run stops (the step-0 evaluation is the first
+    reference point). Counted across --resume and worker restarts (the count is saved in each checkpoint)."""
+    min_delta: float = Field(default=0.0, ge=0.0)
+    """An evaluation improves only when it beats the best so far by more than this (in the metric's units)."""
+    mode: Literal["min", "max"] | None = None
+    """Whether lower or higher is better; default from the metric: min for eval_loss and eval_ppl, max for
+    eval_token_accuracy and the built-in generation metrics, a function metric's own `mode`."""
+
+
 class TrainConfig(Section):
     output_dir: str = "runs/raysft"
     """Run folder: config, metrics.jsonl, checkpoints/, final/."""
@@ -240,12 +256,16 @@ class TrainConfig(Section):
     checkpoints_to_keep: int | None = Field(default=2, gt=0)
     """Checkpoints kept (null keeps all): the N best by `checkpoint_score` when the run evaluates
     (`eval_every` and eval data), else the N newest; the newest is always kept, so resume loses nothing."""
-    checkpoint_score: Literal["eval_loss", "eval_ppl", "eval_token_accuracy"] = "eval_loss"
-    """Evaluation metric that ranks checkpoints (lower is better, higher for accuracy): the latest evaluation
-    at or before each checkpoint's step."""
+    checkpoint_score: str = "eval_loss"
+    """Evaluation metric that ranks checkpoints: eval_loss, eval_ppl (lower is better), eval_token_accuracy, or an
+    `eval.generate` metric such as eval_exact_match (higher is better unless its `mode` says min); the latest
+    evaluation at or before each checkpoint's step."""
     final: Literal["last", "best"] = "last"
     """What final/ holds: the weights of the last step, or those of the checkpoint (or last step) with the best
     `checkpoint_score` (needs `eval_every` and eval data)."""
+    early_stopping: EarlyStoppingConfig | None = None
+    """Stop the run once `metric` has not improved for `patience` evaluations (needs `eval_every` and eval data);
+    e.g. `{metric: eval_loss, patience: 3}`. Null runs to max_steps / epochs."""
     neftune_alpha: float | None = Field(default=None, gt=0)
     """NEFTune (Jain et al. 2023; TRL's `neftune_noise_alpha`): in training forwards only (never in evaluation or
     generation) add uniform noise in [-1, 1] x alpha / sqrt(L x d) to the input embeddings, d the hidden size and
@@ -335,6 +355,136 @@ class TrackingConfig(Section):
         return value
 
 
+GenerateMetricType = Literal["exact_match", "contains", "rouge_l", "function"]
+Normalizer = Literal["whitespace", "lower", "strip_punctuation", "number"]
+
+
+class GenerateMetricConfig(Section):
+    """One task metric of the generated answers, logged as `eval_<name>`. In YAML also just its type
+    (`- exact_match`), or `{function: module:function}`."""
+
+    type: GenerateMetricType
+    """exact_match: the normalized answers are equal; contains: the normalized reference occurs in the normalized
+    prediction; rouge_l: ROUGE-L F1 (longest common subsequence of lowercased alphanumeric words); function: your
+    own, see `function`. Each is the mean over the prompts (a function returns its own aggregate)."""
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    """Logged as `eval_<name>` (in metrics.jsonl, every tracker, and as a sweep or early-stopping metric);
+    default: the type, or a function's own name."""
+    extract: str | None = None
+    """Regular expression applied to the prediction and the reference before comparing (built-in types): the
+    answer is its first group (the whole match without groups) at its first match; a prediction it does not
+    match scores 0, a reference it does not match is an error named before training. GSM8K's final answer:
+    `####\\s*(-?[\\d,.]+)`."""
+    normalize: list[Normalizer] = ["whitespace"]
+    """Applied in order after `extract` (built-in types): whitespace (trim, collapse runs), lower (case-fold),
+    strip_punctuation (at both ends: `"Paris."` -> `Paris`), number (drop `,` and `$`, then a number is written
+    canonically: `1,000.00` -> `1000`, `18.` -> `18`)."""
+    function: str | Callable[..., Any] | None = None
+    """type function: `module:function` importable on every worker (or, from Python, the callable itself),
+    called once per evaluation as `function(predictions, references)` with the raw generated and reference
+    texts (lists of str, in eval order); returns a number (logged as eval_<name>) or a dict of numbers (each
+    logged as eval_<name>_<key>)."""
+    mode: Literal["min", "max"] | None = None
+    """type function: whether lower or higher is better (default max); built-in types are always max."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"type": value}
+        if isinstance(value, dict) and "type" not in value and "function" in value:
+            return {**value, "type": "function"}
+        return value
+
+    @field_validator("extract")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"not a valid regular expression ({err}): {value!r}") from None
+        return value
+
+    @field_validator("function")
+    @classmethod
+    def _module_colon_name(cls, value: Any) -> Any:
+        if isinstance(value, str) and not re.match(r"^[\w.]+:[\w.]+$", value):
+            raise ValueError(f"expected module:function, e.g. mypackage.metrics:score (got {value!r})")
+        return value
+
+    @field_serializer("function", when_used="json")
+    def _function_by_name(self, value: Any) -> Any:
+        # config.yaml and the trackers hold data: a callable is written as the name that imports it.
+        return value if value is None or isinstance(value, str) else f"{value.__module__}:{value.__qualname__}"
+
+    @model_validator(mode="after")
+    def _fields_of_its_type(self) -> "GenerateMetricConfig":
+        problems = []
+        if self.type == "function":
+            if self.function is None:
+                problems.append("type function needs `function: module:function`")
+            if self.extract is not None or self.normalize != ["whitespace"]:
+                problems.append("extract and normalize apply to the built-in types; a function gets the raw texts")
+        else:
+            problems += [f"{key} only applies to type function" for key in ("function", "mode")
+                         if getattr(self, key) is not None]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def metric_name(self) -> str:
+        """`eval_<name>`: the key its score is logged under."""
+        if self.name:
+            return f"eval_{self.name}"
+        if self.type != "function":
+            return f"eval_{self.type}"
+        function = self.function
+        name = function.rsplit(":", 1)[1].rsplit(".", 1)[-1] if isinstance(function, str) else function.__name__  # type: ignore[union-attr]
+        return f"eval_{name}"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.mode != "min"
+
+
+class GenerateConfig(Section):
+    num_prompts: int = Field(default=50, gt=0, le=5000)
+    """The first N examples of the eval split, in data order (the same on every run and worker count): each
+    prompt is its conversation up to the last assistant turn, the reference that turn's text."""
+    max_new_tokens: int = Field(default=128, gt=0)
+    """Tokens generated per prompt at most (greedy; generation also stops at the end-of-turn token)."""
+    batch_size: int = Field(default=8, gt=0)
+    """Prompts generated together (left-padded, grouped by length). The prompts are split across the workers by
+    whole batches, so the same batches are generated with 1 or N workers."""
+    metrics: list[GenerateMetricConfig] = Field(default_factory=lambda: [GenerateMetricConfig(type="exact_match")],
+                                                min_length=1)
+    """Task metrics of the generated answers, each logged as eval_<name>: `exact_match`, `contains`, `rouge_l`,
+    or a mapping with `extract`, `normalize`, `name`, or `function: module:function`."""
+
+    @field_validator("metrics")
+    @classmethod
+    def _distinct_names(cls, value: list[GenerateMetricConfig]) -> list[GenerateMetricConfig]:
+        names = [metric.metric_name for metric in value]
+        clashes = sorted({name for name in names if names.count(name) > 1 or name in LOSS_METRICS})
+        if clashes:
+            raise ValueError(f"metric names must be distinct and not {', '.join(LOSS_METRICS)}: {', '.join(clashes)} "
+                             "(set `name:` on each)")
+        return value
+
+
+class EvalConfig(Section):
+    generate: GenerateConfig | None = None
+    """Task metrics from generated answers at every evaluation (step 0, every `train.eval_every` steps, the
+    end): greedy chat generation for the first `num_prompts` eval examples on the Ray Train workers, scored
+    against the references; e.g. `{num_prompts: 50, max_new_tokens: 200, metrics: [exact_match]}`."""
+
+
+LOSS_METRICS: dict[str, Literal["min", "max"]] = {"eval_loss": "min", "eval_ppl": "min", "eval_token_accuracy": "max"}
+"""The evaluation metrics every evaluation logs, with whether lower (min) or higher (max) is better."""
+
+
 class Config(Section):
     """A whole training run. See examples/*.yaml."""
 
@@ -344,6 +494,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _cross_field_needs(self) -> "Config":
@@ -386,14 +537,56 @@ class Config(Section):
                 "bitsandbytes repacks 4-bit weights for its own kernels in the first evaluation, after which PEFT's DoRA "
                 "reads them wrongly; on CPU use model.quantization: none with DoRA"
             )
-        if self.train.final == "best" and not (self.train.eval_every and (self.data.eval or self.data.eval_fraction)):
+        has_eval = bool(self.data.eval or self.data.eval_fraction)
+        if self.train.final == "best" and not (self.train.eval_every and has_eval):
             problems.append(
                 "train.final: best picks the weights with the best evaluation; set train.eval_every and eval data "
                 "(data.eval or data.eval_fraction), or use final: last"
             )
+        problems += self._metric_problems(has_eval)
         if problems:
             raise ValueError(_CROSS_FIELD + "\n".join(problems))
         return self
+
+    def _metric_problems(self, has_eval: bool) -> list[str]:
+        problems = []
+        known = ", ".join([*LOSS_METRICS, *(m.metric_name for m in self.eval.generate.metrics)] if self.eval.generate
+                          else LOSS_METRICS)
+        hint = "" if self.eval.generate else " (task metrics such as eval_exact_match come from an eval.generate section)"
+        if metric_mode(self, self.train.checkpoint_score) is None:
+            problems.append(f"train.checkpoint_score: {self.train.checkpoint_score!r} is not an evaluation metric of "
+                            f"this run; choose one of {known}{hint}")
+        stopping = self.train.early_stopping
+        if stopping is not None:
+            if not (self.train.eval_every and has_eval):
+                problems.append("train.early_stopping watches evaluations; set train.eval_every and eval data "
+                                "(data.eval or data.eval_fraction), or remove train.early_stopping")
+            if metric_mode(self, stopping.metric) is None:
+                problems.append(f"train.early_stopping.metric: {stopping.metric!r} is not an evaluation metric of "
+                                f"this run; choose one of {known}{hint}")
+        if self.eval.generate is not None:
+            if not has_eval:
+                problems.append("eval.generate scores answers to eval prompts; set data.eval or data.eval_fraction")
+            if self.data.train_on_inputs:
+                problems.append("eval.generate finds each prompt as the untrained tokens before the last assistant "
+                                "turn, which data.train_on_inputs: true trains too; set train_on_inputs: false")
+        return problems
+
+
+def metric_mode(cfg: Config, metric: str) -> Literal["min", "max"] | None:
+    """Whether lower ("min") or higher ("max") `metric` is better in a run of `cfg`; None when the run does not
+    log it. A function metric that returns a dict logs eval_<name>_<key>: any such key has the function's mode.
+
+    Example:
+        >>> metric_mode(cfg, "eval_loss"), metric_mode(cfg, "eval_exact_match")  # doctest: +SKIP
+        ('min', 'max')
+    """
+    if metric in LOSS_METRICS:
+        return LOSS_METRICS[metric]
+    specs = cfg.eval.generate.metrics if cfg.eval.generate else []
+    exact = [spec for spec in specs if metric == spec.metric_name]  # before prefixes: eval_exact_match is not eval_exact_*
+    found = exact or [spec for spec in specs if spec.type == "function" and metric.startswith(spec.metric_name + "_")]
+    return ("max" if found[0].higher_is_better else "min") if found else None
 
 
 # Marks a cross-field validator's message: one or more "dotted.key: problem" lines, reported as they are.
@@ -592,7 +785,7 @@ def with_absolute_paths(cfg: Config) -> Config:
     other nodes, so a relative path means something else there: it must never leave the driver.
     Hub ids (a model or dataset name that is not an existing path) are left as they are.
     """
-    raw = cfg.model_dump(mode="json")
+    raw = cfg.model_dump()  # Python values, not JSON: a metric function given as a callable stays one
     if Path(raw["model"]["name_or_path"]).expanduser().exists():
         raw["model"]["name_or_path"] = _absolute(raw["model"]["name_or_path"])
     for source in [*raw["data"]["train"], *(raw["data"]["eval"] or [])]:

@@ -8,9 +8,11 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+from collections.abc import Sequence
+
 import torch
 from peft import PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from raysft.config import Config, ModelConfig, parse_config, read_yaml
 from raysft.errors import ConfigError
@@ -68,7 +70,56 @@ def load_for_inference(model: ModelConfig, adapter: str | Path | None = None) ->
     return loaded.eval(), tokenizer
 
 
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices of the prompts grouped into batches of `batch_size`, shortest first (stable), so that batches
+    pad little. A pure function of the lengths: eval.generate splits these batches across workers, so any
+    number of workers generates the same batches.
+
+    Example:
+        >>> length_batches([5, 2, 9, 2], batch_size=2)
+        [[1, 3], [0, 2]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
+def generate_batch(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    synced_gpus: bool = False,
+) -> list[str]:
+    """Continue each prompt (token ids, chat template already applied) and decode what was generated, special
+    tokens dropped. Greedy at temperature 0. One batch, left-padded: generation continues at the right edge.
+
+    `synced_gpus`: every worker of the process group keeps running forwards until all are done (transformers'
+    own flag), which FSDP needs: each forward gathers sharded weights collectively. `model` is anything with
+    transformers' `generate` (a PreTrainedModel, a PeftModel, raysft's TokenLoss).
+    """
+    device = next(model.parameters()).device
+    width = max(len(prompt) for prompt in prompts)
+    pad_id = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    eos = {tokenizer.eos_token_id} | set(_as_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None)))
+    # Explicit, so that a checkpoint's own generation_config (sampling, penalties) never changes what greedy means.
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=sorted(eos - {None}), use_cache=True,
+        **({"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}),
+    )
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                            synced_gpus=synced_gpus)
+    decoded = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+    return [text.strip() for text in decoded]
+
+
+def _as_list(value: int | list[int] | None) -> list[int]:
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
 def chat_generate(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -78,30 +129,18 @@ def chat_generate(
     batch_size: int = 16,
 ) -> list[str]:
     """Answer each prompt as a single user turn rendered with the chat template (greedy at temperature 0)."""
-    device = next(model.parameters()).device
     texts = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in prompts
     ]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths batch with little padding
-    answers = [""] * len(texts)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues at the right edge
-    try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            # The template writes every special token itself; the tokenizer must not add a second BOS.
-            batch = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            output = model.generate(
-                **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling
-            )
-            decoded = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            for index, text in zip(chunk, decoded):
-                answers[index] = text
-    finally:
-        # The caller's tokenizer is shared (e.g. with training code that pads on the right).
-        tokenizer.padding_side = padding_side
-    return [a.strip() for a in answers]
+    # The template writes every special token itself; the tokenizer must not add a second BOS.
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    answers = [""] * len(prompts)
+    for batch in length_batches([len(ids) for ids in encoded], batch_size):
+        for index, text in zip(batch, generate_batch(model, tokenizer, [encoded[i] for i in batch], max_new_tokens,
+                                                     temperature)):
+            answers[index] = text
+    return answers
 
 
 def run_config(run_dir: str | Path) -> Config:

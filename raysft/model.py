@@ -379,6 +379,12 @@ class TokenLoss(nn.Module):
         picked = logits.detach().gather(1, wanted[:, None]).squeeze(1)
         return loss_sum, (picked >= logits.detach().amax(-1)).sum()
 
+    def generate(self, **kwargs: Any) -> torch.Tensor:
+        """The wrapped model's `generate` (eval.generate). Reached through this module because under FSDP it is
+        the root unit, whose hooks must gather the embeddings and head around the whole generation
+        (raysft.training.fsdp registers this method as a forward of the root)."""
+        return self.model.generate(**kwargs)
+
 
 class _HeadWeights(NamedTuple):
     """An output head's weight and bias, standing in for the nn.Linear that linear_cross_entropy reads."""

@@ -18,6 +18,7 @@ import pytest
 
 from raysft.cli import main
 from raysft.config import Config, apply_overrides, parse_config
+from raysft.training.trainer import RunResult
 
 REPO = Path(__file__).resolve().parents[1]
 """The project root: commands run from here, shipped YAMLs are read from here."""
@@ -49,6 +50,19 @@ def tiny_config(model_dir: Path, output_dir: Path, overrides: list[str] | None =
         "tracking": {"console": False, "tensorboard": False},
     }
     return parse_config(apply_overrides(raw, overrides or []))
+
+
+# Greedy answers of the tiny random model are gibberish, so exact match is 0 whatever happens: the digest of every
+# answer (tests/metric_functions.py, a user function by module:function) is what tells two runs' generations apart.
+GENERATE_WITH_DIGEST = ("eval.generate={max_new_tokens: 12, batch_size: 3, metrics: [exact_match, rouge_l, "
+                        "{function: 'tests.metric_functions:answer_digest', name: answers}]}")
+
+
+def generation_scores(result: RunResult) -> dict[int, dict[str, float]]:
+    """eval.generate's metrics of every evaluation, by step."""
+    return {e["step"]: {k: v for k, v in e.items() if k in {"eval_exact_match", "eval_rouge_l", "eval_answers_digest",
+                                                            "eval_answers_chars"}}
+            for e in result.history() if "eval_loss" in e}
 
 
 def losses(history: list[dict[str, Any]]) -> dict[int, float]:

@@ -59,6 +59,9 @@ def refused_before_ray(capsys: pytest.CaptureFixture[str], args: list[str | Path
         ("scaling.storage_path=foo://bucket/run", "scaling.storage_path"),  # object storage: tests/test_storage.py
         ("tracking.mlflow_dir=s3://bucket/mlflow", "tracking.mlflow_dir"),  # a server is MLFLOW_TRACKING_URI
         ("train.learning_rate=1e-4", "did you mean 'train.lr'"),  # handled well before: kept as a case
+        ("train.early_stopping={patience: 2}", "train.early_stopping watches evaluations"),  # no eval_every
+        ("train.checkpoint_score=eval_exact_match", "train.checkpoint_score"),  # no eval.generate to log it
+        ("eval.generate={metrics: [{function: 'no_such_module_here:score'}]}", "eval.generate.metrics.0.function"),
     ],
 )
 def test_bad_setting_named_before_ray(
@@ -203,6 +206,17 @@ def test_rerun_under_home_relative_output_dir_is_refused(
 def test_batch_larger_than_the_data(capsys: pytest.CaptureFixture[str], ray_session: None, tiny_model_dir: Path, tmp_path: Path) -> None:
     code, _, err = cli(capsys, "train", write_config(tmp_path, tiny_model_dir), "--set", "train.micro_batch_size=4000")
     assert_refused(code, err, "train.micro_batch_size", "lower those or add data")
+    assert not (tmp_path / "run").exists()
+
+
+def test_generate_reference_its_extract_misses(capsys: pytest.CaptureFixture[str], ray_session: None,
+                                               tiny_model_dir: Path, tmp_path: Path) -> None:
+    # GSM8K references end with "#### N"; this pattern matches none of them: refused once the data is read,
+    # naming the metric's key and the first reference's file:line, before training (no run folder).
+    generate = "eval.generate={metrics: [rouge_l, {type: exact_match, extract: 'ANSWER: (\\d+)'}]}"
+    code, _, err = cli(capsys, "train", write_config(tmp_path, tiny_model_dir), "--set", generate)
+    assert_refused(code, err, "eval.generate.metrics.1.extract: extract 'ANSWER: (\\\\d+)' does not match the reference "
+                   "of 8 of 8 eval prompts, first", "gsm8k/test.jsonl:1")
     assert not (tmp_path / "run").exists()
 
 

@@ -141,3 +141,26 @@ def test_add_special_tokens_defaults_to_the_fallbacks_needs_and_refuses_blank_or
     assert err.value.problems == ["model.add_special_tokens: tokens must not be empty or whitespace (got [' '])"]
     with pytest.raises(ConfigError, match=r"model.add_special_tokens: tokens listed more than once: \['<a>'\]"):
         parse_config({**MINIMAL, "model": {"name_or_path": "m", "add_special_tokens": ["<a>", "<b>", "<a>"]}})
+
+
+def test_early_stopping_and_checkpoint_score_name_an_evaluation_metric() -> None:
+    evaluating = {**MINIMAL, "data": {**MINIMAL["data"], "eval_fraction": 0.1}}
+    with pytest.raises(ConfigError) as err:  # no train.eval_every, no eval data: refused before Ray starts
+        parse_config({**MINIMAL, "train": {"early_stopping": {"metric": "eval_loss"}}})
+    assert err.value.problems == [
+        "train.early_stopping watches evaluations; set train.eval_every and eval data (data.eval or "
+        "data.eval_fraction), or remove train.early_stopping"]
+    with pytest.raises(ConfigError) as err:
+        parse_config({**evaluating, "train": {"eval_every": 5, "checkpoint_score": "eval_exact_match",
+                                              "early_stopping": {"metric": "eval_exact_match"}}})
+    assert err.value.problems == [
+        f"train.{key}: 'eval_exact_match' is not an evaluation metric of this run; choose one of eval_loss, eval_ppl, "
+        "eval_token_accuracy (task metrics such as eval_exact_match come from an eval.generate section)"
+        for key in ("checkpoint_score", "early_stopping.metric")]
+    cfg = parse_config({**evaluating, "train": {"eval_every": 5, "checkpoint_score": "eval_exact_match", "final": "best",
+                                                "early_stopping": {"metric": "eval_exact_match", "patience": 2}},
+                        "eval": {"generate": {"metrics": ["exact_match"]}}})
+    assert cfg.train.early_stopping.patience == 2 and cfg.train.checkpoint_score == "eval_exact_match"
+    with pytest.raises(ConfigError, match=r"train.early_stopping.patiense: unknown key; did you mean "
+                                          r"'train.early_stopping.patience'"):
+        parse_config({**evaluating, "train": {"eval_every": 5, "early_stopping": {"patiense": 2}}})

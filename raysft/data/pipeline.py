@@ -149,7 +149,7 @@ def held_out(seq: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
 
-def _selected(table: pa.Table, plan: PackPlan) -> np.ndarray:
+def in_split(table: pa.Table, plan: PackPlan) -> np.ndarray:
     """Rows of a tokenized table slice that belong to the split: read without a problem, and on the right
     side of the hold-out."""
     keep = pc.is_null(table.column("error")).to_numpy(zero_copy_only=False)
@@ -337,7 +337,7 @@ def split_summary(tokenized: CachedTable, plan: PackPlan) -> tuple[LengthSummary
     over-length DataError of `over_length: raise` naming the first offending example."""
     summary, skipped = LengthSummary(), 0
     for group in tokenized.iter_groups(["seq", "num_tokens", "num_trained", "error"]):
-        keep = _selected(group, plan)
+        keep = in_split(group, plan)
         errors = pc.is_valid(group.column("error")).to_numpy(zero_copy_only=False)
         skipped += int(errors.sum())
         lengths = group.column("num_tokens").to_numpy()[keep]
@@ -422,7 +422,7 @@ def pack_window(window: dict[str, Any], tokenized: CachedTable, plan: PackPlan) 
     """One pack window: rows [start, stop) of the tokenized table -> the split's examples -> length policy
     -> best-fit-decreasing rows (or one row per example). Row keys: window << 32 | row."""
     rows = tokenized.read(int(window["start"]), int(window["stop"]), ["seq", "input_ids", "labels", "error"])
-    keep = _selected(rows, plan)
+    keep = in_split(rows, plan)
     ids, offsets = list_arrays(rows.column("input_ids"))
     labels, _ = list_arrays(rows.column("labels"))
     examples = [{"input_ids": ids[offsets[i] : offsets[i + 1]], "labels": labels[offsets[i] : offsets[i + 1]],
@@ -535,6 +535,8 @@ class PreparedData:
     stats: DataStats
     fingerprint: str
     pad_token_id: int
+    plans: dict[str, PackPlan] = field(default_factory=dict)
+    """How each packed split was made from its tokenized table (raysft/data/prompts.py reads eval examples by it)."""
 
     def num_rows(self, split: str) -> int:
         return self.splits[split].num_rows
@@ -576,7 +578,8 @@ def prepare_data(cfg: Config) -> PreparedData:
     stats, splits, digest = DataStats(), {}, hashlib.sha256()
     # The console's line per stage (tracking.console): what runs, then what it made, or what the cache holds.
     report = say if cfg.tracking.console else (lambda text: None)
-    for plan in _pack_plans(cfg, keys):
+    plans = {plan.name: plan for plan in _pack_plans(cfg, keys)}
+    for plan in plans.values():
         location = storage.join(root, "packed", plan.key)
         packed = CachedTable.open(location)
         label = f"data {plan.name}"
@@ -605,8 +608,15 @@ def prepare_data(cfg: Config) -> PreparedData:
         splits[plan.name] = packed
         stats.add(plan.name, packed.info)
         digest.update(plan.key.encode())
+    eval_source = plans["eval"].source if "eval" in plans else None
+    if cfg.eval.generate is not None and eval_source is not None and tokenized[eval_source] is None:
+        # eval.generate reads its prompts from the tokenized eval examples (raysft/data/prompts.py); the packed
+        # table can outlive its tokenized one when a cache is pruned by hand.
+        ensure_ray(cfg.scaling.ray_address)
+        tokenized[eval_source] = tokenize_split(sources[eval_source], tokenizer, cfg.data,
+                                                storage.join(root, "tokenized", keys[eval_source]))
     return PreparedData(splits, {k: v for k, v in tokenized.items() if v is not None}, stats, digest.hexdigest()[:24],
-                        int(tokenizer.pad_token_id))
+                        int(tokenizer.pad_token_id), plans)
 
 
 def first_examples(tokenized: CachedTable, count: int) -> list[dict[str, Any]]:

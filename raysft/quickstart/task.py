@@ -11,6 +11,7 @@ import json
 import random
 from pathlib import Path
 
+from raysft import evaluation
 from raysft.fileio import write_text_atomically
 
 # Measured on SmolLM2-135M-Instruct (greedy, 50 prompts per kind): the base model gets almost
@@ -171,19 +172,15 @@ def task_answer(response_text: str) -> str:
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Fraction of predictions whose :func:`task_answer` equals the reference's.
+    """Fraction of predictions whose :func:`task_answer` equals the reference's (raysft.evaluation's exact
+    match, with this task's normalizer).
 
     Example::
 
         >>> exact_match(["Lisbon.", "The city is Paris"], ["Lisbon", "Paris"])
         0.5
     """
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references.")
-    if not references:
-        raise ValueError("exact_match needs at least one prediction.")
-    hits = sum(task_answer(p) == task_answer(r) for p, r in zip(predictions, references))
-    return hits / len(references)
+    return evaluation.exact_match(predictions, references, task_answer)
 
 
 def write_quickstart_data(folder: Path, n_train: int, n_eval: int, seed: int) -> tuple[Path, Path]:

@@ -49,7 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from raysft import storage
-from raysft.config import Config, is_uri
+from raysft.config import Config, is_uri, metric_mode
 from raysft.errors import RunError
 from raysft.fileio import write_error
 from raysft.model import trainable_state_dict
@@ -265,7 +265,8 @@ def is_scored(cfg: Config, has_eval: bool) -> bool:
 
 
 def higher_is_better(cfg: Config) -> bool:
-    return cfg.train.checkpoint_score == "eval_token_accuracy"
+    """Whether a higher `train.checkpoint_score` is better (accuracy, generation metrics) or a lower (loss)."""
+    return metric_mode(cfg, cfg.train.checkpoint_score) == "max"
 
 
 def better(score: float, than: float | None, higher: bool) -> bool:

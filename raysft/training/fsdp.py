@@ -15,7 +15,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import DTensor
 
 from raysft.config import Config
@@ -43,6 +49,8 @@ def shard(loss_module: TokenLoss, cfg: Config) -> TokenLoss:
     for layer in decoder_layers(loss_module.model):
         fully_shard(layer, mp_policy=precision, offload_policy=offload)
     fully_shard(loss_module, mp_policy=precision, offload_policy=offload)
+    # eval.generate calls the root's generate, not its forward: the root's parameters must be gathered around it too.
+    register_fsdp_forward_method(loss_module, "generate")
     return loss_module
 
 

@@ -1,6 +1,7 @@
 """The training loop every Ray Train worker runs, written out in one place.
 
-forward -> token-weighted loss -> backward (accumulate) -> unscale/clip -> step -> schedule -> eval -> report
+forward -> token-weighted loss -> backward (accumulate) -> unscale/clip -> step -> schedule -> eval (loss, then
+eval.generate's task metrics) -> report -> checkpoint -> early stop
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from raysft import storage
 from raysft.config import Config, is_uri
 from raysft.data.stream import PackedRows, chunks_to_keep
+from raysft.evaluation import GENERATIONS_FILE
 from raysft.fileio import replace_dir_atomically, write_error, write_text_atomically
 from raysft.model import (
     TokenLoss,
@@ -47,8 +49,10 @@ from raysft.training.checkpoint import (
     step_dir_name,
 )
 from raysft.training.fsdp import all_finite, gathered_state_dict, is_sharded, shard
+from raysft.training.generate_eval import GenerationEval
 from raysft.training.optim import build_optimizer, lr_at, set_lr
 from raysft.training.step import ORDER_CHUNK_ROWS, BatchSchedule, all_reduce_sum, autocast, train_step
+from raysft.training.stopping import patience_of
 from raysft.training.worker import LoopInputs  # defined apart so that Ray's controller unpickles it without torch
 
 
@@ -81,7 +85,7 @@ def evaluate(
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:
-    """On resume, drop metric lines logged after the checkpoint (they are about to be redone).
+    """On resume, drop metric (or generation) lines logged after the checkpoint (they are about to be redone).
 
     Without a checkpoint (after_step 0) the run starts over, its step-0 evaluation included.
     """
@@ -92,7 +96,7 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
 
 
 # What rank 0 writes in its working folder, copied to object storage with each checkpoint and at the end.
-RANK0_FILES = (METRICS_FILE, "tensorboard", MLFLOW_DIR)
+RANK0_FILES = (METRICS_FILE, GENERATIONS_FILE, "tensorboard", MLFLOW_DIR)
 
 
 def _working_folder(location: str) -> Path:
@@ -168,6 +172,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sharded = world > 1 and cfg.scaling.strategy == "fsdp"
     if sharded:  # before the optimizer: it must hold the sharded parameters
         shard(loss_module, cfg)
+    generation = GenerationEval(inputs.generation, cfg, rank, world, device, sharded) if inputs.generation else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg.train)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
@@ -179,6 +184,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scored, higher = is_scored(cfg, inputs.has_eval), higher_is_better(cfg)
     last_eval: dict[str, float] = restored.get("last_eval", {})
     best: dict[str, Any] | None = restored.get("best")  # {"score", "step"} of the best checkpoint so far
+    patience = patience_of(cfg, restored.get("early_stopping"))  # counts on from the checkpoint's evaluations
     forward: nn.Module = loss_module
     if world > 1 and not sharded:
         forward = ray.train.torch.prepare_model(loss_module, move_to_device=False)
@@ -188,26 +194,44 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if is_uri(location):  # a fresh node: continue the run's metrics (and MLflow store) from storage
             shutil.rmtree(working, ignore_errors=True)
             working.mkdir(parents=True)
-            for name in (METRICS_FILE, MLFLOW_DIR):
+            for name in (METRICS_FILE, GENERATIONS_FILE, MLFLOW_DIR):
                 if storage.exists(storage.join(location, name)):
                     storage.download(storage.join(location, name), working / name)
         else:
             remove_staging(Path(location) / "checkpoints")
             remove_staging(working)
-        _truncate_metrics(working / METRICS_FILE, start_step)  # before the tracker opens it for appending
+        for name in (METRICS_FILE, GENERATIONS_FILE):  # before the tracker opens metrics.jsonl for appending
+            _truncate_metrics(working / name, start_step)
     tracker = Tracker(cfg, working, total_steps=num_steps, location=location, start_step=start_step) if rank == 0 else None
     if tracker is not None:
         tracker.log_text(f"resuming from {resumed} at step {start_step}" if resumed else
                          f"{len(train_rows)} rows, {num_steps} steps, {world} worker(s)"
                          f"{' (FSDP)' if sharded else ''}, global batch {schedule.global_batch} rows")
 
+    if tracker is not None and resumed and patience is not None and patience.best is not None:
+        tracker.log_text(f"early stopping continues: {patience.metric} best {patience.best:.6g} at step "
+                         f"{patience.best_step}, {patience.waited} evaluation(s) without improvement since")
+
     def report(metrics: dict[str, float], step: int) -> None:
         if tracker is not None:
             tracker.log(metrics, step)
         ray.train.report({"step": step, **metrics})
 
+    def evaluation(step: int) -> dict[str, float]:
+        """What an evaluation logs: eval loss over every eval row, then eval.generate's task metrics."""
+        assert eval_rows is not None
+        scores = evaluate(loss_module, eval_rows, cfg, rank, world, pad_id, device)
+        if generation is not None:
+            task_scores, predictions = generation(loss_module)
+            scores.update(task_scores)
+            if rank == 0:
+                generation.write(working, step, predictions)
+        return scores
+
     if eval_rows is not None and cfg.train.eval_every and start_step == 0:
-        last_eval = evaluate(loss_module, eval_rows, cfg, rank, world, pad_id, device)
+        last_eval = evaluation(0)
+        if patience is not None:  # the reference point the first evaluation in training must beat
+            patience = patience.after_evaluation(last_eval, 0)
         report(last_eval, 0)
 
     # Loop.
@@ -241,11 +265,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 trained_tokens=step_trained, skipped=0.0 if result.applied else 1.0,
             )
             interval_start, interval_tokens = time.perf_counter(), 0
+        stop = False
         if eval_rows is not None and (
             (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == num_steps
         ):
-            last_eval = evaluate(loss_module, eval_rows, cfg, rank, world, pad_id, device)
+            last_eval = evaluation(done)
             metrics.update(last_eval)
+            if patience is not None:
+                patience = patience.after_evaluation(last_eval, done)
+                stop = patience.exhausted and done < num_steps  # every rank alike: the metric is rank-identical
+                if stop:
+                    metrics["early_stopped"] = 1.0
         if tracker is not None and metrics:
             tracker.log(metrics, done)
         checkpoint_due = bool(cfg.train.checkpoint_every) and done % cfg.train.checkpoint_every == 0 and done < num_steps
@@ -257,7 +287,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if score is not None and better(score, best and best["score"], higher):
                 best = {"score": score, "step": done}
             state = {"data_fingerprint": inputs.data_fingerprint, "num_tokens": seen_tokens, "scaler": scaler.state_dict(),
-                     "score": score, "last_eval": last_eval, "best": best}
+                     "score": score, "last_eval": last_eval, "best": best,
+                     "early_stopping": patience.state() if patience is not None else None}
             save_checkpoint(inputs, done, model, optimizer, state, metrics, rank, local_mode)
         else:
             if checkpoint_due and tracker is not None:
@@ -267,6 +298,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # steps to the controller's poll: Ray Train holds one unread report per worker and polls every 2 s.
             if metrics and ("eval_loss" in metrics or done == num_steps):
                 ray.train.report({"step": done, **metrics})
+        if stop:
+            assert patience is not None
+            if tracker is not None:
+                tracker.log_text(patience.reason(done))
+            break
 
     # Save: the last step's weights, or the best checkpoint's when it beat them.
     final_score = last_eval.get(cfg.train.checkpoint_score)

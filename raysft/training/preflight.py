@@ -19,6 +19,7 @@ from torch import nn
 
 from raysft.config import Config, ModelConfig, default_cache_root, is_uri
 from raysft.errors import ConfigError
+from raysft.evaluation import check_functions
 from raysft.model import check_model_source, model_location
 from raysft.storage import storage_problem
 
@@ -126,5 +127,7 @@ def _tracking_problems(cfg: Config) -> list[str]:
 def preflight(cfg: Config) -> None:
     """Raise one ConfigError listing every problem of `cfg` that can be known before Ray starts."""
     problems = _folder_problems(cfg) + _model_problems(cfg) + _tracking_problems(cfg)
+    if cfg.eval.generate is not None:  # a metric function that does not import would fail every worker later
+        problems += check_functions(cfg.eval.generate.metrics)
     if problems:
         raise ConfigError(problems)

@@ -24,6 +24,7 @@ import yaml
 from raysft import storage
 from raysft.config import Config, flatten, public_tree, to_yaml
 from raysft.errors import ConfigError
+from raysft.evaluation import GENERATIONS_FILE
 from raysft.track import METRICS_FILE, MLFLOW_DIR, MLFLOW_RUN_FILE
 
 CONFIG_FILE = "config.yaml"
@@ -32,8 +33,8 @@ DATA_STATS_FILE = "data_stats.json"
 FINAL_DIR = "final"
 CHECKPOINTS_DIR = "checkpoints"
 # Everything a run writes at the top of its folder: a fresh run refuses to start where any of these exists.
-RUN_FILES = (CONFIG_FILE, HISTORY_FILE, DATA_STATS_FILE, METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR, "tensorboard",
-             "wandb", MLFLOW_DIR, MLFLOW_RUN_FILE)
+RUN_FILES = (CONFIG_FILE, HISTORY_FILE, DATA_STATS_FILE, METRICS_FILE, GENERATIONS_FILE, FINAL_DIR, CHECKPOINTS_DIR,
+             "tensorboard", "wandb", MLFLOW_DIR, MLFLOW_RUN_FILE)
 # What a run leaves once it has trained (as opposed to files of the user's that happen to share a name).
 _TRAINED_MARKS = (METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR)
 
@@ -48,6 +49,8 @@ RESUMABLE_CHANGES = (
     "train.checkpoints_to_keep",
     "train.checkpoint_score",
     "train.final",
+    "train.early_stopping",  # None, or the section's keys below
+    "train.early_stopping.",
     "train.on_nonfinite",
     "train.output_dir",  # the run folder was moved: where it is, not what it computes
     "scaling.max_failures",
@@ -56,6 +59,7 @@ RESUMABLE_CHANGES = (
     "data.num_tokenize_workers",
     "data.cache_dir",
     "tracking.",
+    "eval.",  # generating answers to score them changes no step
 )
 
 

@@ -22,10 +22,13 @@ from ray.train.torch import TorchTrainer
 
 from raysft.config import Config, with_absolute_paths
 from raysft.data.pipeline import ensure_ray, prepare_data, stats_json
+from raysft.data.prompts import generation_set
 from raysft.errors import USER_ERRORS, ConfigError, RunError
+from raysft.evaluation import GENERATIONS_FILE
 from raysft import storage
 from raysft.fileio import write_error
 from raysft.track import METRICS_FILE, MLFLOW_DIR, MLFLOW_RUN_FILE, read_metrics, say, train_log_level, verbose
+from raysft.model import load_tokenizer
 from raysft.training.checkpoint import newest_verified, read_state
 from raysft.training.checkpoint import CHECKPOINT_SCORE_KEY, higher_is_better, is_scored
 from raysft.training.preflight import preflight
@@ -192,7 +195,7 @@ def _copy_results_home(cfg: Config) -> None:
     location, home = run_location(cfg), output_path(cfg)
     if location == str(home):
         return
-    for name in (CONFIG_FILE, DATA_STATS_FILE, METRICS_FILE, FINAL_DIR, MLFLOW_DIR, MLFLOW_RUN_FILE):
+    for name in (CONFIG_FILE, DATA_STATS_FILE, METRICS_FILE, GENERATIONS_FILE, FINAL_DIR, MLFLOW_DIR, MLFLOW_RUN_FILE):
         if storage.exists(storage.join(location, name)):
             if (home / name).is_dir():
                 shutil.rmtree(home / name)
@@ -216,6 +219,7 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
     resume_changes = check_run_folder(cfg)
     prepared = prepare_data(cfg)
     check_batch_fits(cfg, prepared.num_rows("train"))
+    generation = generation_set(cfg, prepared, load_tokenizer(cfg.model)) if cfg.eval.generate is not None else None
     resume_from = _resume_point(cfg, prepared.fingerprint)
     ensure_ray(cfg.scaling.ray_address)
     wait_for_worker_resources(cfg)
@@ -232,6 +236,7 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
         eval_data=prepared.splits.get("eval"),
         resume_from=resume_from,
         verbose=verbose(),
+        generation=generation,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -16,6 +16,7 @@ from typing import Any
 
 from raysft.config import Config
 from raysft.data.cache import CachedTable
+from raysft.evaluation import GenerationSet
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class LoopInputs:
     """The checkpoint the driver chose for --resume when Ray Train has none to give (local mode)."""
     verbose: bool = False
     """The driver's console mode (raysft.track.verbose): a worker quiets its libraries unless it is set."""
+    generation: GenerationSet | None = None
+    """eval.generate's prompts and references (raysft/data/prompts.py), or None."""
 
     @property
     def has_eval(self) -> bool:

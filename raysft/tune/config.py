@@ -9,14 +9,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from raysft.config import (
+    LOSS_METRICS,
     Config,
     Section,
     apply_overrides,
     read_yaml,
     resolve_data_paths,
+    metric_mode,
     to_yaml,
     validate_section,
 )
@@ -35,9 +37,6 @@ class SchedulerConfig(Section):
     """Eval rounds of a full trial (ASHA's max_t); default: base max_steps / eval_every."""
 
 
-SweepMetric = Literal["eval_loss", "eval_ppl", "eval_token_accuracy"]
-
-
 class SweepConfig(Section):
     """A hyperparameter sweep: a base train config, a search space over its fields, and how to search."""
 
@@ -50,10 +49,12 @@ class SweepConfig(Section):
     (it becomes a folder name, so no `/` and no leading `.`)."""
     output_dir: str | None = None
     """Sweep folder: trials/, tune/, results.csv, best/, report.png (default runs/sweeps/<name>)."""
-    metric: SweepMetric = "eval_loss"
-    """Evaluation metric that ranks trials and drives early stopping."""
+    metric: str = "eval_loss"
+    """Evaluation metric that ranks trials and drives early stopping: eval_loss, eval_ppl, eval_token_accuracy, or a
+    task metric of the base's `eval.generate` section (eval_exact_match, ...)."""
     mode: Literal["min", "max"] | None = None
-    """Whether lower or higher `metric` is better (default: max for accuracy, min otherwise)."""
+    """Whether lower or higher `metric` is better (default: from the metric: min for eval_loss and eval_ppl, max for
+    accuracy and the generation metrics)."""
     num_samples: int | None = Field(default=None, gt=0)
     """Trials to sample (each grid point is repeated this often); default 8, or 1 for a pure grid."""
     max_concurrent_trials: int | None = Field(default=None, gt=0)
@@ -65,6 +66,17 @@ class SweepConfig(Section):
     seed: int = 0
     """Seed of the search (which configurations are sampled)."""
 
+    @field_validator("metric")
+    @classmethod
+    def _logged_by_the_base(cls, value: str, info: ValidationInfo) -> str:
+        base = info.data.get("base")  # absent when the base itself is invalid: reported on its own
+        if base is not None and metric_mode(base, value) is None:
+            generated = [m.metric_name for m in base.eval.generate.metrics] if base.eval.generate else []
+            raise ValueError(f"{value!r} is not an evaluation metric of the base config; choose one of "
+                             f"{', '.join([*LOSS_METRICS, *generated])} (task metrics such as eval_exact_match come "
+                             "from base.eval.generate)")
+        return value
+
     @field_validator("scheduler", mode="before")
     @classmethod
     def _scheduler_by_name(cls, value: Any) -> Any:
@@ -72,8 +84,8 @@ class SweepConfig(Section):
 
     @model_validator(mode="after")
     def _defaults(self) -> "SweepConfig":
-        if self.mode is None:
-            self.mode = "max" if self.metric == "eval_token_accuracy" else "min"
+        if self.mode is None:  # an unknown metric is reported by check_sweep, naming it
+            self.mode = metric_mode(self.base, self.metric) or "min"
         if self.output_dir is None:
             self.output_dir = f"runs/sweeps/{self.name}"
         return self

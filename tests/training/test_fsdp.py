@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 import raysft
 from raysft.errors import ConfigError
 from raysft.training.checkpoint import MANIFEST, checkpoint_names, verify
-from tests.runs import kill_workers_after_checkpoint, losses, tiny_config
+from tests.runs import GENERATE_WITH_DIGEST, generation_scores, kill_workers_after_checkpoint, losses, tiny_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 # eval_every=2: evaluations at steps 0, 2 and 4, each with every rank running the same number of forwards.
@@ -42,9 +42,12 @@ def assert_same_run(got: raysft.RunResult, expected: raysft.RunResult) -> None:
 
 
 def test_two_fsdp_workers_equal_one_worker_lora(tiny_model_dir: Path, tmp_path: Path) -> None:
-    one = run(tiny_model_dir, tmp_path / "one", ONE_WORKER)
-    two = run(tiny_model_dir, tmp_path / "two", TWO_SHARDED)
+    # eval.generate under FSDP: every forward gathers shards, so both ranks step together (synced_gpus) through
+    # the 3 batches of 8 prompts (rank 1 runs a stand-in batch) and must give one worker's answers.
+    one = run(tiny_model_dir, tmp_path / "one", [*ONE_WORKER, GENERATE_WITH_DIGEST])
+    two = run(tiny_model_dir, tmp_path / "two", [*TWO_SHARDED, GENERATE_WITH_DIGEST])
     assert_same_run(two, one)
+    assert generation_scores(two) == generation_scores(one) and len(generation_scores(one)) == 3
     # final/ is a plain PEFT adapter gathered from the shards, with the weights one worker trained.
     a = load_file(str(one.final_dir / "adapter_model.safetensors"))
     b = load_file(str(two.final_dir / "adapter_model.safetensors"))

@@ -12,18 +12,28 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import raysft
-from raysft.config import ModelConfig, parse_config
+from raysft.config import GenerateMetricConfig, ModelConfig, parse_config
 from raysft.errors import ConfigError
+from raysft.evaluation import score_generations
 from raysft.infer import load_for_inference
 from raysft.model import load_model
 from raysft.training.checkpoint import checkpoint_names, verify
 from raysft.training.step import EpochOrder
-from tests.runs import WorkerKiller, kill_workers_after_checkpoint, losses, tiny_config
+from tests import metric_functions
+from tests.runs import (
+    GENERATE_WITH_DIGEST,
+    WorkerKiller,
+    generation_scores,
+    kill_workers_after_checkpoint,
+    losses,
+    tiny_config,
+)
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -53,13 +63,18 @@ def test_grad_accumulation_equals_one_big_batch(tiny_model_dir: Path, tmp_path: 
 
 def test_two_workers_equal_one_worker(tiny_model_dir: Path, tmp_path: Path) -> None:
     # A shuffle window of 8 rows: the workers stream the epoch window by window (raysft/data/stream.py).
-    one = run(tiny_model_dir, tmp_path / "one", ["scaling.num_workers=1", "train.grad_accum_steps=2", "data.shuffle_window=8"])
-    two = run(tiny_model_dir, tmp_path / "two", ["scaling.num_workers=2", "train.grad_accum_steps=1", "data.shuffle_window=8"])
+    # eval.generate: 8 prompts in batches of 3, so the two workers generate 2 and 1 batches.
+    one = run(tiny_model_dir, tmp_path / "one", ["scaling.num_workers=1", "train.grad_accum_steps=2", "data.shuffle_window=8",
+                                                 "train.eval_every=2", GENERATE_WITH_DIGEST])
+    two = run(tiny_model_dir, tmp_path / "two", ["scaling.num_workers=2", "train.grad_accum_steps=1", "data.shuffle_window=8",
+                                                 "train.eval_every=2", GENERATE_WITH_DIGEST])
     for step, loss in losses(one.history()).items():
         assert losses(two.history())[step] == pytest.approx(loss, abs=1e-5)
     evals_one = [e["eval_loss"] for e in one.history() if "eval_loss" in e]
     evals_two = [e["eval_loss"] for e in two.history() if "eval_loss" in e]
-    assert evals_two == pytest.approx(evals_one, abs=1e-5)
+    assert evals_two == pytest.approx(evals_one, abs=1e-5) and len(evals_one) == 3
+    assert generation_scores(two) == generation_scores(one)  # the same answers to the same prompts, in order
+    assert all(scores["eval_answers_chars"] > 0 for scores in generation_scores(one).values())
 
 
 def test_resume_continues_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -185,17 +200,45 @@ def test_windowed_order_is_computed_from_any_position_and_keeps_rows_in_their_wi
         assert set(rows // 64) == {int(c) for c in order._windows[index]}
 
 
-def test_metrics_file_has_the_documented_fields(tiny_model_dir: Path, tmp_path: Path) -> None:
-    result = run(tiny_model_dir, tmp_path / "run", ["train.eval_every=2"])
+def test_metrics_file_has_the_documented_fields(tiny_model_dir: Path, tmp_path: Path, shared_data: Path) -> None:
+    generate = ("eval.generate={num_prompts: 6, max_new_tokens: 8, metrics: [exact_match, contains, rouge_l, "
+                "{type: exact_match, name: answer, extract: '####\\s*(-?[\\d,.]+)', normalize: [number]}]}")
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", ["train.eval_every=2", generate])
+    # Python API: a metric function given as the callable itself.
+    cfg.eval.generate.metrics = [*cfg.eval.generate.metrics,
+                                 GenerateMetricConfig(type="function", function=metric_functions.reference_length)]
+    result = raysft.train(cfg)
     history = result.history()
     train_entries = [e for e in history if "loss" in e]
     eval_entries = [e for e in history if "eval_loss" in e]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "num_tokens"} <= set(train_entries[0])
     assert [e["step"] for e in eval_entries] == [0, 2, 4]
-    assert {"eval_loss", "eval_ppl", "eval_token_accuracy"} <= set(eval_entries[-1])
+    task_metrics = {"eval_exact_match", "eval_contains", "eval_rouge_l", "eval_answer", "eval_reference_length"}
+    for entry in eval_entries:
+        assert {"eval_loss", "eval_ppl", "eval_token_accuracy", *task_metrics} <= set(entry)
+        assert all(0.0 <= entry[name] <= 1.0 for name in task_metrics - {"eval_reference_length"})
     assert eval_entries[-1]["eval_loss"] < eval_entries[0]["eval_loss"]
+    assert not any(name in e for e in train_entries if "eval_loss" not in e for name in task_metrics)
     saved = json.loads((result.output_dir / "data_stats.json").read_text())
     assert saved["rows_read"]["train"] == 48
+
+    # The prompts are the first 6 eval rows in order, each reference its row's answer; every logged score is the
+    # score of the answers generations.jsonl records.
+    rows = [json.loads(line) for line in (shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()[:6]]
+    generated = [json.loads(line) for line in (result.output_dir / "generations.jsonl").read_text().splitlines()]
+    assert [g["step"] for g in generated] == [0] * 6 + [2] * 6 + [4] * 6
+    for entry in eval_entries:
+        at_step = [g for g in generated if g["step"] == entry["step"]]
+        assert [g["origin"].rsplit(":", 1)[1] for g in at_step] == ["1", "2", "3", "4", "5", "6"]
+        assert [g["reference"] for g in at_step] == [row["answer"] for row in rows]
+        assert all(row["question"] in g["prompt"] and g["prompt"].endswith("<|im_start|>assistant\n")
+                   for row, g in zip(rows, at_step))
+        rescored = score_generations([g["prediction"] for g in at_step], [g["reference"] for g in at_step],
+                                     cfg.eval.generate.metrics)
+        assert rescored == {name: entry[name] for name in task_metrics}
+    assert eval_entries[0]["eval_reference_length"] == sum(len(row["answer"]) for row in rows) / 6
+    written = yaml.safe_load((result.output_dir / "config.yaml").read_text())["eval"]["generate"]["metrics"][-1]
+    assert written["function"] == "tests.metric_functions:reference_length"  # written as the name that imports it
 
 
 @pytest.mark.parametrize("workers", [0, 1], ids=["local-mode", "ray-train-worker"])
@@ -292,3 +335,50 @@ def test_base_model_trains_on_tool_calls_with_new_chatml_tokens(tiny_base_model_
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(initial(ids).logits, adapted(ids).logits)
+
+
+def test_early_stopping_stops_when_eval_loss_rises_and_exports_the_best(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # lr 0.2 overshoots after step 1 (as in the test above): eval loss soon stops improving.
+    result = run(tiny_model_dir, tmp_path / "run", [
+        "train.max_steps=12", "train.eval_every=1", "train.checkpoint_every=1", "train.lr=0.2", "train.warmup_steps=0",
+        "train.final=best", "train.early_stopping={metric: eval_loss, patience: 2}"])
+    history = result.history()
+    evals = {e["step"]: e["eval_loss"] for e in history if "eval_loss" in e}
+    # The rule: stop at the evaluation that is the second in a row not below the best so far (step 0's included).
+    best, waited, expected = float("inf"), 0, None
+    for step in sorted(evals):
+        best, waited = (evals[step], 0) if evals[step] < best else (best, waited + 1)
+        if waited == 2:
+            expected = step
+            break
+    assert expected is not None and expected < 12, evals
+    assert max(evals) == expected and history[-1]["step"] == expected  # nothing trained or logged after it
+    assert history[-1]["early_stopped"] == 1.0 and not any("early_stopped" in e for e in history[:-1])
+    # final: best exports the best checkpoint's weights (checkpoints at every step up to the stop).
+    best_step = min(range(1, expected + 1), key=evals.__getitem__)
+    final = load_file(str(result.final_dir / "adapter_model.safetensors"))
+    best_weights = load_file(str(tmp_path / "run" / "checkpoints" / f"step_{best_step:06d}" / "trainable.safetensors"))
+    for name, tensor in best_weights.items():
+        torch.testing.assert_close(final[name.replace(".default.weight", ".weight")], tensor, atol=0, rtol=0)
+
+
+def test_early_stopping_counts_on_after_resume(tiny_model_dir: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # min_delta 100: no evaluation improves on step 0's, so every evaluation adds one to the count.
+    common = ["train.eval_every=1", "train.checkpoint_every=1", "train.early_stopping={patience: 3, min_delta: 100}"]
+    out = tmp_path / "run"
+    first = run(tiny_model_dir, out, [*common, "train.max_steps=3"])  # the count reaches 3 at the run's own end
+    assert [e["step"] for e in first.history() if "eval_loss" in e] == [0, 1, 2, 3]
+    assert not any("early_stopped" in e for e in first.history())
+    capsys.readouterr()
+    # Resumed from step 2's checkpoint, which holds the count (2): step 3's evaluation is the third without an
+    # improvement. A count started afresh at the resume would run on to step 6.
+    resumed = run(tiny_model_dir, out, [*common, "train.max_steps=10", "train.resume=true", "tracking.console=true"])
+    history = resumed.history()
+    assert history[-1]["step"] == 3 and history[-1]["early_stopped"] == 1.0
+    assert [e["step"] for e in history if "eval_loss" in e] == [0, 1, 2, 3]
+    printed = capsys.readouterr().out
+    assert "early stopping continues: eval_loss best" in printed and "at step 0, 2 evaluation(s) without" in printed
+    assert "[raysft] early stopping at step 3: eval_loss did not improve by more than 100 in 3 evaluation(s) " \
+           "(patience 3); best " in printed
+    assert (resumed.final_dir / "adapter_model.safetensors").exists()

@@ -147,6 +147,31 @@ def test_asha_sweep_over_rank_lr_and_seq_len(ray_session: None, tiny_model_dir: 
     assert (sweep_dir / "results.csv").read_text() == expected and (sweep_dir / "report.png").exists()
 
 
+@pytest.mark.slow  # a sweep of its own (2 trials): about a minute on 2 cores
+def test_sweep_ranks_trials_by_a_generation_metric(ray_session: None, tiny_model_dir: Path, tmp_path: Path) -> None:
+    # The metric is a key of a user function's dict (tests/metric_functions.py): the characters the trial's model
+    # generated, different per trial where exact match would be 0 for every tiny random model. Higher is better.
+    generate = ("eval.generate={num_prompts: 4, max_new_tokens: 6, metrics: [exact_match, "
+                "{function: 'tests.metric_functions:answer_digest', name: answers}]}")
+    base = tiny_base(tiny_model_dir, tmp_path, ["train.max_steps=2", "train.eval_every=2", generate])
+    sweep_dir = tmp_path / "sweep"
+    cfg = parse_sweep({"name": "tiny-generate", "base": base, "output_dir": str(sweep_dir), "scheduler": "fifo",
+                       "space": {"train.lr": "grid [3e-1, 1e-6]"}, "metric": "eval_answers_chars",
+                       "max_concurrent_trials": 1})
+    assert cfg.mode == "max"
+    result = sweep(cfg)
+    rows = read_results(sweep_dir)
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    assert list(rows[0])[3:5] == ["best_eval_answers_chars", "last_eval_answers_chars"]
+    assert len({r["last_eval_answers_chars"] for r in rows}) == 2  # the ranking means something
+    best_row = max(rows, key=lambda r: float(r["last_eval_answers_chars"]))
+    assert result.best is not None and result.best.name == best_row["trial"]
+    for row in rows:  # every trial evaluated with generation at steps 0 and 2
+        records = read_metrics(sweep_dir / "trials" / row["trial"] / "metrics.jsonl")
+        assert [r["step"] for r in records if "eval_exact_match" in r] == [0, 2]
+        assert float(row["last_eval_answers_chars"]) == [r for r in records if r["step"] == 2][0]["eval_answers_chars"]
+
+
 def _wait_until(condition: Any, process: subprocess.Popen[bytes], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():

@@ -89,7 +89,8 @@ def test_bad_sweep_settings_are_all_reported_together() -> None:
     raw = sweep_raw(scheduler="hyperband", metric="accuracy", num_sampels=4)
     problems = problems_of(raw)
     assert any(p.startswith("scheduler.name: Input should be 'asha' or 'fifo'") for p in problems)
-    assert any(p.startswith("metric: Input should be") for p in problems)
+    assert any(p.startswith("metric: 'accuracy' is not an evaluation metric of the base config; choose one of "
+                            "eval_loss, eval_ppl, eval_token_accuracy") for p in problems)
     assert any(p.startswith("num_sampels: unknown key; did you mean 'num_samples'?") for p in problems)
 
 
@@ -102,6 +103,17 @@ def test_sweep_needs_eval_data_workers_and_eval_rounds_for_asha() -> None:
     assert any(p.startswith("base.data: the sweep metric eval_loss needs eval data") for p in problems)
     assert any(p.startswith("base.scaling.num_workers:") for p in problems)
     assert any(p.startswith("base.train.eval_every: ASHA compares trials at evaluations") for p in problems)
+
+
+def test_generation_metrics_are_sweep_metrics() -> None:
+    raw = sweep_raw(metric="eval_exact_match")
+    assert problems_of(raw) == [
+        "metric: 'eval_exact_match' is not an evaluation metric of the base config; choose one of eval_loss, eval_ppl, "
+        "eval_token_accuracy (task metrics such as eval_exact_match come from base.eval.generate)"]
+    raw["base"]["eval"] = {"generate": {"metrics": [{"type": "exact_match", "extract": r"####\s*(\S+)"}, "rouge_l"]}}
+    cfg = parse_sweep(raw)
+    assert cfg.metric == "eval_exact_match" and cfg.mode == "max"  # higher is better, without saying so
+    assert parse_sweep({**raw, "metric": "eval_rouge_l", "mode": "min"}).mode == "min"  # unless said
 
 
 def test_search_alg_restrictions() -> None:
