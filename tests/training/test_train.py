@@ -377,7 +377,8 @@ def test_early_stopping_counts_on_after_resume(tiny_model_dir: Path, tmp_path: P
     history = resumed.history()
     assert history[-1]["step"] == 3 and history[-1]["early_stopped"] == 1.0
     assert [e["step"] for e in history if "eval_loss" in e] == [0, 1, 2, 3]
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err  # raysft's progress lines go to stderr
     assert "early stopping continues: eval_loss best" in printed and "at step 0, 2 evaluation(s) without" in printed
     assert "[raysft] early stopping at step 3: eval_loss did not improve by more than 100 in 3 evaluation(s) " \
            "(patience 3); best " in printed
