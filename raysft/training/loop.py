@@ -293,10 +293,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         else:
             if checkpoint_due and tracker is not None:
                 tracker.log_text(f"step {done}: weights are not finite; checkpoint not written")
-            # Only evaluations (Tune, early stopping) and the last step (the run's result) are read from Ray
-            # Train's reports; the tracker writes every logged step. Reporting each step would throttle fast
-            # steps to the controller's poll: Ray Train holds one unread report per worker and polls every 2 s.
-            if metrics and ("eval_loss" in metrics or done == num_steps):
+            if metrics:
                 ray.train.report({"step": done, **metrics})
         if stop:
             assert patience is not None
