@@ -238,6 +238,8 @@ def test_cluster_that_cannot_hold_the_workers_fails_at_once(
     assert not (tmp_path / "run").exists()
 
 
+# Slow tier: a whole sweep's fixed cost (about 90 s on 2 cores); CI runs it after the default tier.
+@pytest.mark.slow
 def test_documented_sweep_with_default_relative_output_dir(tiny_model_dir: Path, tmp_path: Path) -> None:
     """`raysft sweep sweeps/lora_rank_lr.yaml` as the README shows it, from another working directory,
     with the default relative output folder: every trial and best/ land in ./runs/sweeps/<name>."""
