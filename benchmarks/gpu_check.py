@@ -1,6 +1,6 @@
 """One prepared check of raysft's model, ops and step code on a GPU machine: no Ray, no network, one run.
 
-    python benchmarks/gpu_check.py --out DIR                      # a CUDA machine: about a minute on one H100
+    python benchmarks/gpu_check.py --out DIR                      # a CUDA machine: about 4 minutes on an H200
     python benchmarks/gpu_check.py --device cpu --tiny --out DIR  # the same code on this CPU in under 2 minutes
 
 On a machine where raysft is not installed (a bare GPU box with torch, transformers and peft), run it from the
@@ -19,13 +19,14 @@ Sections:
    max <= 1e-4. (b) The varlen kernel against the per-example SDPA loop on the same q/k/v, outputs and
    gradients. (c) ``linear_cross_entropy`` against ``cross_entropy(head(h).float())``: loss and hidden
    gradient. (d) fp16 with GradScaler: a step whose gradients overflow is skipped (weights unchanged,
-   scale halved), the next one with a sane scale is applied.
+   scale halved), the next one with a sane scale is applied. (e) ``train.compile``: compiled decoder layers
+   against the same layers eager, loss and LoRA gradients.
 2. **Throughput**: LoRA r16 on all linear layers, bf16 (fp32 on CPU), the same synthetic examples
    (100-600 tokens, 20-60% prompt) trained two ways: raysft packed into rows of 2048 tokens through
    ``train_step``, and a plain transformers step (``sdpa``, ``model(..., labels=...).loss``) on batches of
    16 examples padded to the batch's longest. Reported: trained tokens/s, the ratio, MFU against the
    measured bf16 matmul rate and against the spec sheet's dense bf16 peak, peak GPU memory. QLoRA (4-bit
-   base) when bitsandbytes is importable.
+   base) when bitsandbytes is importable. Each with its decoder layers compiled (``train.compile``) too.
 
 MFU counts the necessary FLOPs of LoRA training (benchmarks/_common.py ``lora_training_flops``: base forward
 and activation gradients, LoRA, causal attention per example, LM head on trained positions only), the same
@@ -282,30 +283,67 @@ def check_fp16_overflow_skipped(plan: Plan, model_dir: Path) -> dict[str, Any]:
     return result
 
 
+def check_compiled_equals_eager(plan: Plan, model_dir: Path) -> dict[str, Any]:
+    """(e) train.compile: the loss and LoRA gradients of compiled decoder layers against the same model eager."""
+    model = lora_model(model_dir, plan, PACKED_SDPA)
+    forward = TokenLoss(model).train()
+    examples = synthetic_examples(24, plan.lengths, model.config.vocab_size, seed=3)
+    batch = {k: v.to(plan.device) for k, v in collate(pack_examples(examples, plan.row_tokens), pad_token_id=0).items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with autocast(plan):
+            loss, _ = forward(**batch)
+        loss.backward()
+        grads = [p.grad.detach().clone() for p in params]
+        model.zero_grad(set_to_none=True)
+        return loss.detach().float(), grads
+
+    eager_loss, eager_grads = loss_and_grads()
+    forward.compile_layers()
+    loss_and_grads()  # compiles
+    compiled_loss, compiled_grads = loss_and_grads()
+    grad_rel = max(float((c - e).float().norm() / e.float().norm().clamp_min(1e-30))
+                   for c, e in zip(compiled_grads, eager_grads, strict=True) if e.abs().max() > 0)
+    limit = 2e-2 if plan.precision != "fp32" else 1e-4  # bf16: fused kernels round in another order
+    result = {"loss_rel": float(abs(compiled_loss - eager_loss) / eager_loss), "max_grad_rel_norm": grad_rel,
+              "limit": limit}
+    result["passed"] = result["loss_rel"] <= limit and grad_rel <= 5 * limit
+    del model, forward
+    torch._dynamo.reset()
+    return result
+
+
 # -------------------------------------------------------------------------------------------- throughput
 
 
-def time_steps(steps: list[Callable[[], None]], warmup: int, device: torch.device) -> float:
-    """Seconds for all `steps`, after running the first `warmup` of them once untimed."""
-    for run_step in steps[:warmup]:
+def time_steps(steps: list[Callable[[], None]], warmup: int, device: torch.device) -> tuple[float, float]:
+    """(seconds for all `steps`, seconds of the untimed warm-up before): the first `warmup` steps and the last
+    (a smaller last batch is a new shape, which a compiled model would otherwise compile inside the timing)."""
+    start = time.perf_counter()
+    for run_step in steps[:warmup] + steps[-1:]:
         run_step()
     synchronize(device)
+    warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     for run_step in steps:
         run_step()
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, warmup_s
 
 
 def packed_variant(plan: Plan, model_dir: Path, examples: list[dict[str, Any]], rows_per_step: int,
-                   quantization: str = "none", profile_to: Path | None = None) -> dict[str, Any]:
-    """raysft: BFD-packed rows through TokenLoss (packed_sdpa, chunked CE) and train_step.
+                   quantization: str = "none", compiled: bool = False, profile_to: Path | None = None) -> dict[str, Any]:
+    """raysft: BFD-packed rows through TokenLoss (packed_sdpa, chunked CE) and train_step; ``compiled``: with its
+    decoder layers compiled as ``train.compile`` does (the warm-up steps include the compile).
 
     With ``profile_to``, the timed steps run under torch.profiler and the kernels that took the most device
     time are written there (where a step's time goes).
     """
     model = lora_model(model_dir, plan, PACKED_SDPA, quantization)
     forward = TokenLoss(model).train()
+    if compiled:
+        forward.compile_layers()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, TrainConfig(lr=2e-4))
     scaler = torch.amp.GradScaler(plan.device.type, enabled=False)
@@ -322,18 +360,18 @@ def packed_variant(plan: Plan, model_dir: Path, examples: list[dict[str, Any]], 
     free_memory(plan.device)
     steps = [make_step(chunk) for chunk in step_rows]
     if profile_to is None:
-        seconds = time_steps(steps, plan.warmup_steps, plan.device)
+        seconds, warmup_s = time_steps(steps, plan.warmup_steps, plan.device)
     else:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if plan.device.type == "cuda" else [])
         with profile(activities=activities) as profiler:
-            seconds = time_steps(steps, plan.warmup_steps, plan.device)
+            seconds, warmup_s = time_steps(steps, plan.warmup_steps, plan.device)
         sort_by = "self_cuda_time_total" if plan.device.type == "cuda" else "self_cpu_time_total"
         profile_to.write_text(profiler.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=70))
     slots = sum(len(chunk) * max(len(r["input_ids"]) for r in chunk) for chunk in step_rows)
-    result = {"seconds": seconds, "optimizer_steps": len(step_rows), "rows": len(rows), "slots": slots,
-              "peak_memory_gib": peak_memory_gib(plan.device), "last_loss": losses[-1]}
+    result = {"seconds": seconds, "warmup_s": warmup_s, "optimizer_steps": len(step_rows), "rows": len(rows),
+              "slots": slots, "peak_memory_gib": peak_memory_gib(plan.device), "last_loss": losses[-1]}
     return result  # the model and optimizer go with this frame, before the next variant frees memory
 
 
@@ -368,9 +406,9 @@ def padded_variant(plan: Plan, model_dir: Path, examples: list[dict[str, Any]]) 
         return run_step
 
     free_memory(plan.device)
-    seconds = time_steps([make_step(chunk) for chunk in batches], plan.warmup_steps, plan.device)
+    seconds, warmup_s = time_steps([make_step(chunk) for chunk in batches], plan.warmup_steps, plan.device)
     slots = sum(len(chunk) * max(len(e["input_ids"]) for e in chunk) for chunk in batches)
-    result = {"seconds": seconds, "optimizer_steps": len(batches), "slots": slots,
+    result = {"seconds": seconds, "warmup_s": warmup_s, "optimizer_steps": len(batches), "slots": slots,
               "peak_memory_gib": peak_memory_gib(plan.device), "last_loss": losses[-1]}
     return result
 
@@ -387,25 +425,52 @@ def throughput(plan: Plan, shape_name: str, folder: Path, matmul_flops: float, s
     trained = sum(count_trained(e["labels"]) for e in examples)
     flops = C.lora_training_flops(shape, LORA_RANK, tokens, trained, C.causal_pairs(lengths))["total"]
     rows_per_step = plan.rows_per_micro_batch[shape_name]
-    variants = {"raysft packed": packed_variant(plan, model_dir, examples, rows_per_step),
-                "transformers padded": padded_variant(plan, model_dir, examples)}
-    # Twice the rows per step: how much of the gap to the matmul rate is fixed cost per step and per kernel.
-    variants["raysft packed, 2x rows per step"] = packed_variant(plan, model_dir, examples, 2 * rows_per_step)
+    runs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("raysft packed", lambda: packed_variant(plan, model_dir, examples, rows_per_step)),
+        ("transformers padded", lambda: padded_variant(plan, model_dir, examples)),
+        # Twice the rows per step: how much of the gap to the matmul rate is fixed cost per step and per kernel.
+        ("raysft packed, 2x rows per step", lambda: packed_variant(plan, model_dir, examples, 2 * rows_per_step)),
+        # train.compile: the elementwise work between the matmuls fused (the rest of the gap to the matmul rate).
+        ("raysft packed, compiled", lambda: packed_variant(plan, model_dir, examples, rows_per_step, compiled=True)),
+    ]
     if profile_dir is not None:
-        variants["raysft packed, profiled"] = packed_variant(plan, model_dir, examples, rows_per_step,
-                                                             profile_to=profile_dir / f"profile_{shape_name}.txt")
-    if plan.device.type == "cuda" and bitsandbytes_available():
-        variants["raysft packed QLoRA"] = packed_variant(plan, model_dir, examples, rows_per_step, quantization="4bit")
-    for v in variants.values():
+        runs.append(("raysft packed, profiled", lambda: packed_variant(
+            plan, model_dir, examples, rows_per_step, profile_to=profile_dir / f"profile_{shape_name}.txt")))
+    qlora = plan.device.type == "cuda" and bitsandbytes_available()
+    if qlora:
+        runs += [("raysft packed QLoRA", lambda: packed_variant(plan, model_dir, examples, rows_per_step, "4bit")),
+                 ("raysft packed QLoRA, compiled",
+                  lambda: packed_variant(plan, model_dir, examples, rows_per_step, "4bit", compiled=True))]
+    variants: dict[str, dict[str, Any]] = {}
+    for name, run_variant in runs:
+        try:
+            v = run_variant()
+        except Exception:  # noqa: BLE001 - one variant failing (a compiler error, say) leaves the others measured
+            variants[name] = {"error": traceback.format_exc()}
+            print(f"[gpu_check] {shape_name} / {name}: error\n{variants[name]['error'][-2000:]}", flush=True)
+            continue
+        finally:
+            torch._dynamo.reset()  # compiled code holds on to the variant's model otherwise
+            free_memory(plan.device)
         v["trained_tokens_per_s"] = trained / v["seconds"]
         v["tokens_per_s"] = tokens / v["seconds"]
         v["pad_fraction"] = 1 - tokens / v["slots"]
         v["mfu_measured"] = flops / v["seconds"] / matmul_flops
         v["mfu_spec"] = flops / v["seconds"] / spec_peak if spec_peak else None
-    ratio = variants["raysft packed"]["trained_tokens_per_s"] / variants["transformers padded"]["trained_tokens_per_s"]
+        variants[name] = v
+        print(f"[gpu_check] {shape_name} / {name}: {v['trained_tokens_per_s']:.0f} trained tok/s, "
+              f"MFU {v['mfu_measured']:.3f}, warm-up {v['warmup_s']:.1f} s", flush=True)
+
+    def over(a: str, b: str) -> float | None:
+        if "seconds" in variants.get(a, {}) and "seconds" in variants.get(b, {}):
+            return variants[b]["seconds"] / variants[a]["seconds"]
+        return None
+
     return {"shape": SHAPES[shape_name], "examples": len(examples), "tokens": tokens, "trained_tokens": trained,
-            "necessary_flops": flops, "variants": variants, "packed_over_padded": ratio,
-            "qlora": "run" if "raysft packed QLoRA" in variants else "skipped: bitsandbytes not importable"}
+            "necessary_flops": flops, "variants": variants,
+            "packed_over_padded": over("raysft packed", "transformers padded"),
+            "compiled_over_packed": over("raysft packed, compiled", "raysft packed"),
+            "qlora": "run" if qlora else "skipped: bitsandbytes not importable"}
 
 
 def bitsandbytes_available() -> bool:
@@ -440,6 +505,10 @@ def spec_peak_for(name: str) -> float | None:
     return next((peak for key, peak in SPEC_BF16_PEAK.items() if key in name), None)
 
 
+def ratio(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "n/a (a variant failed)"
+
+
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = ["## GPU check (benchmarks/gpu_check.py)", "", f"command: `{report['command']}`", "",
@@ -459,13 +528,15 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         lines += [f"### Throughput, {shape_name} shape: {t['examples']} examples, {t['tokens']} tokens "
                   f"({t['trained_tokens']} trained), LoRA r{LORA_RANK} all-linear", "",
-                  C.markdown_table(["variant", "s", "optimizer steps", "trained tok/s", "all tok/s", "pad frac",
-                                    "MFU (measured matmul)", "MFU (spec peak)", "peak GPU GiB", "last loss"],
-                                   [[name, v["seconds"], v["optimizer_steps"], v["trained_tokens_per_s"],
+                  C.markdown_table(["variant", "s", "warm-up s", "optimizer steps", "trained tok/s", "all tok/s",
+                                    "pad frac", "MFU (measured matmul)", "MFU (spec peak)", "peak GPU GiB", "last loss"],
+                                   [[name, v["seconds"], v.get("warmup_s"), v["optimizer_steps"], v["trained_tokens_per_s"],
                                      v["tokens_per_s"], v["pad_fraction"], v["mfu_measured"], v["mfu_spec"],
-                                     v["peak_memory_gib"], v["last_loss"]] for name, v in t["variants"].items()]),
-                  "", f"raysft packed / transformers padded, trained tokens/s: **{t['packed_over_padded']:.2f}x**; "
-                  f"QLoRA: {t['qlora']}", ""]
+                                     v["peak_memory_gib"], v["last_loss"]] if "error" not in v else
+                                    [name, "error: " + v["error"].strip().splitlines()[-1][:150]] + [""] * 10
+                                    for name, v in t["variants"].items()]),
+                  "", f"Trained tokens/s, raysft packed / transformers padded: **{ratio(t['packed_over_padded'])}**; "
+                  f"compiled / raysft packed: **{ratio(t['compiled_over_packed'])}**; QLoRA: {t['qlora']}", ""]
     lines.append(f"Total wall time: {report.get('wall_s', 0):.0f} s")
     return "\n".join(lines)
 
@@ -520,7 +591,8 @@ def main() -> None:
         for name, fn in [("packed_equals_unpacked", lambda: check_packed_equals_unpacked(plan, check_dir)),
                          ("varlen_kernel_equals_loop", lambda: check_varlen_kernel(plan)),
                          ("linear_cross_entropy", lambda: check_linear_cross_entropy(plan)),
-                         ("fp16_overflow_step_skipped", lambda: check_fp16_overflow_skipped(plan, fp32_dir))]:
+                         ("fp16_overflow_step_skipped", lambda: check_fp16_overflow_skipped(plan, fp32_dir)),
+                         ("compiled_equals_eager", lambda: check_compiled_equals_eager(plan, check_dir))]:
             report["correctness"][name] = guarded(name, fn)
             save()
         report["throughput"] = {}
@@ -533,6 +605,8 @@ def main() -> None:
     print(markdown(report))
     failed = [n for n, r in report["correctness"].items() if r.get("passed") is False]
     failed += [n for n, r in report["throughput"].items() if "error" in r]
+    failed += [f"{n} / {v}" for n, r in report["throughput"].items() for v, x in r.get("variants", {}).items()
+               if "error" in x]
     if failed:
         sys.exit(f"gpu_check: failed: {', '.join(failed)}")
 

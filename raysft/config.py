@@ -247,6 +247,11 @@ class TrainConfig(Section):
     """Clip the global gradient norm to this; null disables clipping."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype. fp16 uses a GradScaler and needs CUDA (`scaling.use_gpu: true`); on CPU use bf16 or fp32."""
+    compile: bool = False
+    """Compile each decoder layer with `torch.compile` (regional compilation: every layer runs the same compiled
+    code, so compile time does not grow with depth). Fuses the elementwise work between the matmuls (norms, RoPE,
+    SwiGLU, residual adds, LoRA scaling); attention stays eager. Pays off on GPUs: the first steps (and the first
+    evaluation) wait for the compiler, tens of seconds; `eval.generate` runs the layers uncompiled."""
     eval_every: int | None = Field(default=None, gt=0)
     """Evaluate every N steps (and always at the end when there is eval data)."""
     log_every: int = Field(default=1, gt=0)

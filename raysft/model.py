@@ -322,6 +322,10 @@ def neftune_noise(embeds: torch.Tensor, layout: PackedLayout | None, alpha: floa
     return torch.empty_like(embeds).uniform_(-1.0, 1.0) * scale.unsqueeze(-1).to(embeds.dtype)
 
 
+COMPILED_VARIANTS_PER_LAYER = 32
+"""train.compile: how many compiled variants of a decoder layer may be kept (see TokenLoss.compile_layers)."""
+
+
 def causal_lm(model: nn.Module) -> PreTrainedModel:
     """The transformers causal LM inside a PEFT wrapper (LoRA layers are injected in place)."""
     return model.get_base_model() if isinstance(model, PeftModel) else model  # type: ignore[return-value]
@@ -379,11 +383,35 @@ class TokenLoss(nn.Module):
         picked = logits.detach().gather(1, wanted[:, None]).squeeze(1)
         return loss_sum, (picked >= logits.detach().amax(-1)).sum()
 
+    def compile_layers(self) -> None:
+        """train.compile: compile each decoder layer's forward in place (regional compilation).
+
+        The layers are instances of one class: dynamo compiles that forward once (twice: the first layer's input
+        does not require grad) and every layer reuses the graph with its own parameters as inputs, so compile time
+        is one layer's whatever the depth. The forward only, not the module call: the hooks FSDP and gradient
+        checkpointing put around each layer stay eager.
+        """
+        layers = getattr(self.backbone, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"train.compile: {type(self.backbone).__name__} keeps no `layers` list of decoder "
+                             "layers to compile; set train.compile: false")
+        # Each variant of a layer call is its own graph: the first layer (input without grad) or the others,
+        # training or evaluation, a row-packed batch (block mask) or one example per row (no mask), one row or
+        # several; past dynamo's default of 8 the rest would quietly run eager.
+        dynamo = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
+        setattr(dynamo, limit, max(getattr(dynamo, limit), COMPILED_VARIANTS_PER_LAYER))
+        for layer in layers:
+            layer.forward = torch.compile(layer.forward)
+
     def generate(self, **kwargs: Any) -> torch.Tensor:
         """The wrapped model's `generate` (eval.generate). Reached through this module because under FSDP it is
         the root unit, whose hooks must gather the embeddings and head around the whole generation
         (raysft.training.fsdp registers this method as a forward of the root)."""
-        return self.model.generate(**kwargs)
+        # Compiled layers run eager here: decoding's one-token steps and growing KV cache would recompile them
+        # at every new length, for a few hundred forwards an evaluation.
+        with torch.compiler.set_stance("force_eager"):
+            return self.model.generate(**kwargs)
 
 
 class _HeadWeights(NamedTuple):

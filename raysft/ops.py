@@ -154,6 +154,10 @@ def _varlen_attention(
     return out.reshape(batch, width, heads, head_dim)
 
 
+# Eager inside compiled decoder layers (train.compile): the per-example loop specializes on every span length
+# and the varlen kernel on the batch's longest example, so tracing either would recompile for nearly every
+# batch. Dynamo runs this call as it is and compiles the work on each side of it.
+@torch.compiler.disable
 def packed_sdpa_attention(
     module: nn.Module,
     query: torch.Tensor,

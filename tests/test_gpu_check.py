@@ -17,11 +17,11 @@ def test_gpu_check_runs_its_cpu_mode_and_every_check_passes(tmp_path: Path) -> N
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     checks = report["correctness"]
     assert set(checks) == {"packed_equals_unpacked", "varlen_kernel_equals_loop", "linear_cross_entropy",
-                           "fp16_overflow_step_skipped"}
+                           "fp16_overflow_step_skipped", "compiled_equals_eager"}
     assert all(check["passed"] is True for check in checks.values()), checks
     assert checks["packed_equals_unpacked"]["examples"] == 24  # every example compared, none lost in packing
     variants = report["throughput"]["tiny"]["variants"]
-    assert {"raysft packed", "transformers padded"} <= set(variants)
+    assert {"raysft packed", "transformers padded", "raysft packed, compiled"} <= set(variants)
     for variant in variants.values():
         assert variant["trained_tokens_per_s"] > 0 and 0 <= variant["pad_fraction"] < 1
     # Both variants trained on the same examples: packing pads far less than per-batch padding.

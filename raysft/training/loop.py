@@ -169,6 +169,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = add_neftune_noise(apply_lora(base, cfg.lora, cfg.train.seed, new_token_ids), cfg.train.neftune_alpha)
     pad_id = inputs.pad_token_id
     loss_module = TokenLoss(model)
+    if cfg.train.compile:
+        loss_module.compile_layers()
     sharded = world > 1 and cfg.scaling.strategy == "fsdp"
     if sharded:  # before the optimizer: it must hold the sharded parameters
         shard(loss_module, cfg)
