@@ -143,9 +143,10 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
-def lora_model(model_dir: Path, plan: Plan, attention: str, quantization: str = "none") -> nn.Module:
+def lora_model(model_dir: Path, plan: Plan, attention: str, quantization: str = "none",
+               checkpointing: bool = False) -> nn.Module:
     cfg = ModelConfig(name_or_path=str(model_dir), dtype=plan.dtype, attn_implementation=attention,  # type: ignore[arg-type]
-                      quantization=quantization)  # type: ignore[arg-type]
+                      quantization=quantization, gradient_checkpointing=checkpointing)  # type: ignore[arg-type]
     return apply_lora(load_model(cfg, plan.device), LoraConfig(r=LORA_RANK, alpha=32, dropout=0.0), seed=0)
 
 
@@ -333,14 +334,16 @@ def time_steps(steps: list[Callable[[], None]], warmup: int, device: torch.devic
 
 
 def packed_variant(plan: Plan, model_dir: Path, examples: list[dict[str, Any]], rows_per_step: int,
-                   quantization: str = "none", compiled: bool = False, profile_to: Path | None = None) -> dict[str, Any]:
+                   quantization: str = "none", compiled: bool = False, checkpointing: bool = False,
+                   profile_to: Path | None = None) -> dict[str, Any]:
     """raysft: BFD-packed rows through TokenLoss (packed_sdpa, chunked CE) and train_step; ``compiled``: with its
-    decoder layers compiled as ``train.compile`` does (the warm-up steps include the compile).
+    decoder layers compiled as ``train.compile`` does (the warm-up steps include the compile); ``checkpointing``:
+    ``model.gradient_checkpointing``.
 
     With ``profile_to``, the timed steps run under torch.profiler and the kernels that took the most device
     time are written there (where a step's time goes).
     """
-    model = lora_model(model_dir, plan, PACKED_SDPA, quantization)
+    model = lora_model(model_dir, plan, PACKED_SDPA, quantization, checkpointing)
     forward = TokenLoss(model).train()
     if compiled:
         forward.compile_layers()
@@ -432,10 +435,14 @@ def throughput(plan: Plan, shape_name: str, folder: Path, matmul_flops: float, s
         ("raysft packed, 2x rows per step", lambda: packed_variant(plan, model_dir, examples, 2 * rows_per_step)),
         # train.compile: the elementwise work between the matmuls fused (the rest of the gap to the matmul rate).
         ("raysft packed, compiled", lambda: packed_variant(plan, model_dir, examples, rows_per_step, compiled=True)),
+        # What large models run with: activations recomputed in backward, around the compiled layers.
+        ("raysft packed, compiled, gradient checkpointing",
+         lambda: packed_variant(plan, model_dir, examples, rows_per_step, compiled=True, checkpointing=True)),
     ]
     if profile_dir is not None:
-        runs.append(("raysft packed, profiled", lambda: packed_variant(
-            plan, model_dir, examples, rows_per_step, profile_to=profile_dir / f"profile_{shape_name}.txt")))
+        runs.append(("raysft packed, compiled, profiled", lambda: packed_variant(
+            plan, model_dir, examples, rows_per_step, compiled=True,
+            profile_to=profile_dir / f"profile_compiled_{shape_name}.txt")))
     qlora = plan.device.type == "cuda" and bitsandbytes_available()
     if qlora:
         runs += [("raysft packed QLoRA", lambda: packed_variant(plan, model_dir, examples, rows_per_step, "4bit")),
@@ -547,7 +554,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="tiny model and sizes (the CPU smoke run CI does)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip sections that would start after this")
-    parser.add_argument("--profile", action="store_true", help="also profile the packed steps: OUT/profile_<shape>.txt")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the compiled packed steps: OUT/profile_compiled_<shape>.txt")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check: --device cuda but torch sees no CUDA device; use --device cpu --tiny here")
