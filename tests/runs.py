@@ -69,6 +69,16 @@ def losses(history: list[dict[str, Any]]) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
 
 
+def step_seconds(history: list[dict[str, Any]]) -> dict[int, float]:
+    """Each logged step's time as the loop measured it (its tokens over its tokens/s), from the previous logged step
+    on: the step's own work and the wait for Ray Train to take the previous step's report."""
+    seconds, seen = {}, 0
+    for entry in (e for e in history if "loss" in e):
+        seconds[entry["step"]] = (entry["num_tokens"] - seen) / entry["tokens_per_s"]
+        seen = entry["num_tokens"]
+    return seconds
+
+
 def snapshot(*roots: Path) -> dict[str, tuple[bool, int, int]]:
     """Every path under `roots` with its kind, size and mtime: a write, an addition or a deletion shows."""
     return {

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from raysft.cli import main as cli_main
 from raysft.config import flatten
-from raysft.track import MLFLOW_DIR, read_metrics
+from raysft.track import METRICS_FILE, MLFLOW_DIR, read_metrics
 from raysft.tune.config import parse_sweep
 from raysft.tune.report import SweepResult
 from raysft.tune.sweep import sweep
@@ -31,6 +31,7 @@ from tests.runs import (
     mlflow_params,
     mlflow_steps,
     records_by_step,
+    step_seconds,
     tiny_config,
 )
 
@@ -109,6 +110,9 @@ def test_asha_sweep_over_rank_lr_and_seq_len(ray_session: None, tiny_model_dir: 
     completed = [r for r in rows if r["status"] == "completed"]
     assert stopped, rows  # ASHA stopped at least one trial
     assert all(int(r["steps"]) < 8 for r in stopped) and all(int(r["steps"]) == 8 for r in completed)
+    for row in completed:  # a trial's own TorchTrainer polls its worker as often as a plain run's (not Ray's 2 s)
+        seconds = step_seconds(read_metrics(sweep_dir / "trials" / row["trial"] / METRICS_FILE))
+        assert sum(seconds[step] for step in range(2, 9)) < 7 * 2.0 / 2, seconds
     assert sum(int(r["tokens"]) for r in stopped) < sum(int(r["tokens"]) for r in completed)
     assert {r["data.max_seq_len"] for r in rows} <= {"128", "256"} and {r["lora.r"] for r in rows} <= {"2", "4"}
 
