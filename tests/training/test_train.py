@@ -68,8 +68,9 @@ def test_two_workers_equal_one_worker(tiny_model_dir: Path, tmp_path: Path) -> N
     # eval.generate: 8 prompts in batches of 3, so the two workers generate 2 and 1 batches.
     one = run(tiny_model_dir, tmp_path / "one", ["scaling.num_workers=1", "train.grad_accum_steps=2", "data.shuffle_window=8",
                                                  "train.eval_every=4", GENERATE_WITH_DIGEST])
+    # The two DDP workers also compile their decoder layers (train.compile): the same numbers as one eager worker.
     two = run(tiny_model_dir, tmp_path / "two", ["scaling.num_workers=2", "train.grad_accum_steps=1", "data.shuffle_window=8",
-                                                 "train.eval_every=4", GENERATE_WITH_DIGEST])
+                                                 "train.eval_every=4", GENERATE_WITH_DIGEST, "train.compile=true"])
     for step, loss in losses(one.history()).items():
         assert losses(two.history())[step] == pytest.approx(loss, abs=1e-5)
     evals_one = [e["eval_loss"] for e in one.history() if "eval_loss" in e]
