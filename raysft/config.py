@@ -555,20 +555,15 @@ class Config(Section):
 
     def _metric_problems(self, has_eval: bool) -> list[str]:
         problems = []
-        known = ", ".join([*LOSS_METRICS, *(m.metric_name for m in self.eval.generate.metrics)] if self.eval.generate
-                          else LOSS_METRICS)
-        hint = "" if self.eval.generate else " (task metrics such as eval_exact_match come from an eval.generate section)"
-        if metric_mode(self, self.train.checkpoint_score) is None:
-            problems.append(f"train.checkpoint_score: {self.train.checkpoint_score!r} is not an evaluation metric of "
-                            f"this run; choose one of {known}{hint}")
+        if (unknown := unknown_metric(self, self.train.checkpoint_score)) is not None:
+            problems.append(f"train.checkpoint_score: {unknown}")
         stopping = self.train.early_stopping
         if stopping is not None:
             if not (self.train.eval_every and has_eval):
                 problems.append("train.early_stopping watches evaluations; set train.eval_every and eval data "
                                 "(data.eval or data.eval_fraction), or remove train.early_stopping")
-            if metric_mode(self, stopping.metric) is None:
-                problems.append(f"train.early_stopping.metric: {stopping.metric!r} is not an evaluation metric of "
-                                f"this run; choose one of {known}{hint}")
+            if (unknown := unknown_metric(self, stopping.metric)) is not None:
+                problems.append(f"train.early_stopping.metric: {unknown}")
         if self.eval.generate is not None:
             if not has_eval:
                 problems.append("eval.generate scores answers to eval prompts; set data.eval or data.eval_fraction")
@@ -592,6 +587,22 @@ def metric_mode(cfg: Config, metric: str) -> Literal["min", "max"] | None:
     exact = [spec for spec in specs if metric == spec.metric_name]  # before prefixes: eval_exact_match is not eval_exact_*
     found = exact or [spec for spec in specs if spec.type == "function" and metric.startswith(spec.metric_name + "_")]
     return ("max" if found[0].higher_is_better else "min") if found else None
+
+
+def unknown_metric(cfg: Config, metric: str, run: str = "this run", generate_key: str = "an eval.generate section"
+                   ) -> str | None:
+    """Why `metric` cannot be watched in a run of `cfg` (it does not log it), naming those it does; None when it can.
+
+    Example:
+        >>> unknown_metric(cfg, "accuracy")  # a run without eval.generate  # doctest: +SKIP
+        "'accuracy' is not an evaluation metric of this run; choose one of eval_loss, eval_ppl, eval_token_accuracy
+        (task metrics such as eval_exact_match come from an eval.generate section)"
+    """
+    if metric_mode(cfg, metric) is not None:
+        return None
+    generated = [m.metric_name for m in cfg.eval.generate.metrics] if cfg.eval.generate else []
+    hint = "" if generated else f" (task metrics such as eval_exact_match come from {generate_key})"
+    return f"{metric!r} is not an evaluation metric of {run}; choose one of {', '.join([*LOSS_METRICS, *generated])}{hint}"
 
 
 # Marks a cross-field validator's message: one or more "dotted.key: problem" lines, reported as they are.

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-
-from collections.abc import Sequence
 
 import torch
 from peft import PeftModel

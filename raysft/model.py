@@ -322,6 +322,13 @@ def neftune_noise(embeds: torch.Tensor, layout: PackedLayout | None, alpha: floa
     return torch.empty_like(embeds).uniform_(-1.0, 1.0) * scale.unsqueeze(-1).to(embeds.dtype)
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a causal LM (inside a PEFT wrapper too): the units FSDP shards and
+    train.compile compiles one by one ([] for an architecture that keeps them elsewhere)."""
+    layers = getattr(causal_lm(model).get_decoder(), "layers", None)
+    return list(layers) if layers is not None else []
+
+
 COMPILED_VARIANTS_PER_LAYER = 32
 """train.compile: how many compiled variants of a decoder layer may be kept (see TokenLoss.compile_layers)."""
 
@@ -391,8 +398,8 @@ class TokenLoss(nn.Module):
         is one layer's whatever the depth. The forward only, not the module call: the hooks FSDP and gradient
         checkpointing put around each layer stay eager.
         """
-        layers = getattr(self.backbone, "layers", None)
-        if not isinstance(layers, nn.ModuleList):
+        layers = decoder_layers(self.model)
+        if not layers:
             raise ValueError(f"train.compile: {type(self.backbone).__name__} keeps no `layers` list of decoder "
                              "layers to compile; set train.compile: false")
         # Each variant of a layer call is its own graph: the first layer (input without grad) or the others,

@@ -25,16 +25,10 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 
 from raysft.config import Config
-from raysft.model import TokenLoss, causal_lm
+from raysft.model import TokenLoss, decoder_layers
 from raysft.training.step import all_reduce_sum
 
 _COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a causal LM (inside a PEFT wrapper too): the units FSDP shards one by one."""
-    layers = getattr(causal_lm(model).get_decoder(), "layers", None)
-    return list(layers) if layers is not None else []
 
 
 def shard(loss_module: TokenLoss, cfg: Config) -> TokenLoss:

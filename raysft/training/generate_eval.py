@@ -13,6 +13,7 @@ all are done.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -28,6 +29,7 @@ from raysft.fileio import write_error
 from raysft.infer import generate_batch, length_batches
 from raysft.model import TokenLoss, load_tokenizer
 from raysft.training.step import autocast
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -85,11 +87,16 @@ class GenerationEval:
             raise RunError(f"eval.generate: scoring the generated answers failed: {outcome[0]}")
         return outcome[0], predictions
 
+    @functools.cached_property
+    def prompt_texts(self) -> list[str]:
+        """The prompts as text, for generations.jsonl: decoded once, written at every evaluation."""
+        return [self.tokenizer.decode(list(prompt)) for prompt in self.examples.prompts]
+
     def write(self, folder: Path, step: int, predictions: list[str]) -> None:
         """Rank 0: append this evaluation's answers to generations.jsonl (one line per prompt, with its step)."""
         path = folder / GENERATIONS_FILE
         lines = [json.dumps({"step": step, "example": index, "origin": self.examples.origins[index],
-                             "prompt": self.tokenizer.decode(list(self.examples.prompts[index])),
+                             "prompt": self.prompt_texts[index],
                              "reference": self.examples.references[index], "prediction": prediction},
                             ensure_ascii=False) + "\n"
                  for index, prediction in enumerate(predictions)]

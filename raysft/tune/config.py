@@ -12,14 +12,14 @@ import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from raysft.config import (
-    LOSS_METRICS,
     Config,
     Section,
     apply_overrides,
+    metric_mode,
     read_yaml,
     resolve_data_paths,
-    metric_mode,
     to_yaml,
+    unknown_metric,
     validate_section,
 )
 from raysft.errors import ConfigError
@@ -70,11 +70,9 @@ class SweepConfig(Section):
     @classmethod
     def _logged_by_the_base(cls, value: str, info: ValidationInfo) -> str:
         base = info.data.get("base")  # absent when the base itself is invalid: reported on its own
-        if base is not None and metric_mode(base, value) is None:
-            generated = [m.metric_name for m in base.eval.generate.metrics] if base.eval.generate else []
-            raise ValueError(f"{value!r} is not an evaluation metric of the base config; choose one of "
-                             f"{', '.join([*LOSS_METRICS, *generated])} (task metrics such as eval_exact_match come "
-                             "from base.eval.generate)")
+        unknown = unknown_metric(base, value, "the base config", "base.eval.generate") if base is not None else None
+        if unknown is not None:
+            raise ValueError(unknown)
         return value
 
     @field_validator("scheduler", mode="before")
@@ -84,7 +82,7 @@ class SweepConfig(Section):
 
     @model_validator(mode="after")
     def _defaults(self) -> "SweepConfig":
-        if self.mode is None:  # an unknown metric is reported by check_sweep, naming it
+        if self.mode is None:  # `metric` is one the base logs (checked above), so it has a mode
             self.mode = metric_mode(self.base, self.metric) or "min"
         if self.output_dir is None:
             self.output_dir = f"runs/sweeps/{self.name}"
