@@ -180,18 +180,93 @@ def checkpoint_names(root: str) -> list[str]:
     return sorted(name for name in storage.list_dir(root) if _STEP_DIR.match(name))
 
 
-def newest_verified(root: str) -> str | None:
-    """The newest checkpoint under `root` (a path or a URI) whose files match its manifest; damaged ones are
-    skipped with a warning. Object storage is read through a local copy (Ray Train's own download)."""
+def find_resumable(root: str) -> tuple[str | None, dict[str, str]]:
+    """(the newest checkpoint under `root` that verifies, {name: what is wrong} for every newer one that does not).
+
+    Only checkpoints from the newest down to the first that verifies are read: the older ones are not needed
+    to resume, and reading every file of every checkpoint would cost a full fine-tune's resume minutes.
+    """
+    damaged: dict[str, str] = {}
     for name in reversed(checkpoint_names(root)):
         location = storage.join(root, name)
         if not storage.exists(storage.join(location, MANIFEST)):
+            damaged[name] = f"no {MANIFEST} (its save was cut short)"
             continue
         with ray.train.Checkpoint(location).as_directory() as local:
-            if verify(Path(local)):
-                return location
-        log.warning("ignoring checkpoint %s: its files do not match its manifest", location)
-    return None
+            why = damage(Path(local))
+        if why is None:
+            return location, damaged
+        damaged[name] = why
+    return None, damaged
+
+
+# Ray Train's record of a run's checkpoints (<run>/checkpoints/): which exist, their metrics, the latest. Ray gives
+# the latest back to the workers of a resumed run and refuses to start when one it lists is missing.
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+DAMAGED_PREFIX = "damaged_"
+
+
+def set_aside(root: str, names: list[str]) -> dict[str, str]:
+    """Move damaged checkpoints out of the run's way, never deleting them: {name: where it went}.
+
+    A local one is renamed `damaged_<name>` (the user may still want to look at it); one in object storage, which
+    has no rename, stays where it is, is dropped from Ray Train's record, and is overwritten when its step is
+    trained again.
+    """
+    moved: dict[str, str] = {}
+    for name in names:
+        if is_uri(root):
+            moved[name] = storage.join(root, name)
+            continue
+        target = Path(root) / f"{DAMAGED_PREFIX}{name}"
+        suffix = 1
+        while target.exists():  # damaged twice at the same step: keep both
+            target, suffix = Path(root) / f"{DAMAGED_PREFIX}{name}.{suffix}", suffix + 1
+        Path(root, name).rename(target)
+        moved[name] = str(target)
+    return moved
+
+
+def repair_ray_snapshot(root: str) -> list[str]:
+    """Drop from Ray Train's checkpoint record every checkpoint that is no longer under `root` (set aside, or
+    removed by hand), so that Ray resumes from the newest one left instead of refusing to start (it would advise
+    deleting every checkpoint). Returns the names dropped.
+
+    Ray's own model of the record reads and writes it, so every field keeps Ray's meaning. A record Ray wrote
+    only in part cannot be read: it is set aside, and the run resumes from the checkpoint raysft chose.
+    """
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+
+    snapshot = storage.join(root, RAY_SNAPSHOT)
+    if not storage.exists(snapshot):
+        return []
+    raw = storage.read_bytes(snapshot)
+    try:
+        state = _CheckpointManagerState.parse_raw(raw)
+    except ValueError:
+        storage.write_bytes(storage.join(root, f"{DAMAGED_PREFIX}{RAY_SNAPSHOT}"), raw)
+        storage.remove(snapshot)
+        return []
+    present = set(checkpoint_names(root))
+    dropped = sorted({r.checkpoint_dir_name for r in state.checkpoint_results} - present)
+    if not dropped:
+        return []
+    kept = [(result, index) for result, index in zip(state.checkpoint_results, state.checkpoint_report_indices)
+            if result.checkpoint_dir_name in present]
+    pending = [(result, spec) for result, spec in zip(state.pending_training_results, state.pending_validation_specs)
+               if result.checkpoint_dir_name in present]
+    state.checkpoint_results = [result for result, _ in kept]
+    state.checkpoint_report_indices = [index for _, index in kept]
+    latest = state.latest_checkpoint_result
+    if latest is not None and latest.checkpoint_dir_name not in present:
+        state.latest_checkpoint_result = max(kept, key=lambda pair: pair[1])[0] if kept else None
+    state.pending_training_results = [result for result, _ in pending]
+    state.pending_validation_specs = [spec for _, spec in pending]
+    for names in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                  "failed_validation_checkpoint_dir_names"):
+        setattr(state, names, [name for name in getattr(state, names) if name in present])
+    storage.write_bytes(snapshot, state.json().encode())
+    return dropped
 
 
 def remove_staging(folder: Path) -> None:
@@ -204,18 +279,29 @@ def remove_staging(folder: Path) -> None:
                 leftover.unlink(missing_ok=True)
 
 
-def verify(path: Path) -> bool:
-    """True when the manifest exists and every file it lists has the recorded checksum; for a sharded
-    checkpoint, every rank's manifest too."""
+def damage(path: Path) -> str | None:
+    """What is wrong with the checkpoint in the local folder `path` (None when its manifest exists and every file
+    it lists has the recorded checksum; for a sharded checkpoint, every rank's manifest too)."""
     try:
         ranks = json.loads((path / MANIFEST).read_text()).get("ranks", 1)
         for rank in range(ranks):
-            files = json.loads((path / _manifest_name(rank)).read_text())["files"]
-            if not all(_sha256(path / name) == digest for name, digest in files.items()):
-                return False
-        return True
-    except (OSError, ValueError, KeyError):
-        return False
+            manifest = _manifest_name(rank)
+            files = json.loads((path / manifest).read_text())["files"]
+            for name, digest in files.items():
+                if not (path / name).is_file():
+                    return f"{name} is missing"
+                if _sha256(path / name) != digest:
+                    return f"{name} does not match the checksum in {manifest}"
+        return None
+    except FileNotFoundError as err:
+        return f"{Path(err.filename or '?').name} is missing"
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        return f"its manifest cannot be read ({type(err).__name__})"
+
+
+def verify(path: Path) -> bool:
+    """True when the checkpoint in the local folder `path` is whole (see `damage`)."""
+    return damage(path) is None
 
 
 def read_state(path: Path | str) -> dict[str, Any]:
@@ -226,9 +312,10 @@ def read_state(path: Path | str) -> dict[str, Any]:
 def _verified_state(path: Path, rank: int) -> dict[str, Any]:
     """state.json of the verified checkpoint in the local folder `path`, this rank's RNG restored. A checkpoint
     that does not verify is an error, never silently skipped: every rank must restore the same one."""
-    if not verify(path):
-        raise RunError(f"checkpoint {path.name}: its files do not match its manifest (damaged in storage?); "
-                       "remove it from the run's checkpoints/ to resume from the one before")
+    why = damage(path)
+    if why is not None:  # damaged after the driver verified it (a worker restart reads Ray's latest unchecked)
+        raise RunError(f"checkpoint {path.name}: its files do not match its manifest ({why}); run the same command "
+                       "with --resume: it sets damaged checkpoints aside and continues from the newest that verifies")
     rng_states = torch.load(path / "rng.pt", weights_only=True)
     if rank < len(rng_states):  # resumed on more workers than saved: the new ranks keep their seeded RNG
         torch.set_rng_state(rng_states[rank]["cpu"])

@@ -29,7 +29,7 @@ from raysft import storage
 from raysft.fileio import write_error
 from raysft.track import METRICS_FILE, MLFLOW_DIR, MLFLOW_RUN_FILE, read_metrics, say, train_log_level, verbose
 from raysft.model import load_tokenizer
-from raysft.training.checkpoint import newest_verified, read_state
+from raysft.training.checkpoint import find_resumable, read_state, repair_ray_snapshot, set_aside
 from raysft.training.checkpoint import CHECKPOINT_SCORE_KEY, higher_is_better, is_scored
 from raysft.training.preflight import preflight
 from raysft.training.run_folder import (
@@ -192,8 +192,20 @@ def check_batch_fits(cfg: Config, num_rows: int) -> None:
 
 def _resume_point(cfg: Config, fingerprint: str) -> str | None:
     """The newest verified checkpoint a --resume continues from; it must have been trained on this data
-    (the files may have changed since)."""
-    newest = newest_verified(checkpoint_root(cfg)) if cfg.train.resume else None
+    (the files may have changed since). Newer damaged checkpoints are set aside (never deleted) and dropped from
+    Ray Train's record of the run, which would otherwise hand the newest one back to the workers."""
+    if not cfg.train.resume:
+        return None
+    root = checkpoint_root(cfg)
+    newest, damaged = find_resumable(root)
+    for name, where in set_aside(root, list(damaged)).items():
+        kept = f"kept as {where}" if where != storage.join(root, name) else "left in place"
+        say(f"checkpoint {name} is damaged ({damaged[name]}); {kept}, not resumed")
+    for name in repair_ray_snapshot(root):
+        if name not in damaged:
+            say(f"checkpoint {name} is no longer in {root}; Ray Train's record of it is dropped")
+    if newest is None and damaged:
+        say("no checkpoint verifies: the run starts over from step 0")
     if newest is not None and read_state(newest)["data_fingerprint"] != fingerprint:
         raise RunError(
             f"data: the training data differs from the data checkpoint {newest} was trained on (the files "

@@ -16,10 +16,11 @@ from raysft.training.checkpoint import (
     STAGING_PREFIX,
     checkpoint_names,
     checkpoints_to_prune,
+    find_resumable,
     load_checkpoint,
-    newest_verified,
     persist_checkpoint,
     remove_staging,
+    set_aside,
     step_dir_name,
     verify,
     write_checkpoint,
@@ -71,16 +72,31 @@ def test_a_damaged_or_partial_checkpoint_does_not_verify(tmp_path: Path, damage:
         load_checkpoint(folder, rank=0)
 
 
-def test_newest_verified_skips_damaged_and_partial_checkpoints(tmp_path: Path) -> None:
-    assert newest_verified(str(tmp_path)) is None  # an empty run folder: nothing to resume
+def test_find_resumable_skips_damaged_and_partial_checkpoints_and_says_why(tmp_path: Path) -> None:
+    assert find_resumable(str(tmp_path)) == (None, {})  # an empty run folder: nothing to resume
     write(tmp_path / step_dir_name(2), 2)
     write(tmp_path / step_dir_name(4), 4)
     torn = write(tmp_path / step_dir_name(6), 6)
     (torn / "rng.pt").write_bytes(b"torn")
     (write(tmp_path / step_dir_name(8), 8) / MANIFEST).unlink()  # interrupted before its manifest
+    (write(tmp_path / step_dir_name(9), 9) / "optimizer.pt").unlink()
     (tmp_path / f"{STAGING_PREFIX}{step_dir_name(10)}").mkdir()  # never a checkpoint, whatever it holds
-    assert checkpoint_names(str(tmp_path)) == [step_dir_name(s) for s in (2, 4, 6, 8)]
-    assert newest_verified(str(tmp_path)) == str(tmp_path / step_dir_name(4))
+    assert checkpoint_names(str(tmp_path)) == [step_dir_name(s) for s in (2, 4, 6, 8, 9)]
+    newest, damaged = find_resumable(str(tmp_path))
+    assert newest == str(tmp_path / step_dir_name(4))
+    assert damaged == {step_dir_name(9): "optimizer.pt is missing",
+                       step_dir_name(8): "no manifest.json (its save was cut short)",
+                       step_dir_name(6): "rng.pt does not match the checksum in manifest.json"}
+
+
+def test_set_aside_renames_damaged_checkpoints_and_never_deletes(tmp_path: Path) -> None:
+    write(tmp_path / step_dir_name(2), 2)
+    for _ in range(2):  # damaged at the same step twice: both kept
+        (write(tmp_path / step_dir_name(4), 4) / "rng.pt").unlink()
+        set_aside(str(tmp_path), [step_dir_name(4)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"damaged_{step_dir_name(4)}", f"damaged_{step_dir_name(4)}.1", step_dir_name(2)]
+    assert checkpoint_names(str(tmp_path)) == [step_dir_name(2)]
 
 
 def test_prune_keeps_the_best_scored_and_the_newest(tmp_path: Path) -> None:

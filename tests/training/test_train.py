@@ -6,6 +6,7 @@ DESIGN.md correctness properties 2 (token-weighted accumulation and workers), 4 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,29 @@ def test_worker_killed_mid_run_restarts_from_checkpoint(tiny_model_dir: Path, tm
     assert killer.killed  # the worker really died once, and Ray Train restarted it from the checkpoint
     for step, loss in losses(straight.history()).items():
         assert losses(recovered.history())[step] == pytest.approx(loss, abs=1e-5)
+
+
+def test_damaged_checkpoints_of_a_ray_train_run_are_set_aside_and_it_resumes(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # With Ray Train workers, Ray's own record of the run's checkpoints (checkpoint_manager_snapshot.json) hands
+    # the newest back to the workers, and refuses to start when one it lists was removed, advising to delete them
+    # all. raysft sets the damaged newest aside, drops it and the one removed by hand from Ray's record, and goes on.
+    out, common = tmp_path / "run", ["scaling.num_workers=1", "train.checkpoint_every=1", "train.checkpoints_to_keep=null"]
+    first_losses = losses(run(tiny_model_dir, out, common).history())  # 4 steps: checkpoints at steps 1, 2 and 3
+    root = out / "checkpoints"
+    (root / "step_000003" / "rng.pt").unlink()
+    shutil.rmtree(root / "step_000001")  # what the old advice told users to do
+    capsys.readouterr()
+    resumed = run(tiny_model_dir, out, [*common, "train.max_steps=5", "train.resume=true"])
+    err = capsys.readouterr().err
+    assert f"checkpoint step_000003 is damaged (rng.pt is missing); kept as {root / 'damaged_step_000003'}" in err
+    assert "checkpoint step_000001 is no longer in" in err and "Traceback" not in err
+    # It continued from step 2, the newest checkpoint that verifies: step 3 was trained again, identically.
+    assert sorted(losses(resumed.history())) == [1, 2, 3, 4, 5]
+    assert losses(resumed.history())[3] == pytest.approx(first_losses[3], abs=1e-5)
+    assert (root / "damaged_step_000003" / "manifest.json").is_file()  # set aside, not deleted
+    assert verify(root / "step_000003") and verify(root / "step_000004")
 
 
 def test_checkpoint_with_broken_manifest_is_not_resumed(tiny_model_dir: Path, tmp_path: Path) -> None:
