@@ -125,14 +125,15 @@ class Tracker:
         if self.console:
             say(text)
 
-    def close(self) -> None:
+    def close(self, mlflow_status: str = "FINISHED") -> None:
+        """Flush and close every sink; the MLflow run ends as `mlflow_status` (KILLED: stopped by a sweep's scheduler)."""
         self.metrics_file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
         if self.mlflow is not None:
-            self.mlflow.end("FINISHED")
+            self.mlflow.end(mlflow_status)
 
 
 # --- the console ----------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from raysft.training.optim import build_optimizer, lr_at, set_lr
 from raysft.training.step import ORDER_CHUNK_ROWS, BatchSchedule, all_reduce_sum, autocast, train_step
 from raysft.training.stopping import patience_of
 from raysft.training.worker import LoopInputs  # defined apart so that Ray's controller unpickles it without torch
+from raysft.tune.decisions import STOP, TrialGate, eval_round
 
 
 @torch.no_grad()
@@ -82,6 +83,12 @@ def evaluate(
     loss_module.train()
     eval_loss = loss_sum / max(tokens, 1.0)
     return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)), "eval_token_accuracy": correct / max(tokens, 1.0)}
+
+
+def _scheduler_stops(gate: TrialGate, round_: int, rank: int, device: torch.device) -> bool:
+    """Rank 0 hears the sweep scheduler's decision on this evaluation round; every rank follows it."""
+    says_stop = rank == 0 and gate.decision(round_) == STOP
+    return all_reduce_sum([float(says_stop)], device)[0] > 0
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:
@@ -237,6 +244,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         report(last_eval, 0)
 
     # Loop.
+    stopped_by_scheduler = False
     loss_module.train()
     interval_start, interval_tokens = time.perf_counter(), 0  # after the first eval, so it is not counted
     for step in range(start_step, num_steps):
@@ -267,10 +275,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 trained_tokens=step_trained, skipped=0.0 if result.applied else 1.0,
             )
             interval_start, interval_tokens = time.perf_counter(), 0
-        stop = False
+        stop = evaluated = False
         if eval_rows is not None and (
             (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == num_steps
         ):
+            evaluated = True
             last_eval = evaluation(done)
             metrics.update(last_eval)
             if patience is not None:
@@ -302,7 +311,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if tracker is not None:
                 tracker.log_text(patience.reason(done))
             break
+        if inputs.gate is not None and evaluated and done < num_steps:
+            stopped_by_scheduler = _scheduler_stops(inputs.gate, eval_round(done, cfg.train.eval_every), rank, device)
+            if stopped_by_scheduler:
+                if tracker is not None:
+                    tracker.log_text(f"stopped by the sweep's scheduler after step {done}'s evaluation")
+                break
 
+    if stopped_by_scheduler:  # a stopped trial has no final/: that is what tells it from a completed one
+        _close(train_rows, eval_rows, tracker, working, location, mlflow_status="KILLED")  # as the sweep ends it
+        return
     # Save: the last step's weights, or the best checkpoint's when it beat them.
     final_score = last_eval.get(cfg.train.checkpoint_score)
     if (rank == 0 or sharded) and cfg.train.final == "best" and best and final_score is not None and better(
@@ -315,9 +333,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     gathered = gathered_state_dict(model, trained_only=cfg.lora.enabled) if sharded else None  # every rank
     if rank == 0:
         _save_final(model, cfg, location, gathered)
+    _close(train_rows, eval_rows, tracker, working, location)
+
+
+def _close(train_rows: PackedRows, eval_rows: PackedRows | None, tracker: Tracker | None, working: Path,
+           location: str, mlflow_status: str = "FINISHED") -> None:
     train_rows.close()
     if eval_rows is not None:
         eval_rows.close()
     if tracker is not None:
-        tracker.close()
+        tracker.close(mlflow_status)
         _sync_run_files(working, location)

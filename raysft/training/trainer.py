@@ -44,6 +44,7 @@ from raysft.training.run_folder import (
     write_run_config,
 )
 from raysft.training.worker import LoopInputs, train_loop_per_worker
+from raysft.tune.decisions import TrialGate
 
 
 @dataclass(frozen=True)
@@ -226,7 +227,7 @@ def _copy_results_home(cfg: Config) -> None:
             storage.download(storage.join(location, name), home / name)
 
 
-def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
+def train(cfg: Config, callbacks: list[Any] | None = None, gate: TrialGate | None = None) -> RunResult:
     """Fine-tune the model of `cfg` on Ray and write the run folder (see README, "Output").
 
     Everything that can be checked before Ray starts is (README, "What raysft guarantees"); a refused
@@ -261,6 +262,7 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
         resume_from=resume_from,
         verbose=verbose(),
         generation=generation,
+        gate=gate,
     )
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, str(HEALTH_CHECK_INTERVAL_S))  # read when fit() starts the controller
     trainer = TorchTrainer(

@@ -17,6 +17,7 @@ from typing import Any
 from raysft.config import Config
 from raysft.data.cache import CachedTable
 from raysft.evaluation import GenerationSet
+from raysft.tune.decisions import TrialGate
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class LoopInputs:
     """The driver's console mode (raysft.track.verbose): a worker quiets its libraries unless it is set."""
     generation: GenerationSet | None = None
     """eval.generate's prompts and references (raysft/data/prompts.py), or None."""
+    gate: TrialGate | None = None
+    """A sweep trial's line to its scheduler, heard after every evaluation (None outside a stopping sweep)."""
 
     @property
     def has_eval(self) -> bool:

@@ -50,6 +50,7 @@ from raysft.training.run_folder import FINAL_DIR, run_location
 from raysft.data.pipeline import ensure_ray, prepare_data
 from raysft.training.trainer import scaling_config, train, wait_for_worker_resources
 from raysft.tune.config import SweepConfig, check_sweep, sweep_yaml
+from raysft.tune.decisions import TrialGate, board_name, eval_round, open_board, record
 from raysft.tune.report import SweepResult, write_report
 from raysft.tune.space import Domain, to_param_space
 
@@ -100,6 +101,11 @@ def sweep_storage(cfg: SweepConfig) -> str | None:
     return storage.join(cfg.base.scaling.storage_path, cfg.name) if cfg.base.scaling.storage_path else None
 
 
+def sweep_home(cfg: SweepConfig) -> str:
+    """Where the sweep lives: its storage, else its (absolute) output_dir."""
+    return sweep_storage(cfg) or str(cfg.output_dir)
+
+
 def fetch_trials(cfg: SweepConfig) -> None:
     """Copy every trial's results (and Tune's error files) from the sweep's storage to the local sweep folder."""
     root, sweep_dir = sweep_storage(cfg), Path(str(cfg.output_dir))
@@ -115,13 +121,6 @@ def fetch_trials(cfg: SweepConfig) -> None:
         error = storage.join(root, "tune", name, "error.txt")
         if storage.exists(error):
             storage.download(error, sweep_dir / "tune" / name / "error.txt")
-
-
-def eval_round(step: int, eval_every: int | None) -> int:
-    """How many evaluations a trial has passed at `step` (0 before training): ASHA's time axis."""
-    if step == 0:
-        return 0
-    return math.ceil(step / eval_every) if eval_every else 1
 
 
 def is_evaluation(record: dict[str, Any]) -> bool:
@@ -181,7 +180,9 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any], mlflow_parent: str 
         # them; the whole config is in the parent's); rank 0 finds the run in the trial folder and continues it.
         open_mlflow_run(train_cfg.tracking, location, Path(train_cfg.train.output_dir) / MLFLOW_DIR, name, params,
                         tags={"raysft.sweep": cfg.name, "raysft.trial": name})
-    train(train_cfg, callbacks=[EvalRoundsToTune(eval_every)])
+    # A scheduler that can stop a trial is heard at every evaluation (raysft/tune/decisions.py); FIFO never stops one.
+    gate = TrialGate(board_name(sweep_home(cfg)), ray.tune.get_context().get_trial_id()) if stops_trials(cfg) else None
+    train(train_cfg, callbacks=[EvalRoundsToTune(eval_every)], gate=gate)
 
 
 @contextlib.contextmanager
@@ -217,10 +218,30 @@ def _max_rounds(cfg: SweepConfig) -> int:
     return DEFAULT_MAX_ROUNDS
 
 
-def _scheduler(cfg: SweepConfig) -> Any:
-    if cfg.scheduler.name == "fifo":
+class DecidingASHA(ASHAScheduler):
+    """ASHA whose every decision is also posted to the sweep's decision board, where the trial's workers await it
+    before their next step (raysft/tune/decisions.py)."""
+
+    def __init__(self, board: str, **asha: Any):
+        super().__init__(**asha)
+        self.board = board
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        record(self.board, trial.trial_id, int(result["eval_round"]), decision)
+        return decision
+
+
+def stops_trials(cfg: SweepConfig) -> bool:
+    """Whether the sweep's scheduler may stop a trial before its last step."""
+    return cfg.scheduler.name != "fifo"
+
+
+def _scheduler(cfg: SweepConfig, board: str) -> Any:
+    if not stops_trials(cfg):
         return FIFOScheduler()
-    return ASHAScheduler(
+    return DecidingASHA(
+        board,
         time_attr="eval_round",
         grace_period=cfg.scheduler.grace_period,
         reduction_factor=cfg.scheduler.reduction_factor,
@@ -323,7 +344,7 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     # relative output folder or data path would point somewhere else (and the results would be lost).
     sweep_dir = Path(str(cfg.output_dir)).expanduser().resolve()
     cfg = cfg.model_copy(update={"output_dir": str(sweep_dir), "base": with_absolute_paths(cfg.base)})
-    home = sweep_storage(cfg) or str(sweep_dir)
+    home = sweep_home(cfg)
     where = "base.scaling.storage_path" if sweep_storage(cfg) else "output_dir"
     tune_dir = storage.join(home, "tune")
     preflight(cfg.base.model_copy(update={"train": cfg.base.train.model_copy(update={"output_dir": str(sweep_dir)})}))
@@ -366,7 +387,7 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
                 mode=cfg.mode,
                 num_samples=_num_samples(cfg, domains),
                 max_concurrent_trials=max_concurrent if cfg.search_alg == "optuna" else None,
-                scheduler=_scheduler(cfg),
+                scheduler=_scheduler(cfg, board_name(home)),
                 search_alg=_search_alg(cfg, max_concurrent),
                 trial_name_creator=trial_name,
                 trial_dirname_creator=trial_name,
@@ -378,8 +399,13 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
                 verbose=0,
             ),
         )
+    # Held until the trials are done: the board lives as long as this handle (Tune restores the scheduler, which
+    # names the board, on --resume).
+    board = open_board(board_name(home)) if stops_trials(cfg) else None
     with _tune_console():
         tuner.fit()
+    if board is not None:
+        ray.kill(board)
     fetch_trials(cfg)
     result = write_report(sweep_dir)
     if mlflow_run is not None:

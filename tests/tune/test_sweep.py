@@ -4,6 +4,7 @@ and a killed sweep resumes without rerunning finished trials."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -110,6 +111,10 @@ def test_asha_sweep_over_rank_lr_and_seq_len(ray_session: None, tiny_model_dir: 
     completed = [r for r in rows if r["status"] == "completed"]
     assert stopped, rows  # ASHA stopped at least one trial
     assert all(int(r["steps"]) < 8 for r in stopped) and all(int(r["steps"]) == 8 for r in completed)
+    for row in stopped:  # it stopped at the evaluation ASHA stopped it on: its folder holds what Tune saw, no more
+        seen_by_tune = [json.loads(line) for line in (sweep_dir / "tune" / row["trial"] / "result.json").open()]
+        assert int(row["steps"]) == seen_by_tune[-1]["step"], (row, seen_by_tune[-1])
+        assert not (sweep_dir / "trials" / row["trial"] / "final").exists()
     for row in completed:  # a trial's own TorchTrainer polls its worker as often as a plain run's (not Ray's 2 s)
         seconds = step_seconds(read_metrics(sweep_dir / "trials" / row["trial"] / METRICS_FILE))
         assert sum(seconds[step] for step in range(2, 9)) < 7 * 2.0 / 2, seconds
