@@ -237,6 +237,7 @@ def raysft_step_stats(output_dir: Path, cfg: Any, world: int) -> dict[str, Any]:
     checked against metrics.jsonl.
     """
     import raysft
+    from raysft.config import global_batch_rows
     from raysft.training.step import BatchSchedule
 
     lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -250,12 +251,12 @@ def raysft_step_stats(output_dir: Path, cfg: Any, world: int) -> dict[str, Any]:
     prepared = raysft.prepare_data(cfg)  # a cache hit: same rows as the run trained on
     table = prepared.splits["train"]
     row_lengths = table.read(0, table.num_rows, ["num_tokens"]).column("num_tokens").to_numpy()
-    schedule = BatchSchedule(table.num_rows, world, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
+    schedule = BatchSchedule(table.num_rows, world, cfg.train.micro_batch_size, global_batch_rows(cfg),
                              cfg.train.seed, cfg.data.shuffle_window)
     for s in steps:
         slots = real = 0
         for rank in range(world):
-            for micro_batch in schedule.micro_batches(s["step"] - 1, rank):
+            for _, micro_batch in schedule.micro_batches(s["step"] - 1, rank):
                 lengths = [int(row_lengths[i]) for i in micro_batch]
                 slots += len(lengths) * max(lengths)
                 real += sum(lengths)

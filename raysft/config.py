@@ -220,11 +220,18 @@ class TrainConfig(Section):
     output_dir: str = "runs/raysft"
     """Run folder: config, metrics.jsonl, checkpoints/, final/."""
     seed: int = 0
-    """Seed for data order, LoRA init, dropout and NEFTune noise (worker r draws its dropout and noise from seed + r)."""
+    """Seed for data order, LoRA init, dropout and NEFTune noise (each micro-batch draws its dropout and noise from
+    (seed, step, its place in the step), whichever worker computes it)."""
     micro_batch_size: int = Field(default=4, gt=0)
     """Rows per forward pass per worker."""
     grad_accum_steps: int = Field(default=1, gt=0)
-    """Micro-batches per optimizer step per worker."""
+    """Micro-batches per optimizer step per worker, when `global_batch_size` is not set (it sets that default)."""
+    global_batch_size: int | None = Field(default=None, gt=0)
+    """Rows (packed sequences) per optimizer step, all workers together: what a step's maths depends on. Default:
+    scaling.num_workers x micro_batch_size x grad_accum_steps (1 worker in local mode), fixed when the run starts.
+    Each step's rows are cut into micro-batches of `micro_batch_size` rows, dealt to the workers in turn, so the
+    same rows, learning rate and random draws make the step on any number of workers: a resume may change
+    scaling.num_workers (and grad_accum_steps) and trains the same model."""
     max_steps: int | None = Field(default=None, gt=0)
     """Optimizer steps to run; overrides `epochs` when set."""
     epochs: float = Field(default=1.0, gt=0)
@@ -276,8 +283,8 @@ class TrainConfig(Section):
     generation) add uniform noise in [-1, 1] x alpha / sqrt(L x d) to the input embeddings, d the hidden size and
     L the length of the example the token belongs to. A packed row holds several examples: L is each one's own
     length, so an example gets the noise it would get trained alone, whatever it is packed with (the row's length
-    would shrink it by up to sqrt(examples per row)). Drawn from torch's RNG like dropout: reproducible per seed
-    and rank, and saved in checkpoints (exact resume). The paper uses 5 to 15; null turns it off."""
+    would shrink it by up to sqrt(examples per row)). Drawn from torch's RNG like dropout, seeded per micro-batch
+    from (seed, step, its place in the step): the same on any number of workers, and on resume. The paper uses 5 to 15; null turns it off."""
     on_nonfinite: Literal["skip", "abort"] = "abort"
     """A NaN/inf loss or gradient: skip that step's update, or stop the run."""
     resume: bool = False
@@ -783,6 +790,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     raw = read_yaml(path)
     resolve_data_paths(raw, Path(path).parent)
     return parse_config(apply_overrides(raw, overrides or []), str(path))
+
+
+def global_batch_rows(cfg: "Config") -> int:
+    """Rows per optimizer step: `train.global_batch_size`, else its default from the current worker count."""
+    train = cfg.train
+    return train.global_batch_size or max(1, cfg.scaling.num_workers) * train.micro_batch_size * train.grad_accum_steps
 
 
 def is_uri(location: str) -> bool:

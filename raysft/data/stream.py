@@ -62,7 +62,7 @@ class PackedRows:
     Example:
         >>> rows = PackedRows(prepared_table, chunk_rows=64, max_chunks=80)  # doctest: +SKIP
         >>> rows.prefetch(schedule.step_rows(step + 1))  # read on a background thread  # doctest: +SKIP
-        >>> batch = rows.batch(schedule.micro_batches(step, rank)[0], pad_token_id=0)  # doctest: +SKIP
+        >>> batch = rows.batch(schedule.micro_batches(step, rank)[0][1], pad_token_id=0)  # doctest: +SKIP
     """
 
     def __init__(self, table: CachedTable, chunk_rows: int, max_chunks: int):

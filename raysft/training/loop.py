@@ -24,7 +24,7 @@ from peft import PeftModel
 from torch import nn
 
 from raysft import storage
-from raysft.config import Config, is_uri
+from raysft.config import Config, global_batch_rows, is_uri
 from raysft.data.stream import PackedRows, chunks_to_keep
 from raysft.evaluation import GENERATIONS_FILE
 from raysft.fileio import replace_dir_atomically, write_error, write_text_atomically
@@ -159,11 +159,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     local_mode = cfg.scaling.num_workers == 0
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.train.seed + rank)
+    torch.manual_seed(cfg.train.seed)  # training draws are seeded per micro-batch (BatchSchedule.micro_batch_seed)
 
     # Setup: data, model, optimizer. Rows are read from the packed table as the steps need them.
     schedule = BatchSchedule(inputs.train_data.num_rows, world, cfg.train.micro_batch_size,
-                             cfg.train.grad_accum_steps, cfg.train.seed, cfg.data.shuffle_window)
+                             global_batch_rows(cfg), cfg.train.seed, cfg.data.shuffle_window)
     chunk_rows = min(ORDER_CHUNK_ROWS, cfg.data.shuffle_window)
     train_rows = PackedRows(inputs.train_data, chunk_rows,
                             chunks_to_keep(cfg.data.shuffle_window, schedule.global_batch, chunk_rows))
@@ -254,10 +254,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # The trained tokens of the whole global batch (all workers, all micro-batches) normalize the loss.
         step_trained = train_rows.trained_tokens(step_rows)
         set_lr(optimizer, lr_at(step, cfg.train, num_steps))
-        micro_batches = [{k: v.to(device) for k, v in train_rows.batch(rows, pad_id).items()}
-                         for rows in schedule.micro_batches(step, rank)]
+        mine = schedule.micro_batches(step, rank)
+        # Fillers (a worker dealt fewer micro-batches than the others) rerun the step's first rows, weighted 0.
+        filled = [rows for _, rows in mine] + [step_rows[: cfg.train.micro_batch_size]] * schedule.fillers(rank)
+        micro_batches = [{k: v.to(device) for k, v in train_rows.batch(rows, pad_id).items()} for rows in filled]
         result = train_step(forward, micro_batches, step_trained, optimizer, scaler, params, cfg.train.precision,
-                            cfg.train.max_grad_norm, world)
+                            cfg.train.max_grad_norm, world, seeds=[schedule.micro_batch_seed(step, j) for j, _ in mine],
+                            counted=len(mine))
         if not result.applied and cfg.train.on_nonfinite == "abort":
             raise FloatingPointError(
                 f"non-finite loss {result.loss} / grad norm {result.grad_norm} at step {step + 1}; aborting")

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from raysft import storage
-from raysft.config import Config, flatten, public_tree, to_yaml
+from raysft.config import Config, flatten, global_batch_rows, public_tree, to_yaml
 from raysft.errors import ConfigError
 from raysft.evaluation import GENERATIONS_FILE
 from raysft.track import METRICS_FILE, MLFLOW_DIR, MLFLOW_RUN_FILE
@@ -53,6 +53,8 @@ RESUMABLE_CHANGES = (
     "train.early_stopping.",
     "train.on_nonfinite",
     "train.output_dir",  # the run folder was moved: where it is, not what it computes
+    "scaling.num_workers",  # the global batch is fixed when the run starts: only who computes each step changes
+    "train.grad_accum_steps",  # ... and how each worker cuts its share
     "scaling.max_failures",
     "scaling.ray_address",
     "scaling.resource_wait_s",
@@ -90,7 +92,23 @@ def _started_config(location: str) -> dict[str, Any] | None:
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a torn last line: the resume it describes never started
             flat.update({key: change["to"] for key, change in changes.items()})
+    # Runs started before train.global_batch_size existed derived it from their worker count.
+    flat["train.global_batch_size"] = flat.get("train.global_batch_size") or _derived_global_batch(flat)
     return flat
+
+
+def _derived_global_batch(flat: dict[str, Any]) -> int:
+    return max(1, flat["scaling.num_workers"]) * flat["train.micro_batch_size"] * flat["train.grad_accum_steps"]
+
+
+def pin_global_batch(cfg: Config) -> Config:
+    """`cfg` with train.global_batch_size fixed: the user's value, else (resuming) the run's own, so that a resume
+    on another number of workers trains the same steps, else the default from the current worker count."""
+    if cfg.train.global_batch_size is not None:
+        return cfg
+    started = _started_config(run_location(cfg)) if cfg.train.resume else None
+    rows = started["train.global_batch_size"] if started else global_batch_rows(cfg)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"global_batch_size": rows})})
 
 
 def _allowed(key: str) -> bool:

@@ -96,25 +96,26 @@ def epoch_order(num_rows: int, seed: int, epoch: int, window_rows: int) -> Epoch
 class BatchSchedule:
     """Step -> the packed rows of its global batch, and each worker's micro-batches of them.
 
-    A step trains ``world_size * micro_batch_size * grad_accum_steps`` rows taken in epoch order;
-    micro-batch m of worker r holds the ``micro_batch_size`` rows starting at ``(m * world_size + r) *
-    micro_batch_size``. The split never changes which rows a step trains on, only who computes them, which
-    is why N workers == 1 worker and k micro-batches == one batch k times as large. The incomplete tail of
-    an epoch is dropped, like ``drop_last``.
+    A step trains ``global_batch`` rows taken in epoch order, cut into micro-batches of ``micro_batch_size`` rows
+    (the last one shorter when it does not divide); micro-batch j goes to worker ``j % world_size``. The split never
+    changes which rows a step trains on, only who computes them, which is why N workers == 1 worker and k
+    micro-batches == one batch k times as large, and why a run may continue on another number of workers. A worker
+    dealt fewer micro-batches than the others runs `fillers` (weighted 0) so that every worker takes part in the
+    same collectives. The incomplete tail of an epoch is dropped, like ``drop_last``.
 
     Example:
-        >>> schedule = BatchSchedule(num_rows=10, world_size=2, micro_batch_size=1, grad_accum_steps=2, seed=0)
+        >>> schedule = BatchSchedule(num_rows=10, world_size=2, micro_batch_size=1, global_batch=4, seed=0)
         >>> schedule.global_batch, schedule.steps_per_epoch
         (4, 2)
         >>> rows = schedule.step_rows(0)
-        >>> [m.tolist() for m in schedule.micro_batches(0, rank=1)] == [rows[1:2].tolist(), rows[3:4].tolist()]
+        >>> [m.tolist() for _, m in schedule.micro_batches(0, rank=1)] == [rows[1:2].tolist(), rows[3:4].tolist()]
         True
     """
 
     num_rows: int
     world_size: int
     micro_batch_size: int
-    grad_accum_steps: int
+    global_batch: int
     seed: int
     window_rows: int = 2048  # data.shuffle_window: see EpochOrder
 
@@ -122,12 +123,18 @@ class BatchSchedule:
         if self.num_rows < self.global_batch:
             raise ValueError(
                 f"{self.num_rows} training rows after packing but one optimizer step needs {self.global_batch} "
-                "(num_workers x micro_batch_size x grad_accum_steps): lower those or add data"
+                "(train.global_batch_size): lower it or add data"
             )
 
     @property
-    def global_batch(self) -> int:
-        return max(1, self.world_size) * self.micro_batch_size * self.grad_accum_steps
+    def num_micro_batches(self) -> int:
+        """Micro-batches in a step, all workers together."""
+        return -(-self.global_batch // self.micro_batch_size)
+
+    @property
+    def micro_batches_per_worker(self) -> int:
+        """Forward/backward passes each worker runs per step (its own micro-batches, then fillers)."""
+        return -(-self.num_micro_batches // max(1, self.world_size))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -147,10 +154,19 @@ class BatchSchedule:
         order = epoch_order(self.num_rows, self.seed, epoch, self.window_rows)
         return order.rows(index * self.global_batch, (index + 1) * self.global_batch)
 
-    def micro_batches(self, step: int, rank: int) -> list[np.ndarray]:
-        """Worker ``rank``'s rows of step ``step``, one array per micro-batch (``grad_accum_steps`` of them)."""
-        rows, micro, world = self.step_rows(step), self.micro_batch_size, max(1, self.world_size)
-        return [rows[(m * world + rank) * micro : (m * world + rank + 1) * micro] for m in range(self.grad_accum_steps)]
+    def micro_batches(self, step: int, rank: int) -> list[tuple[int, np.ndarray]]:
+        """Worker ``rank``'s micro-batches of step ``step``: (the micro-batch's place j in the step, its rows)."""
+        rows, micro = self.step_rows(step), self.micro_batch_size
+        return [(j, rows[j * micro : (j + 1) * micro])
+                for j in range(rank, self.num_micro_batches, max(1, self.world_size))]
+
+    def fillers(self, rank: int) -> int:
+        """How many zero-weight passes worker ``rank`` adds so that it runs as many as every other worker."""
+        return self.micro_batches_per_worker - len(range(rank, self.num_micro_batches, max(1, self.world_size)))
+
+    def micro_batch_seed(self, step: int, place: int) -> int:
+        """The torch seed of micro-batch ``place`` of step ``step``: its dropout and noise, on whatever worker."""
+        return int(np.random.SeedSequence([self.seed, step, place]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -202,6 +218,8 @@ def train_step(
     precision: str,
     max_grad_norm: float | None,
     world_size: int = 1,
+    seeds: Sequence[int] | None = None,
+    counted: int | None = None,
 ) -> StepResult:
     """One optimizer step over this worker's micro-batches: forward, token-weighted backward, clip, step.
 
@@ -209,18 +227,24 @@ def train_step(
     token losses. Each is divided by ``trained_tokens``, the trained tokens of the *global* batch, so that
     k micro-batches == one batch k times as large and N workers == one worker, exactly; DDP averages
     gradients over workers, so the loss is multiplied by ``world_size`` first. Gradients sync only on the last
-    micro-batch. A non-finite loss or gradient norm skips the step (the caller decides whether to abort).
+    micro-batch. ``seeds``: torch's seed before each micro-batch (its dropout and noise); only the first
+    ``counted`` micro-batches count, the rest are fillers (BatchSchedule.fillers) weighted 0. A non-finite loss or
+    gradient norm skips the step (the caller decides whether to abort).
     """
     device = micro_batches[0]["input_ids"].device
+    counted = len(micro_batches) if counted is None else counted
     scale = world_size / max(trained_tokens, 1)
     local_loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no host sync per micro-batch
     for m, batch in enumerate(micro_batches):
+        if seeds is not None and m < counted:
+            torch.manual_seed(seeds[m])
         syncing = world_size == 1 or m == len(micro_batches) - 1
         with contextlib.nullcontext() if syncing else without_gradient_sync(forward):
             with autocast(precision, device):
                 loss_sum, _ = forward(**batch)
-            scaler.scale(loss_sum * scale).backward()
-        local_loss_sum += loss_sum.detach()
+            scaler.scale(loss_sum * (scale if m < counted else 0.0)).backward()
+        if m < counted:
+            local_loss_sum += loss_sum.detach()
 
     scaler.unscale_(optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")))

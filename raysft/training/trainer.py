@@ -20,7 +20,7 @@ from ray.autoscaler.sdk import request_resources
 from ray.train import CheckpointConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
-from raysft.config import Config, with_absolute_paths
+from raysft.config import Config, global_batch_rows, with_absolute_paths
 from raysft.data.pipeline import ensure_ray, prepare_data, stats_json
 from raysft.data.prompts import generation_set
 from raysft.errors import USER_ERRORS, ConfigError, RunError
@@ -40,6 +40,7 @@ from raysft.training.run_folder import (
     check_run_folder,
     checkpoint_root,
     output_path,
+    pin_global_batch,
     run_location,
     write_run_config,
 )
@@ -181,13 +182,13 @@ def checkpoint_config(cfg: Config, has_eval: bool) -> CheckpointConfig:
 
 def check_batch_fits(cfg: Config, num_rows: int) -> None:
     """One optimizer step needs a global batch of rows; say which keys to lower when the data is smaller."""
-    global_batch = max(1, cfg.scaling.num_workers) * cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+    global_batch = global_batch_rows(cfg)
     if num_rows < global_batch:
         raise ConfigError([
-            f"train.micro_batch_size: the training data packs into {num_rows} row(s), but one optimizer step "
-            f"needs {global_batch} (scaling.num_workers x train.micro_batch_size x train.grad_accum_steps = "
-            f"{max(1, cfg.scaling.num_workers)} x {cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps}); "
-            "lower those or add data"
+            f"train.global_batch_size: the training data packs into {num_rows} row(s), but one optimizer step needs "
+            f"{global_batch} (train.global_batch_size, by default scaling.num_workers x train.micro_batch_size x "
+            f"train.grad_accum_steps = {max(1, cfg.scaling.num_workers)} x {cfg.train.micro_batch_size} x "
+            f"{cfg.train.grad_accum_steps}); lower those or add data"
         ])
 
 
@@ -241,6 +242,7 @@ def train(cfg: Config, callbacks: list[Any] | None = None, gate: TrialGate | Non
     """
     cfg = with_absolute_paths(cfg)
     preflight(cfg)  # first: it also tells whether the storage can be reached at all
+    cfg = pin_global_batch(cfg)  # before the resume check: a resume keeps the global batch the run started with
     resume_changes = check_run_folder(cfg)
     prepared = prepare_data(cfg)
     check_batch_fits(cfg, prepared.num_rows("train"))

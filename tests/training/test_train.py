@@ -81,6 +81,42 @@ def test_two_workers_equal_one_worker(tiny_model_dir: Path, tmp_path: Path) -> N
     assert all(scores["eval_answers_chars"] > 0 for scores in generation_scores(one).values())
 
 
+def test_a_run_resumed_on_another_number_of_workers_trains_the_same_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # DESIGN.md property 7. A global batch of 3 rows in micro-batches of 1: on 2 workers one of them runs a filler.
+    # Dropout on: every micro-batch draws its mask from (seed, step, place), whichever worker computes it. A constant
+    # learning rate, so that the 4-step first part and the 6-step whole run share one schedule.
+    common = ["train.micro_batch_size=1", "train.global_batch_size=3", "lora.dropout=0.1", "train.lr_schedule=constant",
+              "train.checkpoint_every=2", "train.checkpoints_to_keep=null", "data.shuffle_window=8"]
+    straight = run(tiny_model_dir, tmp_path / "straight", [*common, "scaling.num_workers=0", "train.max_steps=6"])
+    out = tmp_path / "resized"
+    first = run(tiny_model_dir, out, [*common, "scaling.num_workers=2", "train.max_steps=4"])  # checkpoint at step 2
+    expected = losses(straight.history())
+    assert all(loss == pytest.approx(expected[step], abs=1e-5) for step, loss in losses(first.history()).items())
+    # Continued on 1 worker (in the driver) from step 2: allowed, recorded, and the same steps 3 to 6.
+    resumed = run(tiny_model_dir, out, [*common, "scaling.num_workers=0", "train.max_steps=6", "train.resume=true"])
+    got = losses(resumed.history())
+    assert sorted(got) == list(range(1, 7)) and all(got[step] == pytest.approx(expected[step], abs=1e-5) for step in got)
+    changes = [json.loads(line)["changes"] for line in (out / "config_history.jsonl").read_text().splitlines()]
+    assert changes[-1]["scaling.num_workers"] == {"from": 2, "to": 0}
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["global_batch_size"] == 3
+    a = load_file(str(straight.final_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.final_dir / "adapter_model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+
+
+def test_a_resume_keeps_the_global_batch_it_started_with(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # The default global batch (workers x micro x accumulation) is fixed when the run starts: resumed on 2 workers,
+    # each step still trains the 2 rows it trained on 1 (not 4), and changing the global batch itself is refused.
+    out = tmp_path / "run"
+    run(tiny_model_dir, out, ["scaling.num_workers=0", "train.checkpoint_every=2", "train.max_steps=3"])
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        run(tiny_model_dir, out, ["train.global_batch_size=4", "train.max_steps=4", "train.resume=true"])
+    resumed = run(tiny_model_dir, out, ["scaling.num_workers=2", "train.max_steps=4", "train.resume=true"])
+    assert [r["trained_tokens"] > 0 for r in resumed.history() if r["step"] == 4] == [True]
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["global_batch_size"] == 2
+
+
 def test_resume_continues_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
     # A real worker process (not local mode), killed from outside once step 4's checkpoint is stored; the run
     # is long enough that it is still training then, wherever exactly the kill lands.
