@@ -300,13 +300,24 @@ class TrainConfig(Section):
 
 class ScalingConfig(Section):
     num_workers: int = Field(default=1, ge=0)
-    """Ray Train workers (data-parallel replicas). 0 runs the loop in the driver (Ray Train local mode)."""
+    """Ray Train workers (data-parallel replicas). 0 runs the loop in the driver (Ray Train local mode).
+    `{min: 1, max: 4}` makes the run elastic (spot and preemptible capacity): it starts once `min` workers can be
+    placed, goes on with fewer when workers' nodes go away and grows back towards `max` when capacity returns, each
+    time from the newest checkpoint (set `train.checkpoint_every`). Every step trains the same global batch on
+    however many workers it has (`train.global_batch_size`), so the model is the one a fixed-size run trains.
+    Written as `num_workers: <max>` and `min_workers: <min>` in the run's config.yaml."""
+    min_workers: int | None = Field(default=None, ge=1)
+    """The fewest workers an elastic run goes on with (what `num_workers: {min, max}` sets). Null: a fixed size."""
+    elastic_resize_interval_s: float = Field(default=60.0, gt=0)
+    """How often an elastic run checks for capacity to grow back into (Ray Train's
+    `elastic_resize_monitor_interval_s`); growing restarts the workers from the newest checkpoint."""
     use_gpu: bool = False
     """One GPU per worker."""
     resources_per_worker: dict[str, float] | None = None
     """Extra per-worker resources, e.g. {CPU: 4}."""
-    max_failures: int = Field(default=0, ge=-1)
-    """Restarts after a worker failure (-1: unlimited); each resumes from the newest checkpoint."""
+    max_failures: int | None = Field(default=None, ge=-1)
+    """Restarts after a worker failure (-1: unlimited); each resumes from the newest checkpoint. Default: 0, and
+    unlimited for an elastic run (a lost node is what it is for)."""
     ray_address: str | None = None
     """Ray cluster to join (else RAY_ADDRESS, else a local Ray is started)."""
     storage_path: str | None = None
@@ -326,6 +337,36 @@ class ScalingConfig(Section):
     fsdp_cpu_offload: bool = False
     """With `strategy: fsdp`, keep the parameter shards and optimizer state in CPU memory between uses
     (slower; for models whose shards still do not fit the GPUs)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _worker_range(cls, value: Any) -> Any:
+        """`num_workers: {min, max}` is the elastic spelling of `num_workers: max` with `min_workers: min`."""
+        if not (isinstance(value, dict) and isinstance(value.get("num_workers"), dict)):
+            return value
+        span = value["num_workers"]
+        if set(span) != {"min", "max"} or not all(isinstance(span[k], int) and span[k] >= 1 for k in span):
+            raise ValueError(f"{_CROSS_FIELD}scaling.num_workers: an elastic range is {{min: M, max: N}} with "
+                             f"1 <= M <= N (got {span})")
+        return {**value, "num_workers": span["max"], "min_workers": span["min"]}
+
+    @model_validator(mode="after")
+    def _elastic_bounds(self) -> "ScalingConfig":
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ValueError(f"{_CROSS_FIELD}scaling.min_workers: an elastic run needs 1 <= min_workers "
+                             f"({self.min_workers}) <= num_workers ({self.num_workers})")
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    @property
+    def restarts(self) -> int:
+        """`max_failures` as Ray Train takes it (see its default)."""
+        if self.max_failures is not None:
+            return self.max_failures
+        return -1 if self.elastic else 0
 
 
 class TrackingConfig(Section):

@@ -100,6 +100,20 @@ class Tracker:
                                           params=flatten(public_tree(cfg)))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        self.record(metrics, step)
+        trained = any(not name.startswith("eval_") for name in metrics)
+        eta = self.clock.eta(step, self.total_steps) if trained else None
+        if not trained:
+            self.clock.evaluated(step)  # an evaluation before any step: its time is not a step's
+        if self.console:
+            if trained:
+                say(step_line(step, self.total_steps, metrics, eta))
+            if any(name.startswith("eval_") for name in metrics):
+                say(eval_line(step, self.total_steps, metrics))
+
+    def record(self, metrics: dict[str, float], step: int) -> None:
+        """Write one record to metrics.jsonl and every tracker, without a console line (log() adds it for steps and
+        evaluations; an event such as an elastic resize is said with log_text)."""
         try:
             self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
         except OSError as err:  # a full disk: name the file, so the message says what to free
@@ -111,15 +125,6 @@ class Tracker:
             self.wandb_run.log(metrics, step=step)
         if self.mlflow is not None:
             self.mlflow.log(metrics, step)
-        trained = any(not name.startswith("eval_") for name in metrics)
-        eta = self.clock.eta(step, self.total_steps) if trained else None
-        if not trained:
-            self.clock.evaluated(step)  # an evaluation before any step: its time is not a step's
-        if self.console:
-            if trained:
-                say(step_line(step, self.total_steps, metrics, eta))
-            if any(name.startswith("eval_") for name in metrics):
-                say(eval_line(step, self.total_steps, metrics))
 
     def log_text(self, text: str) -> None:
         if self.console:

@@ -217,6 +217,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                          f"{len(train_rows)} rows, {num_steps} steps, {world} worker(s)"
                          f"{' (FSDP)' if sharded else ''}, global batch {schedule.global_batch} rows")
 
+    if tracker is not None and resumed and restored.get("workers", world) != world:
+        # An elastic run resized (or a resume on another worker count): the same steps go on, on `world` workers.
+        lost = time.time() - restored.get("saved_at", time.time())
+        tracker.log_text(f"resized: {restored['workers']} -> {world} worker(s) at step {start_step}, {lost:.1f} s since "
+                         "that checkpoint (the steps after it are trained again)")
+        tracker.record({"workers": float(world), "resized_from": float(restored["workers"]), "seconds_lost": lost},
+                       start_step)
+
     if tracker is not None and resumed and patience is not None and patience.best is not None:
         tracker.log_text(f"early stopping continues: {patience.metric} best {patience.best:.6g} at step "
                          f"{patience.best_step}, {patience.waited} evaluation(s) without improvement since")
@@ -301,6 +309,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if score is not None and better(score, best and best["score"], higher):
                 best = {"score": score, "step": done}
             state = {"data_fingerprint": inputs.data_fingerprint, "num_tokens": seen_tokens, "scaler": scaler.state_dict(),
+                     "workers": world, "saved_at": time.time(),
                      "score": score, "last_eval": last_eval, "best": best,
                      "early_stopping": patience.state() if patience is not None else None}
             save_checkpoint(inputs, done, model, optimizer, state, metrics, rank, local_mode)

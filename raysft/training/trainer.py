@@ -63,10 +63,12 @@ class RunResult:
 
 def scaling_config(cfg: Config) -> RayScalingConfig:
     """The Ray Train ScalingConfig of `cfg` (a sweep also sizes its trial concurrency from it)."""
+    scaling = cfg.scaling
     return RayScalingConfig(
-        num_workers=cfg.scaling.num_workers,
-        use_gpu=cfg.scaling.use_gpu,
-        resources_per_worker=cfg.scaling.resources_per_worker,
+        num_workers=(scaling.min_workers, scaling.num_workers) if scaling.elastic else scaling.num_workers,
+        use_gpu=scaling.use_gpu,
+        resources_per_worker=scaling.resources_per_worker,
+        elastic_resize_monitor_interval_s=scaling.elastic_resize_interval_s,
     )
 
 
@@ -107,7 +109,7 @@ def wait_for_worker_resources(cfg: Config, poll_s: float = 5.0) -> None:
                            "the loop here; set num_workers >= 1 to run on the cluster's GPU nodes, or use_gpu: false")
         return
     bundle = scaling_config(cfg)._resources_per_worker_not_none
-    wanted = cfg.scaling.num_workers
+    wanted = cfg.scaling.min_workers or cfg.scaling.num_workers  # an elastic run starts with its minimum
     deadline, requested = time.monotonic() + cfg.scaling.resource_wait_s, False
     try:
         while True:
@@ -275,7 +277,7 @@ def train(cfg: Config, callbacks: list[Any] | None = None, gate: TrialGate | Non
             # Ray Train keeps the run's checkpoints (and its own snapshot of them) in <run>/checkpoints/.
             name=CHECKPOINTS_DIR,
             storage_path=location,
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.scaling.restarts),
             checkpoint_config=checkpoint_config(cfg, inputs.has_eval),
             callbacks=callbacks,
             logging_config=LoggingConfig(log_level=train_log_level()),

@@ -1,0 +1,103 @@
+"""Elastic training on a real two-node `ray start` cluster: a node goes mid-run, the run goes on with the worker it
+has, grows back when a node returns, and trains the model a fixed-size run trains (DESIGN.md property 7)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import raysft
+from tests.runs import REPO, losses, tiny_config
+from tests.s3server import free_port
+from tests.test_cluster_live import MARKER, RAY, Cluster, kill_cluster, ray_head
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+# 2-row steps in 1-row micro-batches: one per worker on two workers, both on one. Long enough that the node comes
+# back while the run still trains (each resize restarts the workers, tens of seconds on 2 cores).
+ELASTIC = ["train.micro_batch_size=1", "train.global_batch_size=2", "train.max_steps=400", "train.checkpoint_every=5",
+           "train.lr=1e-3", "train.lr_schedule=constant", "train.log_every=1"]
+
+
+def join_node(cluster: Cluster) -> Path:
+    """A second node of 1 CPU, with its own --temp-dir (what kill_cluster(node_dir) kills)."""
+    node_dir = Path(tempfile.mkdtemp(prefix="rsft-node-", dir="/tmp"))
+    joined = subprocess.run(
+        [RAY, "start", f"--address={cluster.gcs_address}", f"--temp-dir={node_dir}", "--num-cpus=1",
+         "--disable-usage-stats"],
+        check=False, cwd=REPO, env={**cluster.env, MARKER: str(node_dir)}, capture_output=True, text=True, timeout=180,
+    )
+    assert joined.returncode == 0, joined.stdout[-3000:] + joined.stderr[-3000:]
+    return node_dir
+
+
+def records(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen[str], what: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None, f"the run ended before {what}: {process.communicate()[1][-5000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_and_trains_the_same_model(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "elastic"
+    cfg = tiny_config(tiny_model_dir, run_dir, [*ELASTIC, "scaling.num_workers={min: 1, max: 2}",
+                                                "scaling.elastic_resize_interval_s=1"])
+    cfg_file = tmp_path / "elastic.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    nodes: list[Path] = []
+    with ray_head([f"--port={free_port()}", "--num-cpus=1"], {}) as cluster:
+        try:
+            nodes.append(join_node(cluster))
+            process = subprocess.Popen(
+                [sys.executable, "-m", "raysft", "train", str(cfg_file)], cwd=REPO, text=True,
+                env={**cluster.env, "RAY_ADDRESS": cluster.gcs_address}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )
+            try:
+                wait_for(lambda: (run_dir / "checkpoints" / "step_000010" / "manifest.json").exists(), process,
+                         "the checkpoint at step 10")
+                kill_cluster(nodes[0])  # the node and the worker on it are gone (a spot instance reclaimed)
+                wait_for(lambda: any(r.get("workers") == 1 for r in records(run_dir)), process, "the shrink to 1 worker")
+                nodes.append(join_node(cluster))  # capacity returns
+                wait_for(lambda: any(r.get("workers") == 2 for r in records(run_dir)), process, "the growth to 2 workers")
+                out, err = process.communicate(timeout=600)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            assert process.returncode == 0, err[-5000:]
+        finally:
+            for node_dir in nodes:
+                kill_cluster(node_dir)
+                subprocess.run(["rm", "-rf", str(node_dir)], check=False)
+
+    history = records(run_dir)
+    resizes = [(r["step"], r["resized_from"], r["workers"]) for r in history if "resized_from" in r]
+    assert [(old, new) for _, old, new in resizes] == [(2, 1), (1, 2)], resizes
+    assert all(r["seconds_lost"] > 0 for r in history if "resized_from" in r)
+    assert "resized: 2 -> 1 worker(s)" in err and "resized: 1 -> 2 worker(s)" in err
+
+    # The same steps as a fixed run on one worker (in the driver): every step once, the same losses.
+    straight = raysft.train(tiny_config(tiny_model_dir, tmp_path / "straight", [*ELASTIC, "scaling.num_workers=0"]))
+    expected, got = losses(straight.history()), losses(history)
+    assert sorted(got) == list(range(1, 401))
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, abs=1e-5), step
