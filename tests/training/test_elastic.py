@@ -60,7 +60,7 @@ def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_and_trains_the_same_
 ) -> None:
     run_dir = tmp_path / "elastic"
     cfg = tiny_config(tiny_model_dir, run_dir, [*ELASTIC, "scaling.num_workers={min: 1, max: 2}",
-                                                "scaling.elastic_resize_interval_s=1"])
+                                                "scaling.elastic_resize_interval_s=1", "tracking.console=true"])
     cfg_file = tmp_path / "elastic.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     nodes: list[Path] = []
@@ -93,7 +93,8 @@ def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_and_trains_the_same_
     resizes = [(r["step"], r["resized_from"], r["workers"]) for r in history if "resized_from" in r]
     assert [(old, new) for _, old, new in resizes] == [(2, 1), (1, 2)], resizes
     assert all(r["seconds_lost"] > 0 for r in history if "resized_from" in r)
-    assert "resized: 2 -> 1 worker(s)" in err and "resized: 1 -> 2 worker(s)" in err
+    console = out + err  # rank 0's lines reach the driver through Ray's log forwarding
+    assert "resized: 2 -> 1 worker(s)" in console and "resized: 1 -> 2 worker(s)" in console, console[-5000:]
 
     # The same steps as a fixed run on one worker (in the driver): every step once, the same losses.
     straight = raysft.train(tiny_config(tiny_model_dir, tmp_path / "straight", [*ELASTIC, "scaling.num_workers=0"]))

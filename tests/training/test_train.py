@@ -96,6 +96,8 @@ def test_a_run_resumed_on_another_number_of_workers_trains_the_same_model(tiny_m
     resumed = run(tiny_model_dir, out, [*common, "scaling.num_workers=0", "train.max_steps=6", "train.resume=true"])
     got = losses(resumed.history())
     assert sorted(got) == list(range(1, 7)) and all(got[step] == pytest.approx(expected[step], abs=1e-5) for step in got)
+    [resize] = [r for r in resumed.history() if "resized_from" in r]  # said and recorded: 2 workers -> 1 at step 2
+    assert (resize["step"], resize["resized_from"], resize["workers"]) == (2, 2.0, 1.0) and resize["seconds_lost"] > 0
     changes = [json.loads(line)["changes"] for line in (out / "config_history.jsonl").read_text().splitlines()]
     assert changes[-1]["scaling.num_workers"] == {"from": 2, "to": 0}
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["global_batch_size"] == 3
