@@ -334,8 +334,9 @@ def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], dic
 
 
 def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any]:
-    """FSDP, every rank: verify the checkpoint in the local folder `path`, load this rank's shards of the trained
-    parameters and optimizer state into `model` and `optimizer` (any saved world size), restore its RNG."""
+    """Every rank: verify the sharded checkpoint in the local folder `path`, load this rank's shards of the trained
+    parameters and optimizer state into `model` and `optimizer` (any saved world size; a model that is not sharded
+    takes them whole), restore its RNG."""
     state = _verified_state(path, rank)
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_TRAINED_ONLY)
     dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path / SHARDED_DIR))
@@ -409,8 +410,13 @@ def restore(
     if checkpoint is None:
         return {"step": 0}, None
     with checkpoint.as_directory() as local:
-        if is_sharded(model):
+        # What the checkpoint holds decides, not how this run is split: shards written by N ranks load on M ranks,
+        # or whole into one model (torch.distributed.checkpoint reshards).
+        if (Path(local) / SHARDED_DIR).is_dir():
             state = load_sharded_checkpoint(Path(local), model, optimizer, rank)
+        elif is_sharded(model):
+            raise RunError(f"checkpoint {checkpoint.path} was written without FSDP (scaling.strategy: ddp, or local "
+                           "mode); resume it as it was written, or start a new train.output_dir")
         else:
             trainable, optimizer_state, state = load_checkpoint(Path(local), rank)
             _copy_into(model, trainable)
@@ -433,7 +439,7 @@ def load_trainable(model: nn.Module, location: str) -> None:
     """Copy the trained weights of the checkpoint at `location` into `model` (final: best); sharded, every rank
     loads its shards (collective)."""
     with ray.train.Checkpoint(location).as_directory() as local:
-        if is_sharded(model):
+        if (Path(local) / SHARDED_DIR).is_dir():
             model_state = get_model_state_dict(model, options=_TRAINED_ONLY)
             dcp.load({"model": model_state}, checkpoint_id=str(Path(local) / SHARDED_DIR))
             set_model_state_dict(model, model_state, options=_LOAD_TRAINED)

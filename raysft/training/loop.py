@@ -20,6 +20,7 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 from peft import PeftModel
 from torch import nn
 
@@ -178,7 +179,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     loss_module = TokenLoss(model)
     if cfg.train.compile:
         loss_module.compile_layers()
-    sharded = world > 1 and cfg.scaling.strategy == "fsdp"
+    # Sharded on any number of Ray Train workers, one included: an elastic run's checkpoints then stay sharded
+    # (torch.distributed.checkpoint reshards them for however many workers come next). Local mode has no process group.
+    sharded = cfg.scaling.strategy == "fsdp" and dist.is_available() and dist.is_initialized()
     if sharded:  # before the optimizer: it must hold the sharded parameters
         shard(loss_module, cfg)
     generation = GenerationEval(inputs.generation, cfg, rank, world, device, sharded) if inputs.generation else None

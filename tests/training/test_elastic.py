@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,21 +48,44 @@ def records(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-def wait_for(condition: Callable[[], bool], process: subprocess.Popen[str], what: str, timeout_s: float = 300) -> None:
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen[str], what: str, timeout_s: float = 300) -> float:
+    """Poll `condition` until true; the time.monotonic() it first held."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert process.poll() is None, f"the run ended before {what}: {process.communicate()[1][-5000:]}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
+        time.sleep(0.2)
+    return time.monotonic()
 
 
-def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_and_trains_the_same_model(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    run_dir = tmp_path / "elastic"
-    cfg = tiny_config(tiny_model_dir, run_dir, [*ELASTIC, "scaling.num_workers={min: 1, max: 2}",
-                                                "scaling.elastic_resize_interval_s=1", "tracking.console=true"])
-    cfg_file = tmp_path / "elastic.yaml"
+@dataclass
+class ElasticRun:
+    """An elastic run that lost a node and got one back, as its folder and console tell it, with the times (seconds)
+    from the node's loss to the next optimizer step and from the new node's start to a step on two workers."""
+
+    history: list[dict[str, Any]]
+    console: str
+    loss_to_step_s: float
+    return_to_step_s: float
+
+
+def newest_step_after(run_dir: Path, workers: int) -> Callable[[], bool]:
+    """True once a step was trained after the resize record to `workers` workers."""
+    def trained() -> bool:
+        history = records(run_dir)
+        resized = [i for i, r in enumerate(history) if r.get("workers") == workers and "resized_from" in r]
+        return bool(resized) and any("loss" in r for r in history[resized[-1]:])
+    return trained
+
+
+def run_elastic(model_dir: Path, work: Path, overrides: list[str]) -> ElasticRun:
+    """On a head and one more node (1 CPU each): start an elastic {min: 1, max: 2} run, take the second node away
+    once the checkpoint at step 10 exists, start a new node once the run went on with one worker, and wait for the
+    end. Also benchmarks/elastic.py's scenario."""
+    run_dir = work / "elastic"
+    cfg = tiny_config(model_dir, run_dir, [*overrides, "scaling.num_workers={min: 1, max: 2}",
+                                           "scaling.elastic_resize_interval_s=1", "tracking.console=true"])
+    cfg_file = work / "elastic.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     nodes: list[Path] = []
     with ray_head([f"--port={free_port()}", "--num-cpus=1"], {}) as cluster:
@@ -74,10 +98,12 @@ def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_and_trains_the_same_
             try:
                 wait_for(lambda: (run_dir / "checkpoints" / "step_000010" / "manifest.json").exists(), process,
                          "the checkpoint at step 10")
+                lost = time.monotonic()
                 kill_cluster(nodes[0])  # the node and the worker on it are gone (a spot instance reclaimed)
-                wait_for(lambda: any(r.get("workers") == 1 for r in records(run_dir)), process, "the shrink to 1 worker")
+                shrunk = wait_for(newest_step_after(run_dir, 1), process, "a step on 1 worker")
+                returned = time.monotonic()
                 nodes.append(join_node(cluster))  # capacity returns
-                wait_for(lambda: any(r.get("workers") == 2 for r in records(run_dir)), process, "the growth to 2 workers")
+                grown = wait_for(newest_step_after(run_dir, 2), process, "a step on 2 workers again")
                 out, err = process.communicate(timeout=600)
             finally:
                 if process.poll() is None:
@@ -88,17 +114,25 @@ def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_and_trains_the_same_
             for node_dir in nodes:
                 kill_cluster(node_dir)
                 subprocess.run(["rm", "-rf", str(node_dir)], check=False)
+    return ElasticRun(records(run_dir), out + err, shrunk - lost, grown - returned)
 
-    history = records(run_dir)
-    resizes = [(r["step"], r["resized_from"], r["workers"]) for r in history if "resized_from" in r]
+
+def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_and_trains_the_same_model(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    elastic = run_elastic(tiny_model_dir, tmp_path, ELASTIC)
+    with capsys.disabled():
+        print(f"\n[elastic] node lost -> next step {elastic.loss_to_step_s:.1f} s; node back -> a step on 2 workers "
+              f"{elastic.return_to_step_s:.1f} s")
+    resizes = [(r["step"], r["resized_from"], r["workers"]) for r in elastic.history if "resized_from" in r]
     assert [(old, new) for _, old, new in resizes] == [(2, 1), (1, 2)], resizes
-    assert all(r["seconds_lost"] > 0 for r in history if "resized_from" in r)
-    console = out + err  # rank 0's lines reach the driver through Ray's log forwarding
-    assert "resized: 2 -> 1 worker(s)" in console and "resized: 1 -> 2 worker(s)" in console, console[-5000:]
+    assert all(r["seconds_lost"] > 0 for r in elastic.history if "resized_from" in r)
+    # rank 0's lines reach the driver through Ray's log forwarding
+    assert "resized: 2 -> 1 worker(s)" in elastic.console and "resized: 1 -> 2 worker(s)" in elastic.console
 
     # The same steps as a fixed run on one worker (in the driver): every step once, the same losses.
     straight = raysft.train(tiny_config(tiny_model_dir, tmp_path / "straight", [*ELASTIC, "scaling.num_workers=0"]))
-    expected, got = losses(straight.history()), losses(history)
+    expected, got = losses(straight.history()), losses(elastic.history)
     assert sorted(got) == list(range(1, 401))
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, abs=1e-5), step

@@ -102,6 +102,27 @@ def test_fsdp_resumes_exactly_from_sharded_checkpoints(tiny_model_dir: Path, tmp
         assert got[step] == pytest.approx(expected[step], abs=1e-5)
 
 
+@pytest.mark.slow  # three runs, two of them sharded: about a minute on 2 cores
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_fsdp_checkpoints_resume_on_another_number_of_workers(tiny_model_dir: Path, tmp_path: Path, lora: bool) -> None:
+    # DESIGN.md property 7 with shards: written by 2 FSDP ranks, continued by 1 (still sharded: an elastic run's
+    # checkpoints stay in one format) and then whole in the driver; the same losses as one unsharded run.
+    common = ["train.micro_batch_size=1", "train.global_batch_size=2", "train.lr_schedule=constant",
+              "train.checkpoint_every=2", "train.checkpoints_to_keep=null", "scaling.strategy=fsdp",
+              *([] if lora else ["lora.enabled=false", "train.lr=1e-3"])]
+    straight = run(tiny_model_dir, tmp_path / "straight", [*common, "scaling.num_workers=0", "train.max_steps=6"])
+    out = tmp_path / "resized"
+    run(tiny_model_dir, out, [*common, "scaling.num_workers=2", "train.max_steps=3"])  # checkpoint at step 2
+    run(tiny_model_dir, out, [*common, "scaling.num_workers=1", "train.max_steps=5", "train.resume=true"])
+    newest = out / "checkpoints" / "step_000004"
+    assert json.loads((newest / MANIFEST).read_text())["ranks"] == 1 and (newest / "sharded").is_dir()
+    resumed = run(tiny_model_dir, out, [*common, "scaling.num_workers=0", "train.max_steps=6", "train.resume=true"])
+    expected, got = losses(straight.history()), losses(resumed.history())
+    assert sorted(got) == list(range(1, 7))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), step
+
+
 def test_fsdp_refuses_what_it_cannot_shard(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="adamw_8bit"):
         tiny_config(tiny_model_dir, tmp_path / "x", [*TWO_SHARDED, "train.optimizer=adamw_8bit"])
