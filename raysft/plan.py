@@ -905,8 +905,9 @@ def format_table(shape: ModelShape, setup: Setup, rows: list[Estimate], gpu_mem:
     method = ("QLoRA" if setup.quantization == "4bit" else "LoRA (8-bit base)" if setup.quantized else "LoRA") if setup.lora else "full fine-tune"
     method += " with DoRA" if setup.lora and setup.use_dora else ""
     lines = [
-        _wrap(f"model: {shape.source} ({shape.model_type}, {_count(counts.total)} params, {shape.num_layers} "
-              f"layers, hidden {shape.hidden_size}, vocab {shape.vocab_size})"),
+        f"model: {shape.model_type}, {_count(counts.total)} params, {shape.num_layers} layers, hidden "
+        f"{shape.hidden_size}, vocab {shape.vocab_size}",
+        _wrap(f"       from {shape.source}"),
         f"setup: {method}, {counts.trainable:,} trainable params, precision {setup.precision}, {setup.optimizer}",
         f"       weights {_dtype_name(setup)}",
         f"       micro_batch_size {setup.micro_batch_size} x max_seq_len {setup.seq_len} = {setup.tokens:,} tokens "

@@ -48,9 +48,30 @@ def json_schema(kind: SchemaKind = "train") -> dict[str, Any]:
         ['data', 'eval', 'lora']
     """
     schema = _root(kind).model_json_schema(schema_generator=_DataOnlySchema)
+    _accept_shorthands(schema["$defs"])
+    if kind == "sweep":  # what raysft.tune.config.load_sweep reads before the model sees it
+        base = schema["properties"]["base"]
+        base["anyOf"] = [{"type": "string", "description": "a train YAML, relative to this file"}, {"$ref": base.pop("$ref")}]
+        schema["properties"]["base_overrides"] = {
+            "type": "array", "items": {"type": "string"},
+            "description": "dotted.key=value edits of the base for this sweep, e.g. train.eval_every=50",
+        }
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = f"raysft {kind} config"
     return schema
+
+
+def _accept_shorthands(defs: dict[str, Any]) -> None:
+    """Spellings the models' before-validators accept, which pydantic's schema cannot see: one data source
+    instead of a list, a metric or a scheduler by its name alone (`- exact_match`, `scheduler: fifo`)."""
+    data = defs["DataConfig"]["properties"]
+    for split in ("train", "eval"):
+        data[split] = {"anyOf": [{"$ref": "#/$defs/SourceConfig"}, data[split]],
+                       **{k: data[split][k] for k in ("description", "default") if k in data[split]}}
+    for name, by_name in (("GenerateMetricConfig", "type"), ("SchedulerConfig", "name")):
+        if name in defs:
+            names = [n for n in defs[name]["properties"][by_name]["enum"] if n != "function"]
+            defs[name] = {"anyOf": [{"type": "string", "enum": names}, defs[name]]}
 
 
 def _sections(model: type[BaseModel]) -> list[type[BaseModel]]:
