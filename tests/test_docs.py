@@ -162,3 +162,39 @@ def test_readme_keeps_the_fresh_machine_commands_first() -> None:
     assert len(readme.splitlines()) <= 250
     for jargon in ("issue 13", "CI machine", "the CI box"):
         assert jargon not in readme
+
+
+# The layers docs/architecture.md describes ("Imports point one way"), lowest first.
+LAYERS = [
+    ("raysft.errors", "raysft.labels", "raysft.ops", "raysft.training.step"),
+    ("raysft.config", "raysft.fileio"),
+    ("raysft.storage", "raysft.track", "raysft.model", "raysft.evaluation", "raysft.infer", "raysft.plan",
+     "raysft.starter"),
+    ("raysft.data",),
+    ("raysft.training",),
+    ("raysft.tune",),
+    ("raysft.cli", "raysft.schema", "raysft.quickstart", "raysft.__main__", "raysft"),
+]
+
+
+def layer_of(module: str) -> int:
+    # The longest matching prefix decides (raysft.training.step sits below the rest of raysft.training).
+    matches = [(len(prefix), i) for i, layer in enumerate(LAYERS) for prefix in layer
+               if module == prefix or (prefix != "raysft" and module.startswith(prefix + "."))]
+    assert matches, f"{module} is in no layer: add it to LAYERS and to docs/architecture.md's import rule"
+    return max(matches)[1]
+
+
+def test_imports_point_one_way_as_the_architecture_page_says() -> None:
+    upward = []
+    for path in sorted((REPO / "raysft").rglob("*.py")):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        for node in ast.walk(ast.parse(path.read_text())):  # imports inside functions count too
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("raysft"):
+                targets = [f"{node.module}.{alias.name}" if node.module == "raysft" else node.module for alias in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names if alias.name.startswith("raysft")]
+            else:
+                continue
+            upward += [f"{module} imports {target}" for target in targets if layer_of(target) > layer_of(module)]
+    assert not upward, upward
