@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -202,7 +203,7 @@ def _sweep_base(path: str) -> str | None:
         return None
     base = raw["base"]
     if isinstance(base, str):
-        return str(Path(path).parent / base)
+        return os.path.normpath(Path(path).parent / base)
     return "(inline in the sweep file: copy its base: section into a train YAML)"
 
 
