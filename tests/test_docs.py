@@ -68,7 +68,8 @@ def raysft_commands(text: str) -> list[str]:
             part = part.strip()
             for prefix in ("python -m raysft ", "raysft "):
                 if part.startswith(prefix):
-                    commands.append(part[len(prefix):].split("  #")[0].split(" # ")[0].strip())
+                    command = re.split(r"\s+#\s|\s+(?:>>?|2>|\|)\s", part[len(prefix):])[0]  # no comment, redirection, pipe
+                    commands.append(command.strip())
     return commands
 
 
