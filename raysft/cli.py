@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 from raysft.config import Config, ModelConfig, is_uri, load_config, with_absolute_paths
 from raysft.labels import IGNORE_INDEX
 from raysft.errors import USER_ERRORS, ConfigError, RunError
+from raysft.starter import DEFAULT_MODEL, FORMATS, METHODS
 
 if TYPE_CHECKING:
+    from raysft.training.trainer import CheckedRun
     from raysft.tune.report import SweepResult
 
 
@@ -53,10 +56,32 @@ def marked_example(input_ids: list[int], labels: list[int], tokenizer: Any) -> s
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from raysft.training.trainer import train
+    from raysft.training.trainer import check, train
 
-    result = train(_load(args, ["train.resume=true"] if args.resume else []))
+    cfg = _load(args, ["train.resume=true"] if args.resume else [])
+    if args.check:
+        _print_check(check(cfg), args.gpu_mem)
+        return
+    result = train(cfg)
     print(f"[raysft] done: adapter in {result.final_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
+
+
+def _print_check(checked: CheckedRun, gpu_mem: str) -> None:
+    """`train --check`: what the run would train on and the memory it would need, once every check passed."""
+    from raysft.plan import parse_size, plan_report
+    from raysft.track import stats_table
+
+    parse_size(gpu_mem, "--gpu-mem")  # a bad flag is the user's to fix, not a plan that could not be made
+    cfg = checked.config
+    print(stats_table(checked.prepared.stats.__dict__))
+    workers = max(1, cfg.scaling.num_workers)
+    try:
+        plan = plan_report(cfg, gpu_mem, str(workers))
+    except ConfigError as err:  # a model the planner cannot read is no reason to refuse the run
+        plan = "memory plan not available: " + "; ".join(err.problems)
+    print(f"\nmemory per GPU for {workers} worker(s) (raysft plan):\n{plan}")
+    start = f"would resume from {checked.resume_from}" if checked.resume_from else f"would start in {cfg.train.output_dir}"
+    print(f"\n[raysft] check passed: the run {start}; nothing was trained, and the run folder was not written")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -112,14 +137,41 @@ def _from_storage(location: str, key: str, names: tuple[str, ...] = ()) -> str:
     return str(storage.local_copy(location, names))
 
 
+def _run_of_adapter(adapter: str) -> str | None:
+    """The run folder an adapter was trained in (RUN for RUN/final), when it holds the run's config.yaml."""
+    parent = adapter.rstrip("/").rsplit("/", 1)[0] if is_uri(adapter) else str(Path(adapter).parent)
+    if is_uri(adapter):
+        try:
+            local = _from_storage(parent, "--adapter", ("config.yaml",))
+        except ConfigError:
+            return None
+        return local if (Path(local) / "config.yaml").is_file() else None
+    return parent if (Path(parent) / "config.yaml").is_file() else None
+
+
+def _generate_model(args: argparse.Namespace) -> tuple[ModelConfig, str]:
+    """The base model to generate with, and the flag to name in its errors: --model, else the adapter's run."""
+    if args.model is not None:
+        return ModelConfig(name_or_path=args.model, gguf_file=args.gguf_file,
+                           trust_remote_code=args.trust_remote_code), "--model"
+    run = _run_of_adapter(args.adapter) if args.adapter is not None else None
+    if run is None:
+        where = f"{args.adapter} is not inside a run folder (no config.yaml beside it)" if args.adapter else "no --adapter"
+        raise ConfigError([f"--model: give the base model (hub id, model folder or .gguf path); {where} to read it from"])
+    from raysft.infer import run_config
+
+    trained = run_config(run).model
+    return trained.model_copy(update={"gradient_checkpointing": False}), f"--model (read from {Path(run) / 'config.yaml'})"
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from raysft.infer import chat_generate, check_adapter, load_for_inference
     from raysft.model import check_model_source
 
-    model_cfg = ModelConfig(name_or_path=args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
+    model_cfg, model_key = _generate_model(args)
     adapter = _from_storage(args.adapter, "--adapter") if args.adapter is not None else None
     # The same checks load_for_inference makes, here so that the errors name the flags.
-    problems = check_model_source(model_cfg, "--model")
+    problems = check_model_source(model_cfg, model_key)
     problems += check_adapter(adapter, "--adapter") if adapter is not None else []
     if problems:
         raise ConfigError(problems)
@@ -131,14 +183,57 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from raysft.infer import merge_adapter
 
+    if args.merge_to is not None and args.merge is not None:
+        raise ConfigError(["--merge: give the folder once, with --merge-to (--merge is its old spelling)"])
+    if args.merge is not None:
+        print("raysft: --merge DIR is deprecated; use --merge-to DIR (same meaning)", file=sys.stderr)
+    target = args.merge_to if args.merge_to is not None else args.merge
+    if target is None:
+        raise ConfigError(["--merge-to: give the folder to write the merged model to (new or empty)"])
     run_dir = _from_storage(args.run_dir, "run_dir", ("config.yaml", "final"))
-    print(f"[raysft] merged model written to {merge_adapter(run_dir, args.merge, overwrite=args.overwrite)}")
+    print(f"[raysft] merged model written to {merge_adapter(run_dir, target, overwrite=args.overwrite)}")
+
+
+def _sweep_base(path: str) -> str | None:
+    """The base of a sweep file, as `raysft plan` should be given it; None when `path` is no sweep file."""
+    from raysft.config import read_yaml
+
+    raw = read_yaml(path)
+    if not {"base", "space"} <= raw.keys():
+        return None
+    base = raw["base"]
+    if isinstance(base, str):
+        return os.path.normpath(Path(path).parent / base)
+    return "(inline in the sweep file: copy its base: section into a train YAML)"
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from raysft.plan import plan_report
 
+    base = _sweep_base(args.config)
+    if base is not None:
+        raise ConfigError([
+            f"{args.config} is a sweep file, not a train config; plan the train config it sweeps, its base: "
+            f"raysft plan {base} (add the sweep's base_overrides and the space's values you want with --set)"
+        ])  # fmt: skip
     print(plan_report(_load(args), args.gpu_mem, args.gpus, args.model_config))
+
+
+def cmd_schema(args: argparse.Namespace) -> None:
+    import json
+
+    from raysft.schema import json_schema, markdown_reference
+
+    print(markdown_reference() if args.markdown else json.dumps(json_schema(args.kind), indent=2), end="" if args.markdown else "\n")
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from raysft.starter import write_starter
+
+    written = write_starter(Path(args.out), args.format, args.model, args.method, args.data)
+    for path in written:
+        print(f"[raysft] wrote {path}")
+    print(f"[raysft] next: raysft train {args.out} --check   (then without --check to train)")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -147,17 +242,70 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     run_quickstart(Path(args.output_dir), args.overrides)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raysft", description="Supervised fine-tuning of LLMs on Ray.")
-    commands = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples (the epilog) kept as written; every option's default shown, unless it is unset or off."""
 
-    train = commands.add_parser("train", help="fine-tune a model (LoRA, QLoRA or full)")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == [] or action.default is argparse.SUPPRESS
+        if "%(default)" in text or not action.option_strings or unset:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _command(commands: Any, name: str, help: str, *examples: str) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                               epilog=_examples(*examples), formatter_class=_HelpFormatter)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    # Read from the installed metadata: importing torch or ray just to print a version would take seconds.
+    deps = ", ".join(f"{name} {installed(name)}" for name in ("torch", "ray", "transformers", "peft"))
+    return f"raysft {installed('raysft')} (Python {sys.version.split()[0]}; {deps})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raysft", description="Supervised fine-tuning of LLMs on Ray.", formatter_class=_HelpFormatter,
+        epilog=_examples("raysft quickstart", "raysft init --format messages --method qlora --out my.yaml",
+                         "raysft train my.yaml --check", "raysft train my.yaml", "raysft COMMAND --help"),
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = _command(commands, "train", "fine-tune a model (LoRA, QLoRA or full)",
+                     "raysft train examples/gsm8k_lora.yaml",
+                     "raysft train examples/gsm8k_lora.yaml --set train.lr=1e-4 --set lora.r=32",
+                     "raysft train examples/gsm8k_lora.yaml --check     # checks, data statistics, memory plan",
+                     "raysft train examples/gsm8k_lora.yaml --resume")
     _add_config_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the newest verified checkpoint")
+    train.add_argument(
+        "--check", action="store_true",
+        help="run every check a run makes before training, print the data statistics and the memory plan, and "
+             "stop: nothing is trained and the run folder is not written (reading the data starts a local Ray, "
+             "and fills the data cache)",
+    )
+    train.add_argument("--gpu-mem", default="80GiB", help="with --check: memory per GPU for the plan, e.g. 24GB")
     _add_verbose(train)
     train.set_defaults(run=cmd_train)
 
-    sweep = commands.add_parser("sweep", help="hyperparameter sweep on Ray Tune (one trial = one Ray Train run)")
+    sweep = _command(commands, "sweep", "hyperparameter sweep on Ray Tune (one trial = one Ray Train run)",
+                     "raysft sweep sweeps/lora_rank_lr.yaml",
+                     "raysft sweep sweeps/lora_rank_lr.yaml --set num_samples=4 --set base.train.max_steps=20",
+                     "raysft sweep sweeps/lora_rank_lr.yaml --resume")
     sweep.add_argument("config", help="sweep YAML (see sweeps/)")
     sweep.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -167,11 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose(sweep)
     sweep.set_defaults(run=cmd_sweep)
 
-    report = commands.add_parser("report", help="rewrite results.csv, best/ and report.png of a sweep folder")
+    report = _command(commands, "report", "rewrite results.csv, best/ and report.png of a sweep folder (no Ray)",
+                      "raysft report runs/sweeps/lora_rank_lr",
+                      "raysft report s3://my-bucket/raysft/sweeps/lora_rank_lr")
     report.add_argument("sweep_dir", help="a sweep output_dir (the folder holding sweep.yaml), or the sweep on storage (s3://.../<name>)")
     report.set_defaults(run=cmd_report)
 
-    data = commands.add_parser("data", help="dataset statistics and rendered examples with trained tokens marked")
+    data = _command(commands, "data", "dataset statistics and rendered examples with trained tokens marked",
+                    "raysft data examples/gsm8k_lora.yaml --show 3      # trained tokens inside ⟦ ⟧",
+                    "raysft data examples/gsm8k_lora.yaml --json --show 0 > stats.json")
     _add_config_args(data)
     data.add_argument("--show", type=int, default=3, help="examples to render")
     data.add_argument("--json", action="store_true",
@@ -179,40 +331,76 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose(data)
     data.set_defaults(run=cmd_data)
 
-    generate = commands.add_parser("generate", help="sample from a base model plus an optional adapter")
-    generate.add_argument("--model", required=True, help="hub id, model folder, or .gguf path")
-    generate.add_argument("--gguf-file", default=None)
-    generate.add_argument("--adapter", default=None, help="PEFT adapter folder, e.g. RUN/final")
+    generate = _command(commands, "generate", "answer prompts with a base model plus an optional adapter",
+                        "raysft generate --adapter runs/gsm8k-lora/final --prompt 'What is 7*8?'",
+                        "raysft generate --model HuggingFaceTB/SmolLM2-135M-Instruct --prompt 'Hi' --temperature 0.7")
+    generate.add_argument("--model", default=None,
+                          help="hub id, model folder, or .gguf path; default with --adapter RUN/final: the base model "
+                               "in RUN/config.yaml")
+    generate.add_argument("--gguf-file", default=None, help="GGUF file name inside --model's folder")
+    generate.add_argument("--adapter", default=None, help="PEFT adapter folder, e.g. RUN/final (or s3://.../final)")
     generate.add_argument("--prompt", action="append", required=True, help="user message (repeatable)")
-    generate.add_argument("--max-new-tokens", type=int, default=128)
-    generate.add_argument("--temperature", type=float, default=0.0)
-    generate.add_argument("--trust-remote-code", action="store_true")
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt at most")
+    generate.add_argument("--temperature", type=float, default=0.0,
+                          help="0 decodes greedily (the most likely token each step); above 0, samples at this "
+                               "temperature")
+    generate.add_argument("--trust-remote-code", action="store_true",
+                          help="run model code shipped with --model (only for authors you trust)")
     generate.set_defaults(run=cmd_generate)
 
-    export = commands.add_parser("export", help="merge a run's adapter into its base model")
-    export.add_argument("run_dir", help="a train output_dir")
+    export = _command(commands, "export", "merge a run's adapter into its base model (a plain transformers model)",
+                      "raysft export runs/gsm8k-lora --merge-to runs/gsm8k-merged",
+                      "raysft export s3://my-bucket/runs/gsm8k-lora --merge-to runs/gsm8k-merged --overwrite")
+    export.add_argument("run_dir", help="a train output_dir (or the run on storage, s3://...)")
     export.add_argument(
-        "--merge", required=True, metavar="MERGED_DIR",
+        "--merge-to", default=None, metavar="MERGED_DIR",
         help="where to write the merged model: a new or empty folder (never the run folder, inside it, or above it)",
     )
+    export.add_argument("--merge", default=None, metavar="MERGED_DIR", help="deprecated spelling of --merge-to")
     export.add_argument(
         "--overwrite", action="store_true", help="replace MERGED_DIR if an earlier `raysft export` wrote it (and only then)"
     )
     export.set_defaults(run=cmd_export)
 
-    plan = commands.add_parser("plan", help="per-GPU memory of a train config under ddp and fsdp (no weights loaded)")
+    plan = _command(commands, "plan", "per-GPU memory of a train config under ddp and fsdp (no weights loaded)",
+                    "raysft plan examples/plan/llama3-8b-full.yaml --model-config examples/plan/llama3-8b-config.json",
+                    "raysft plan my.yaml --gpu-mem 24GB --gpus 1,2 --set data.max_seq_len=4096")
     _add_config_args(plan)
-    plan.add_argument("--gpu-mem", default="80GiB", help="memory per GPU, e.g. 80GiB, 24GB, 40G (default 80GiB)")
-    plan.add_argument("--gpus", default="1,2,4,8", help="GPU counts to plan for, comma-separated (default 1,2,4,8)")
+    plan.add_argument("--gpu-mem", default="80GiB", help="memory per GPU, with its unit: 80GiB, 24GB, 40G (G = GiB)")
+    plan.add_argument("--gpus", default="1,2,4,8", help="GPU counts to plan for, comma-separated")
     plan.add_argument(
         "--model-config", default=None, metavar="PATH",
-        help="the model's config.json (or its folder), for a hub id or a GGUF file the planner cannot read",
+        help="the model's config.json (or its folder), for a hub id that is not in the local Hugging Face cache",
     )
     plan.set_defaults(run=cmd_plan)
 
-    quickstart = commands.add_parser("quickstart", help="fine-tune SmolLM2-135M on a generated task, before/after")
-    quickstart.add_argument("--output-dir", default="runs/quickstart")
-    quickstart.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    init = _command(commands, "init", "write a commented starter train config (and sample data to try it on)",
+                    "raysft init --out my.yaml",
+                    "raysft init --format messages --method qlora --data my_chats.jsonl --out my.yaml",
+                    "raysft init --model ./my-model-folder --method full --out full.yaml")
+    init.add_argument("--format", default="prompt_response", choices=FORMATS, help="the rows' format")
+    init.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local model folder")
+    init.add_argument("--method", default="lora", choices=METHODS, help="what is trained")
+    init.add_argument("--data", default=None, metavar="PATH",
+                      help="your training data; without it a small sample in the chosen format is written beside "
+                           "the config")
+    init.add_argument("--out", default="raysft.yaml", help="the config file to write (never overwritten)")
+    init.set_defaults(run=cmd_init)
+
+    schema = _command(commands, "schema", "print the JSON Schema of the config, for editor completion",
+                      "raysft schema > raysft.schema.json     # then, atop a config:",
+                      "                                       # yaml-language-server: $schema=./raysft.schema.json",
+                      "raysft schema --kind sweep > raysft-sweep.schema.json",
+                      "raysft schema --markdown > docs/config-reference.md")
+    schema.add_argument("--kind", default="train", choices=("train", "sweep"), help="a train config or a sweep file")
+    schema.add_argument("--markdown", action="store_true", help="the config reference page (Markdown) instead")
+    schema.set_defaults(run=cmd_schema)
+
+    quickstart = _command(commands, "quickstart", "fine-tune SmolLM2-135M on a generated task, before/after",
+                          "raysft quickstart", "raysft quickstart --set train.lr=5e-4 --output-dir /tmp/qs")
+    quickstart.add_argument("--output-dir", default="runs/quickstart", help="the run folder")
+    quickstart.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a config field (repeatable)")
     _add_verbose(quickstart)
     quickstart.set_defaults(run=cmd_quickstart)
     return parser

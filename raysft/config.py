@@ -826,7 +826,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Load a train config YAML, apply `--set` overrides, and validate.
 
     Example:
-        >>> cfg = load_config("examples/tiny.yaml", ["train.lr=1e-4"])  # doctest: +SKIP
+        >>> cfg = load_config("examples/gsm8k_lora.yaml", ["train.lr=1e-4"])  # doctest: +SKIP
     """
     raw = read_yaml(path)
     resolve_data_paths(raw, Path(path).parent)

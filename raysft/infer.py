@@ -176,24 +176,24 @@ def _merged_dir_problem(merged_dir: Path, overwrite: bool) -> str | None:
     if not merged_dir.exists():
         return None
     if not merged_dir.is_dir():
-        return f"--merge {merged_dir}: is a file; give a new or empty folder"
+        return f"--merge-to {merged_dir}: is a file; give a new or empty folder"
     present = {p.relative_to(merged_dir).as_posix() for p in merged_dir.rglob("*") if not p.is_dir()}
     if not present:
         return None
     marker = merged_dir / EXPORT_MARKER
     if not marker.is_file():
-        return (f"--merge {merged_dir}: is not empty and was not written by `raysft export` (no {EXPORT_MARKER}); "
+        return (f"--merge-to {merged_dir}: is not empty and was not written by `raysft export` (no {EXPORT_MARKER}); "
                 "raysft never deletes files it did not write, with or without --overwrite: choose a new or empty folder")
     try:
         earlier = json.loads(marker.read_text())
         written = set(earlier["files"]) | {EXPORT_MARKER}
     except (ValueError, KeyError, TypeError):
-        return f"--merge {merged_dir}: its {EXPORT_MARKER} is unreadable, so raysft cannot tell which files it wrote; choose another folder"
+        return f"--merge-to {merged_dir}: its {EXPORT_MARKER} is unreadable, so raysft cannot tell which files it wrote; choose another folder"
     if not overwrite:
-        return (f"--merge {merged_dir}: holds an earlier export (of {earlier.get('run_dir')}, at {earlier.get('exported_at')}); "
+        return (f"--merge-to {merged_dir}: holds an earlier export (of {earlier.get('run_dir')}, at {earlier.get('exported_at')}); "
                 "pass --overwrite to replace it, or choose a new folder")
     if present - written:
-        return (f"--merge {merged_dir}: holds files the earlier export did not write ({', '.join(sorted(present - written))}); "
+        return (f"--merge-to {merged_dir}: holds files the earlier export did not write ({', '.join(sorted(present - written))}); "
                 "--overwrite replaces only what raysft wrote: move them out first")
     return None
 
@@ -205,7 +205,7 @@ def check_export(run_dir: Path, merged_dir: Path, overwrite: bool) -> list[str]:
     if merged == run or run in merged.parents or merged in run.parents:
         # Replacing the folder would take the run's checkpoints and adapter with it, whatever the flags.
         where = "is" if merged == run else "is inside" if run in merged.parents else "holds"
-        problems.append(f"--merge {merged_dir}: {where} the run folder {run_dir}; export to a folder apart from the run")
+        problems.append(f"--merge-to {merged_dir}: {where} the run folder {run_dir}; export to a folder apart from the run")
     else:
         problems += [p for p in (_merged_dir_problem(merged_dir, overwrite),) if p]
     return problems

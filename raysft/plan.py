@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +58,8 @@ CUDA_OVERHEAD_BYTES = 1 * GiB
 HEAD_CHUNK = 1024
 """Positions per chunk of raysft's chunked cross-entropy (raysft.ops.linear_cross_entropy's default)."""
 DEFAULT_GPUS = (1, 2, 4, 8)
+REPORT_WIDTH = 100
+"""Columns the report fits in (the table is narrower; prose lines are wrapped to this)."""
 
 Strategy = Literal["ddp", "fsdp"]
 Device = Literal["cuda", "cpu"]
@@ -232,10 +235,27 @@ def read_model_shape(cfg: Config, model_config: str | Path | None = None) -> Mod
         if not (location / "config.json").is_file():
             raise ConfigError([f"model.name_or_path: {name!r} holds no config.json; pass --model-config PATH"])
         return shape_from_config_dict(_read_json(location / "config.json", "model.name_or_path"), str(location / "config.json"))
+    cached = _hub_cached_config(name, cfg.model.revision)
+    if cached is not None:
+        return shape_from_config_dict(_read_json(cached, "model.name_or_path"), f"{name} (Hugging Face cache)")
     raise ConfigError([
-        f"model.name_or_path: {name!r} is not a local folder (a hub id cannot be read offline); download its "
-        "config.json and pass --model-config PATH"
+        f"model.name_or_path: {name!r} is neither a local folder nor in the local Hugging Face cache; download "
+        f"its config.json (huggingface-cli download {name} config.json) or pass --model-config PATH"
     ])  # fmt: skip
+
+
+def _hub_cached_config(repo_id: str, revision: str | None) -> Path | None:
+    """The config.json of a hub model already in the local Hugging Face cache (HF_HOME / HF_HUB_CACHE), or None.
+
+    Only the cache is read, never the network: planning stays offline and instant.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except ValueError:  # not a valid repo id (e.g. a path that does not exist)
+        return None
+    return Path(found) if isinstance(found, str) else None
 
 
 def _read_json(path: Path, key: str) -> dict[str, Any]:
@@ -778,10 +798,11 @@ def plan_table(shape: ModelShape, setup: Setup, gpus: tuple[int, ...] = DEFAULT_
 
 
 def parse_size(text: str, key: str = "--gpu-mem") -> int:
-    """Bytes in a size such as ``80GiB``, ``24GB``, ``40G``, ``512MiB`` or a plain number of bytes.
+    """Bytes in a size such as ``80GiB``, ``24GB``, ``40G`` or ``512MiB``; the unit is required.
 
     ``GiB``/``MiB`` are powers of 1024; ``GB``/``MB`` powers of 1000 (as GPU vendors quote them); a bare ``G``
-    or ``M`` is read as GiB/MiB, as nvidia-smi shows memory.
+    or ``M`` is read as GiB/MiB, as nvidia-smi shows memory. A number without a unit is refused: ``80`` would
+    otherwise be 80 bytes, and nothing fits.
 
     Example:
         >>> parse_size("80GiB"), parse_size("24GB"), parse_size("40G")
@@ -790,7 +811,10 @@ def parse_size(text: str, key: str = "--gpu-mem") -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*", text, re.IGNORECASE)
     if not match:
         raise ConfigError([f"{key}: {text!r} is not a size; write e.g. 80GiB, 24GB or 40G"])
-    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    if match.group(2) is None:
+        raise ConfigError([f"{key}: {text!r} has no unit; write {match.group(1)}GB, {match.group(1)}GiB or "
+                           f"{match.group(1)}G (G means GiB)"])
+    number, unit = float(match.group(1)), match.group(2).upper()
     powers = {"K": 1, "M": 2, "G": 3, "T": 4}
     if unit == "B":
         value = number
@@ -825,18 +849,54 @@ def fits(estimate: Estimate, gpu_mem: int) -> str:
 
 
 def recommend(rows: list[Estimate], gpu_mem: int) -> str:
-    """One line: the fewest GPUs that fit, preferring ddp, then no checkpointing (faster) at equal N."""
+    """The recommendation and why: the fewest GPUs that fit, preferring ddp, then no checkpointing at equal N."""
     fitting = [r for r in rows if fits(r, gpu_mem) == "yes"] or [r for r in rows if fits(r, gpu_mem) == "tight"]
     if not fitting:
         best = min(rows, key=lambda r: r.total)
-        return (f"nothing fits {_gib(gpu_mem)} GiB per GPU; the smallest is {best.strategy} x{best.gpus} "
-                f"{'with' if best.checkpointing else 'without'} checkpointing at {_gib(best.total)} GiB: add GPUs "
-                "(--gpus), quantize (model.quantization: 4bit), use LoRA, or shorten data.max_seq_len")  # fmt: skip
+        return _wrap(f"nothing fits {_gib(gpu_mem)} GiB per GPU; the smallest is {best.strategy} x{best.gpus} "
+                     f"{'with' if best.checkpointing else 'without'} checkpointing at {_gib(best.total)} GiB: add "
+                     "GPUs (--gpus), quantize (model.quantization: 4bit), use LoRA, or shorten data.max_seq_len")
     best = min(fitting, key=lambda r: (r.gpus, r.strategy != "ddp", r.checkpointing))
-    how = (f"scaling.strategy: {best.strategy}, scaling.num_workers: {best.gpus}, "
-           f"model.gradient_checkpointing: {str(best.checkpointing).lower()}")
     tight = " (tight)" if fits(best, gpu_mem) == "tight" else ""
-    return f"recommended: {best.strategy} on {best.gpus} GPU(s){tight}, {_gib(best.total)} GiB per GPU ({how})"
+    return "\n".join([
+        f"recommended: {best.strategy} on {best.gpus} GPU(s){tight}, {_gib(best.total)} GiB per GPU",
+        _wrap(f"set: scaling.strategy: {best.strategy}, scaling.num_workers: {best.gpus}, "
+              f"model.gradient_checkpointing: {str(best.checkpointing).lower()}", "  "),
+        _wrap("why: " + "; ".join(_reasons(best, rows, gpu_mem)), "  "),
+    ])  # fmt: skip
+
+
+def _reasons(best: Estimate, rows: list[Estimate], gpu_mem: int) -> list[str]:
+    """What rules out each cheaper choice than ``best``, in the order the recommendation weighs them."""
+    reasons = []
+    fewer = [r for r in rows if r.gpus < best.gpus]
+    if fewer:
+        smallest = min(fewer, key=lambda r: r.total)
+        verdict = "fit only tightly" if fits(smallest, gpu_mem) == "tight" else "do not fit"
+        reasons.append(f"fewer GPUs {verdict} (at best {_gib(smallest.total)} GiB, {smallest.strategy} on "
+                       f"{smallest.gpus})")
+    if best.strategy == "fsdp":
+        ddp = [r.total for r in rows if r.strategy == "ddp" and r.gpus == best.gpus]
+        if ddp:
+            reasons.append(f"ddp needs {_gib(min(ddp))} GiB on every GPU (each holds the whole model, its gradients "
+                           "and optimizer state); fsdp shards them 1/N")
+    else:
+        reasons.append("ddp gathers nothing between layers: the fastest when the whole step fits one GPU")
+    if best.checkpointing:
+        without = [r.total for r in rows if (r.strategy, r.gpus, r.checkpointing) == (best.strategy, best.gpus, False)]
+        if without:
+            reasons.append(f"without gradient checkpointing it needs {_gib(without[0])} GiB; checkpointing keeps "
+                           "only each layer's input and recomputes the rest in backward (about a third more compute)")
+    else:
+        reasons.append("no gradient checkpointing: nothing recomputed in backward")
+    if fits(best, gpu_mem) == "tight":
+        reasons.append("nothing fits with 10% to spare: allocator fragmentation may tip a tight plan over")
+    return reasons
+
+
+def _wrap(text: str, indent: str = "") -> str:
+    return textwrap.fill(text, REPORT_WIDTH, initial_indent=indent, subsequent_indent=indent + "  ",
+                         break_on_hyphens=False)
 
 
 def format_table(shape: ModelShape, setup: Setup, rows: list[Estimate], gpu_mem: int) -> str:
@@ -845,11 +905,13 @@ def format_table(shape: ModelShape, setup: Setup, rows: list[Estimate], gpu_mem:
     method = ("QLoRA" if setup.quantization == "4bit" else "LoRA (8-bit base)" if setup.quantized else "LoRA") if setup.lora else "full fine-tune"
     method += " with DoRA" if setup.lora and setup.use_dora else ""
     lines = [
-        f"model: {shape.source} ({shape.model_type}, {_count(counts.total)} params, {shape.num_layers} layers, "
-        f"hidden {shape.hidden_size}, vocab {shape.vocab_size})",
-        f"setup: {method}, {counts.trainable:,} trainable params, weights {_dtype_name(setup)}, precision "
-        f"{setup.precision}, {setup.optimizer}, micro_batch_size {setup.micro_batch_size} x max_seq_len "
-        f"{setup.seq_len} = {setup.tokens:,} tokens per micro-batch",
+        f"model: {shape.model_type}, {_count(counts.total)} params, {shape.num_layers} layers, hidden "
+        f"{shape.hidden_size}, vocab {shape.vocab_size}",
+        _wrap(f"       from {shape.source}"),
+        f"setup: {method}, {counts.trainable:,} trainable params, precision {setup.precision}, {setup.optimizer}",
+        f"       weights {_dtype_name(setup)}",
+        f"       micro_batch_size {setup.micro_batch_size} x max_seq_len {setup.seq_len} = {setup.tokens:,} tokens "
+        "per micro-batch",
         f"per-GPU memory in GiB (GPU memory {_gib(gpu_mem)} GiB):",
         "",
     ]
@@ -869,12 +931,13 @@ def format_table(shape: ModelShape, setup: Setup, rows: list[Estimate], gpu_mem:
     notes = sorted({note for r in rows for note in r.notes})
     lines += [
         "",
-        f"total = weights + optim + max(activ + temp + grads alive in backward, grads + step) + {_gib(CUDA_OVERHEAD_BYTES)} GiB",
-        "CUDA context/NCCL (assumed); all grads are alive in backward when grad_accum_steps > 1, else ddp's buckets.",
-        "activ: kept for backward, every position trained; temp: logit chunks, backward's working set, autocast",
-        "copies, fsdp's gathered root + 2 layers; step: the optimizer's scratch (foreach AdamW, after backward).",
-        "fsdp shards weights, grads and optim 1/N; ddp grads at N > 1 include DDP's bucket copy. tight: over 90%.",
-        *(f"note: {note}" for note in notes),
+        _wrap(f"total = weights + optim + max(activ + temp + grads alive in backward, grads + step) + "
+              f"{_gib(CUDA_OVERHEAD_BYTES)} GiB CUDA context/NCCL (assumed); all grads are alive in backward when "
+              "grad_accum_steps > 1, else ddp's buckets. activ: kept for backward, every position trained; temp: "
+              "logit chunks, backward's working set, autocast copies, fsdp's gathered root + 2 layers; step: the "
+              "optimizer's scratch (foreach AdamW, after backward). fsdp shards weights, grads and optim 1/N; ddp "
+              "grads at N > 1 include DDP's bucket copy. tight: over 90%."),
+        *(_wrap(f"note: {note}") for note in notes),
         recommend(rows, gpu_mem),
     ]
     return "\n".join(lines)
@@ -903,7 +966,7 @@ def plan_report(cfg: Config, gpu_mem: str = "80GiB", gpus: str = "1,2,4,8", mode
     refused = fsdp_refusal(cfg)
     rows = plan_table(shape, setup, counts, ("ddp",) if refused else ("ddp", "fsdp"))
     report = format_table(shape, setup, rows, memory)
-    return report if not refused else report + "\nfsdp rows left out, raysft refuses it for this config: " + refused
+    return report if not refused else report + "\n" + _wrap("fsdp rows left out, raysft refuses it for this config: " + refused)
 
 
 def fsdp_refusal(cfg: Config) -> str | None:

@@ -73,8 +73,9 @@ def test_export_twice_needs_overwrite_and_replaces_only_its_own_export(
     merged = tmp_path / "merged"
     merged.mkdir()  # an empty folder is a fine target
     before_run = snapshot(run_dir)
-    code, out, err = cli(capsys, "export", run_dir, "--merge", merged)
+    code, out, err = cli(capsys, "export", run_dir, "--merge-to", merged)
     assert code == 0, err
+    assert "deprecated" not in err
     record = json.loads((merged / EXPORT_MARKER).read_text())
     assert record["run_dir"] == str(run_dir.resolve()) and "config.json" in record["files"]
 
@@ -83,8 +84,9 @@ def test_export_twice_needs_overwrite_and_replaces_only_its_own_export(
     assert_refused(code, err, "--merge", merged, "--overwrite")
     assert snapshot(merged) == first
 
-    code, _, err = cli(capsys, "export", run_dir, "--merge", merged, "--overwrite")
+    code, _, err = cli(capsys, "export", run_dir, "--merge", merged, "--overwrite")  # the old spelling still works
     assert code == 0, err
+    assert "--merge DIR is deprecated; use --merge-to DIR" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no staging or old folder left beside it
     AutoModelForCausalLM.from_pretrained(merged)
     # The export carries the run's tokenizer, chat template included.
@@ -170,6 +172,24 @@ def test_generate_renders_prompts_with_the_runs_chat_template(
                          "--prompt", "hi", "--max-new-tokens", "2")
     assert code == 0, err
     assert "> hi" in out
+    # Without --model, the base model is the one the run's config.yaml names: the same answer.
+    code, same_out, err = cli(capsys, "generate", "--adapter", run_dir / "final", "--prompt", "hi", "--max-new-tokens", "2")
+    assert code == 0, err
+    assert same_out == out
+
+
+def test_generate_without_model_outside_a_run_or_export_without_target(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run_dir / "final", adapter)  # an adapter with no config.yaml beside it
+    code, _, err = cli(capsys, "generate", "--adapter", adapter, "--prompt", "hi")
+    assert_refused(code, err, "--model", adapter, "config.yaml")
+    code, _, err = cli(capsys, "export", run_dir)
+    assert_refused(code, err, "--merge-to")
+    code, _, err = cli(capsys, "export", run_dir, "--merge-to", tmp_path / "a", "--merge", tmp_path / "b")
+    assert_refused(code, err, "--merge-to", "--merge")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 # --- report ------------------------------------------------------------------------------------------

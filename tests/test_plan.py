@@ -279,3 +279,57 @@ def test_cli(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     hub.write_text("model:\n  name_or_path: owner/model\ndata:\n  train:\n    path: x.jsonl\n")
     assert main(["plan", str(hub)]) == 2
     assert "--model-config" in capsys.readouterr().err
+
+
+def test_gpu_mem_needs_a_unit(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match="'80' has no unit; write 80GB, 80GiB or 80G"):
+        parse_size("80")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"model:\n  name_or_path: {tiny_model_dir}\ndata:\n  train:\n    path: x.jsonl\n")
+    assert main(["plan", str(config), "--gpu-mem", "80"]) == 2  # not "nothing fits 80 bytes" and exit 0
+    err = capsys.readouterr().err
+    assert "--gpu-mem" in err and "no unit" in err and "Traceback" not in err
+
+
+def test_plan_reads_a_hub_id_from_the_local_hugging_face_cache(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import huggingface_hub.constants
+
+    # The cache's own layout, as `huggingface-cli download owner/tiny config.json` leaves it.
+    repo = tmp_path / "hub" / "models--owner--tiny"
+    snapshot_dir = repo / "snapshots" / ("0" * 40)
+    snapshot_dir.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    (snapshot_dir / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    config = tmp_path / "cfg.yaml"
+    config.write_text("model:\n  name_or_path: owner/tiny\ndata:\n  train:\n    path: x.jsonl\n")
+    assert main(["plan", str(config), "--gpus", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "owner/tiny (Hugging Face cache)" in out and "recommended: " in out
+    config.write_text("model:\n  name_or_path: owner/not-cached\ndata:\n  train:\n    path: x.jsonl\n")
+    assert main(["plan", str(config)]) == 2
+    assert "local Hugging Face cache" in capsys.readouterr().err
+
+
+def test_plan_of_a_sweep_file_points_at_its_base(capsys: pytest.CaptureFixture[str]) -> None:
+    sweep = EXAMPLES.parent.parent / "sweeps" / "lora_rank_lr.yaml"
+    assert main(["plan", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert "is a sweep file" in err and "raysft plan " in err and "gsm8k_lora.yaml" in err
+    assert "unknown key" not in err
+
+
+@pytest.mark.parametrize("name", ["llama3-8b-full", "llama3-70b-qlora"])
+def test_plan_report_fits_100_columns_and_says_why(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    model_config = EXAMPLES / f"{name.rsplit('-', 1)[0]}-config.json"
+    assert main(["plan", str(EXAMPLES / f"{name}.yaml"), "--model-config", str(model_config)]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    why = " ".join(out.split("  why: ", 1)[1].split())
+    if name == "llama3-8b-full":  # fsdp on 4: ddp cannot hold it, 2 GPUs are only tight, no recompute needed
+        assert "ddp needs" in why and "fit only tightly" in why and "no gradient checkpointing" in why
+    else:  # ddp on 1 with checkpointing: why ddp, and what it would need without checkpointing
+        assert "ddp gathers nothing" in why and "without gradient checkpointing it needs 255.5 GiB" in why

@@ -72,6 +72,22 @@ def test_storage_round_trip(s3_here: dict[str, str], tmp_path: Path) -> None:
     assert not storage.exists(storage.join(root, "folder"))
 
 
+def test_generate_reads_the_base_model_of_a_run_in_the_bucket(
+    s3_here: dict[str, str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`raysft generate --adapter s3://.../RUN/final` without --model: the base model comes from RUN/config.yaml."""
+    import argparse
+
+    from raysft.cli import _generate_model
+
+    run = f"s3://{BUCKET}/generate-run"
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run")
+    storage.write_bytes(storage.join(run, "config.yaml"), yaml.safe_dump(cfg.model_dump(mode="json")).encode())
+    args = argparse.Namespace(model=None, adapter=f"{run}/final", gguf_file=None, trust_remote_code=False)
+    model, key = _generate_model(args)
+    assert model.name_or_path == cfg.model.name_or_path and "config.yaml" in key
+
+
 def test_data_read_from_s3_and_cached_in_s3(s3_here: dict[str, str], tiny_model_dir: Path, tmp_path: Path) -> None:
     # Sources under an s3:// prefix (a gzipped JSONL and a Parquet file) are read by Ray Data's tasks, which get
     # the endpoint and keys from the environment; the tokenized and packed tables go to an s3:// cache.

@@ -560,7 +560,7 @@ def prepare_data(cfg: Config) -> PreparedData:
     not cached yet. Bad rows raise one DataError listing them with their origins.
 
     Example:
-        >>> prepared = prepare_data(raysft.load_config("examples/tiny.yaml"))  # doctest: +SKIP
+        >>> prepared = prepare_data(raysft.load_config("examples/gsm8k_lora.yaml"))  # doctest: +SKIP
         >>> prepared.num_rows("train"), prepared.stats.packing_efficiency["train"]  # doctest: +SKIP
         (41, 0.97)
     """

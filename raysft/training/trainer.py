@@ -21,10 +21,10 @@ from ray.train import CheckpointConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from raysft.config import Config, global_batch_rows, with_absolute_paths
-from raysft.data.pipeline import ensure_ray, prepare_data, stats_json
+from raysft.data.pipeline import PreparedData, ensure_ray, prepare_data, stats_json
 from raysft.data.prompts import generation_set
 from raysft.errors import USER_ERRORS, ConfigError, RunError
-from raysft.evaluation import GENERATIONS_FILE
+from raysft.evaluation import GENERATIONS_FILE, GenerationSet
 from raysft import storage
 from raysft.fileio import write_error
 from raysft.track import METRICS_FILE, MLFLOW_DIR, MLFLOW_RUN_FILE, read_metrics, say, train_log_level, verbose
@@ -230,17 +230,30 @@ def _copy_results_home(cfg: Config) -> None:
             storage.download(storage.join(location, name), home / name)
 
 
-def train(cfg: Config, callbacks: list[Any] | None = None, gate: TrialGate | None = None) -> RunResult:
-    """Fine-tune the model of `cfg` on Ray and write the run folder (see README, "Output").
+@dataclass(frozen=True)
+class CheckedRun:
+    """A run that passed every check `train` makes before training: what it would train on, and from where."""
 
-    Everything that can be checked before Ray starts is (README, "What raysft guarantees"); a refused
-    run writes nothing.
+    config: Config
+    """The config with every local path made absolute."""
+    resume_changes: dict[str, dict[str, Any]]
+    prepared: PreparedData
+    generation: GenerationSet | None
+    resume_from: str | None
+
+
+def check(cfg: Config) -> CheckedRun:
+    """Every check a run makes before training, in the order `train` makes them; trains nothing.
+
+    The pre-flight checks and the run folder come first, before Ray starts; then the data is read, tokenized
+    and packed on Ray Data (a local Ray is started unless one is reached; the data cache is filled, the run
+    folder is not touched), and the packed data is checked against the batch size, the `eval.generate`
+    references and a resume's checkpoint. `raysft train CONFIG --check` prints what this returns.
 
     Example:
         >>> import raysft
-        >>> cfg = raysft.load_config("examples/tiny.yaml", ["train.max_steps=5"])  # doctest: +SKIP
-        >>> result = raysft.train(cfg)  # doctest: +SKIP
-        >>> result.final_dir  # a PEFT adapter folder  # doctest: +SKIP
+        >>> checked = check(raysft.load_config("examples/gsm8k_lora.yaml"))  # doctest: +SKIP
+        >>> checked.prepared.stats  # doctest: +SKIP
     """
     cfg = with_absolute_paths(cfg)
     preflight(cfg)  # first: it also tells whether the storage can be reached at all
@@ -249,7 +262,24 @@ def train(cfg: Config, callbacks: list[Any] | None = None, gate: TrialGate | Non
     prepared = prepare_data(cfg)
     check_batch_fits(cfg, prepared.num_rows("train"))
     generation = generation_set(cfg, prepared, load_tokenizer(cfg.model)) if cfg.eval.generate is not None else None
-    resume_from = _resume_point(cfg, prepared.fingerprint)
+    return CheckedRun(cfg, resume_changes, prepared, generation, _resume_point(cfg, prepared.fingerprint))
+
+
+def train(cfg: Config, callbacks: list[Any] | None = None, gate: TrialGate | None = None) -> RunResult:
+    """Fine-tune the model of `cfg` on Ray and write the run folder (docs: "Outputs, tracking, export").
+
+    Everything that can be checked before Ray starts is (`check`; docs: "Guarantees and troubleshooting"); a
+    refused run writes nothing. `callbacks`: Ray Train callbacks; `gate`: a sweep trial's line to its scheduler.
+
+    Example:
+        >>> import raysft
+        >>> cfg = raysft.load_config("examples/gsm8k_lora.yaml", ["train.max_steps=5"])  # doctest: +SKIP
+        >>> result = raysft.train(cfg)  # doctest: +SKIP
+        >>> result.final_dir  # a PEFT adapter folder  # doctest: +SKIP
+    """
+    checked = check(cfg)
+    cfg, resume_changes, prepared = checked.config, checked.resume_changes, checked.prepared
+    generation, resume_from = checked.generation, checked.resume_from
     ensure_ray(cfg.scaling.ray_address)
     wait_for_worker_resources(cfg)
 
