@@ -55,7 +55,7 @@ from raysft.training.optim import build_optimizer, lr_at, set_lr
 from raysft.training.step import ORDER_CHUNK_ROWS, BatchSchedule, all_reduce_sum, autocast, train_step
 from raysft.training.stopping import patience_of
 from raysft.training.worker import LoopInputs  # defined apart so that Ray's controller unpickles it without torch
-from raysft.tune.decisions import STOP, TrialGate, eval_round
+from raysft.training.decisions import STOP, TrialGate, eval_round
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ from raysft.training.run_folder import (
     write_run_config,
 )
 from raysft.training.worker import LoopInputs, train_loop_per_worker
-from raysft.tune.decisions import TrialGate
+from raysft.training.decisions import TrialGate
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 from raysft.config import Config
 from raysft.data.cache import CachedTable
 from raysft.evaluation import GenerationSet
-from raysft.tune.decisions import TrialGate
+from raysft.training.decisions import TrialGate
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from raysft.training.run_folder import FINAL_DIR, run_location
 from raysft.data.pipeline import ensure_ray, prepare_data
 from raysft.training.trainer import scaling_config, train, wait_for_worker_resources
 from raysft.tune.config import SweepConfig, check_sweep, sweep_yaml
-from raysft.tune.decisions import TrialGate, board_name, eval_round, open_board, record
+from raysft.training.decisions import TrialGate, board_name, eval_round, open_board, record
 from raysft.tune.report import SweepResult, write_report
 from raysft.tune.space import Domain, to_param_space
 
@@ -180,7 +180,7 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any], mlflow_parent: str 
         # them; the whole config is in the parent's); rank 0 finds the run in the trial folder and continues it.
         open_mlflow_run(train_cfg.tracking, location, Path(train_cfg.train.output_dir) / MLFLOW_DIR, name, params,
                         tags={"raysft.sweep": cfg.name, "raysft.trial": name})
-    # A scheduler that can stop a trial is heard at every evaluation (raysft/tune/decisions.py); FIFO never stops one.
+    # A scheduler that can stop a trial is heard at every evaluation (raysft/training/decisions.py); FIFO never stops one.
     gate = TrialGate(board_name(sweep_home(cfg)), ray.tune.get_context().get_trial_id()) if stops_trials(cfg) else None
     train(train_cfg, callbacks=[EvalRoundsToTune(eval_every)], gate=gate)
 
@@ -220,7 +220,7 @@ def _max_rounds(cfg: SweepConfig) -> int:
 
 class DecidingASHA(ASHAScheduler):
     """ASHA whose every decision is also posted to the sweep's decision board, where the trial's workers await it
-    before their next step (raysft/tune/decisions.py)."""
+    before their next step (raysft/training/decisions.py)."""
 
     def __init__(self, board: str, **asha: Any):
         super().__init__(**asha)
