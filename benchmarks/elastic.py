@@ -35,6 +35,8 @@ from tests.training.test_elastic import ELASTIC, run_elastic  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--start-timeout-s", type=float, default=None,
+                        help="RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S for the run (Ray's default: 60)")
     parser.add_argument("--out", default=None, help="write results JSON here and the markdown table next to it (.md)")
     args = parser.parse_args(argv)
     info = C.machine_info()
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         for index in range(args.runs):
             run_dir = work / f"run{index}"
             run_dir.mkdir()
-            elastic = run_elastic(model_dir, run_dir, ELASTIC)
+            env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(args.start_timeout_s)} if args.start_timeout_s else None
+            elastic = run_elastic(model_dir, run_dir, ELASTIC, env)
             lost = [r["seconds_lost"] for r in elastic.history if "resized_from" in r]
             results.append({"loss_to_step_s": elastic.loss_to_step_s, "return_to_step_s": elastic.return_to_step_s,
                             "seconds_lost": lost})
@@ -55,8 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     medians = [statistics.median(r[k] for r in results) for k in ("loss_to_step_s", "return_to_step_s")]
     table = C.markdown_table(["run", "loss -> step (s)", "return -> step (s)", "seconds_lost 2->1", "seconds_lost 1->2"],
                              [*rows, ["median", *medians, None, None]])
-    markdown = "\n\n".join(["## Elastic training: the cost of a resize", "Command: `python benchmarks/elastic.py "
-                            f"--runs {args.runs} --out {args.out}`", table, C.machine_markdown(info)])
+    command = f"python benchmarks/elastic.py --runs {args.runs}" + (
+        f" --start-timeout-s {args.start_timeout_s:g}" if args.start_timeout_s else "") + f" --out {args.out}"
+    markdown = "\n\n".join(["## Elastic training: the cost of a resize", f"Command: `{command}`", table,
+                              C.machine_markdown(info)])
     print(markdown)
     C.write_outputs(args.out, {"machine": info, "runs": results}, markdown)
 

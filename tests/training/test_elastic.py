@@ -78,7 +78,7 @@ def newest_step_after(run_dir: Path, workers: int) -> Callable[[], bool]:
     return trained
 
 
-def run_elastic(model_dir: Path, work: Path, overrides: list[str]) -> ElasticRun:
+def run_elastic(model_dir: Path, work: Path, overrides: list[str], env: dict[str, str] | None = None) -> ElasticRun:
     """On a head and one more node (1 CPU each): start an elastic {min: 1, max: 2} run, take the second node away
     once the checkpoint at step 10 exists, start a new node once the run went on with one worker, and wait for the
     end. Also benchmarks/elastic.py's scenario."""
@@ -93,7 +93,8 @@ def run_elastic(model_dir: Path, work: Path, overrides: list[str]) -> ElasticRun
             nodes.append(join_node(cluster))
             process = subprocess.Popen(
                 [sys.executable, "-m", "raysft", "train", str(cfg_file)], cwd=REPO, text=True,
-                env={**cluster.env, "RAY_ADDRESS": cluster.gcs_address}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env={**cluster.env, "RAY_ADDRESS": cluster.gcs_address, **(env or {})},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             )
             try:
                 wait_for(lambda: (run_dir / "checkpoints" / "step_000010" / "manifest.json").exists(), process,

@@ -82,27 +82,32 @@ def test_two_workers_equal_one_worker(tiny_model_dir: Path, tmp_path: Path) -> N
 
 
 def test_a_run_resumed_on_another_number_of_workers_trains_the_same_model(tiny_model_dir: Path, tmp_path: Path) -> None:
-    # DESIGN.md property 7. A global batch of 3 rows in micro-batches of 1: on 2 workers one of them runs a filler.
-    # Dropout on: every micro-batch draws its mask from (seed, step, place), whichever worker computes it. A constant
-    # learning rate, so that the 4-step first part and the 6-step whole run share one schedule.
+    # DESIGN.md property 7: 3 workers -> 2 -> 1 (in the driver) train what one worker trains. A global batch of 3 rows
+    # in micro-batches of 1: on 2 workers one of them runs a filler. Dropout on: every micro-batch draws its mask from
+    # (seed, step, place), whichever worker computes it. A constant learning rate, so that the parts and the whole
+    # run share one schedule. Half a CPU per worker: 3 workers on the session's 2 CPUs.
     common = ["train.micro_batch_size=1", "train.global_batch_size=3", "lora.dropout=0.1", "train.lr_schedule=constant",
-              "train.checkpoint_every=2", "train.checkpoints_to_keep=null", "data.shuffle_window=8"]
+              "train.checkpoint_every=2", "train.checkpoints_to_keep=null", "data.shuffle_window=8",
+              "scaling.resources_per_worker={CPU: 0.5}"]
     straight = run(tiny_model_dir, tmp_path / "straight", [*common, "scaling.num_workers=0", "train.max_steps=6"])
-    out = tmp_path / "resized"
-    first = run(tiny_model_dir, out, [*common, "scaling.num_workers=2", "train.max_steps=4"])  # checkpoint at step 2
     expected = losses(straight.history())
-    assert all(loss == pytest.approx(expected[step], abs=1e-5) for step, loss in losses(first.history()).items())
-    # Continued on 1 worker (in the driver) from step 2: allowed, recorded, and the same steps 3 to 6.
-    resumed = run(tiny_model_dir, out, [*common, "scaling.num_workers=0", "train.max_steps=6", "train.resume=true"])
-    got = losses(resumed.history())
-    assert sorted(got) == list(range(1, 7)) and all(got[step] == pytest.approx(expected[step], abs=1e-5) for step in got)
-    [resize] = [r for r in resumed.history() if "resized_from" in r]  # said and recorded: 2 workers -> 1 at step 2
-    assert (resize["step"], resize["resized_from"], resize["workers"]) == (2, 2.0, 1.0) and resize["seconds_lost"] > 0
+    out = tmp_path / "resized"
+    parts = [(3, 3), (2, 5), (0, 6)]  # (workers, max_steps): checkpoints at steps 2 and 4 are where each part goes on
+    for index, (workers, steps) in enumerate(parts):
+        result = run(tiny_model_dir, out, [*common, f"scaling.num_workers={workers}", f"train.max_steps={steps}",
+                                           f"train.resume={str(index > 0).lower()}"])
+        got = losses(result.history())
+        assert sorted(got) == list(range(1, steps + 1))
+        assert all(got[step] == pytest.approx(expected[step], abs=1e-5) for step in got), (workers, got, expected)
+    # Each resize said and recorded at the step it continued from.
+    resizes = [(r["step"], r["resized_from"], r["workers"]) for r in result.history() if "resized_from" in r]
+    assert resizes == [(2, 3.0, 2.0), (4, 2.0, 1.0)] and all(r["seconds_lost"] > 0 for r in result.history()
+                                                              if "resized_from" in r)
     changes = [json.loads(line)["changes"] for line in (out / "config_history.jsonl").read_text().splitlines()]
-    assert changes[-1]["scaling.num_workers"] == {"from": 2, "to": 0}
+    assert [c["scaling.num_workers"] for c in changes] == [{"from": 3, "to": 2}, {"from": 2, "to": 0}]
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["global_batch_size"] == 3
     a = load_file(str(straight.final_dir / "adapter_model.safetensors"))
-    b = load_file(str(resumed.final_dir / "adapter_model.safetensors"))
+    b = load_file(str(result.final_dir / "adapter_model.safetensors"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
 
