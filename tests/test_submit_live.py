@@ -1,6 +1,7 @@
 """`raysft submit` to a real token-protected `ray start --head` (its job server on loopback) with a moto S3 bucket:
-local data uploaded, the job reading it from the bucket, the run's checkpoints and final/ landing there; and a GPU
-request the CPU cluster cannot hold refused before anything is submitted."""
+local data uploaded, the job reading it from the bucket, the run's checkpoints and final/ landing there; a GPU
+request the CPU cluster cannot hold refused before anything is submitted; and Ray's own `ray job submit` of a shipped
+example, whose outputs outlive the job."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import yaml
 
 from tests.runs import REPO
 from tests.s3server import BUCKET, free_port
-from tests.test_cluster_live import ray_head
+from tests.test_cluster_live import RAY, ray_head
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -81,3 +82,25 @@ def test_submit_uploads_local_data_and_the_run_lives_in_the_bucket(
         assert max(steps) == 2
     # The head runs on this machine: the run's local copy is where a local run would put it.
     assert (tmp_path / "runs" / "submitted" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_plain_ray_job_submit_of_a_shipped_example_keeps_its_outputs(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The README's `ray job submit --working-dir . -- python -m raysft train examples/gsm8k_lora.yaml` on a head
+    on this machine: the example's data travel with the checkout (paths relative to the YAML), and its relative
+    output_dir lands in the home folder of the node that runs the driver, not in Ray's temporary copy."""
+    home = tmp_path / "home"
+    home.mkdir()
+    sets = [f"model.name_or_path={tiny_model_dir}", "train.max_steps=2", "train.eval_every=1", "data.max_seq_len=128",
+            "data.eval.limit=4", "train.checkpoint_every=null", "tracking.tensorboard=false"]
+    with ray_head([f"--port={free_port()}", "--num-cpus=2"], {"HOME": str(home)}) as cluster:
+        job = subprocess.run(
+            [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--", "python", "-m", "raysft",
+             "train", "examples/gsm8k_lora.yaml", *[arg for item in sets for arg in ("--set", item)]],
+            cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=600,
+        )
+    output = job.stdout + job.stderr
+    assert job.returncode == 0, output[-5000:]
+    run = home / "runs" / "gsm8k-lora"
+    assert f"[raysft] done: adapter in {run / 'final'}" in output
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+    assert "runtime_resources" not in output.split("[raysft] done:")[1]
