@@ -28,9 +28,10 @@ from typing import Any
 import yaml
 
 from raysft import storage
-from raysft.cluster import autoscaler_adds_nodes
+from raysft.cluster import autoscaler_adds_nodes, dashboard_node_types
 from raysft.config import Config, is_uri, load_config, output_base, parse_config
 from raysft.errors import ConfigError, RunError
+from raysft.tune.config import SweepConfig
 
 CONSTRAINTS_FILE = Path(__file__).resolve().parents[1] / "constraints.txt"
 """The pinned versions (a source checkout's constraints.txt): what the image and `install_deps` install."""
@@ -95,7 +96,7 @@ def cluster_info(client: Any) -> ClusterInfo:
         address=client.get_address(),
         ray_version=version,
         gpus=sum(float((node.get("resources_total") or {}).get("GPU", 0)) for node in alive),
-        autoscaler=autoscaler_adds_nodes(status.get("clusterStatus") or status.get("cluster_status")),
+        autoscaler=autoscaler_adds_nodes(dashboard_node_types(status)),
         local=bool(alive) and all(node.get("node_ip") == here for node in alive),
     )
 
@@ -221,7 +222,7 @@ def submit(config: str | Path, overrides: list[str] | None = None, *, sweep: boo
     import ray
 
     from raysft.config import with_absolute_paths
-    from raysft.tune.config import SweepConfig, load_sweep
+    from raysft.tune.config import load_sweep
 
     client = connect(address)
     info = cluster_info(client)
@@ -253,7 +254,7 @@ def submit(config: str | Path, overrides: list[str] | None = None, *, sweep: boo
     raw = submitted.model_dump(mode="json")
     if sweep_cfg is not None:
         sweep_dir = str(output_base() / sweep_cfg.output_dir) if info.local else str(sweep_cfg.output_dir)
-        document = {**sweep_cfg.model_dump(mode="json", exclude={"base"}), "output_dir": sweep_dir, "base": raw}
+        document = sweep_document(sweep_cfg, raw, sweep_dir)
         file_name, command, local_out = "sweep.yaml", "sweep", sweep_dir
     else:
         document, file_name, command, local_out = raw, "config.yaml", "train", submitted.train.output_dir
@@ -271,6 +272,11 @@ def submit(config: str | Path, overrides: list[str] | None = None, *, sweep: boo
         client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id)
     return Submission(job_id=job_id, address=info.address, use_gpu=use_gpu, gpu_reason=gpu_reason, outputs=outputs,
                       uploads=[(item.path, location) for item, location in moved.items()])
+
+
+def sweep_document(sweep_cfg: SweepConfig, base: dict[str, Any], output_dir: str) -> dict[str, Any]:
+    """The sweep as the job reads it (sweep.yaml in its working_dir): its settings, `output_dir`, the base inline."""
+    return {**sweep_cfg.model_dump(mode="json", exclude={"base"}), "output_dir": output_dir, "base": base}
 
 
 def _on_the_head(output_dir: str, info: ClusterInfo) -> str:

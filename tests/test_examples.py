@@ -79,7 +79,7 @@ def tiny_overrides(tiny_model_dir: Path, tmp_path: Path, prefix: str = "") -> li
     sets = [
         f"model.name_or_path={tiny_model_dir}", "model.quantization=none", "scaling.use_gpu=false",
         "train.max_steps=2", "train.eval_every=1", "train.checkpoint_every=null", "train.micro_batch_size=2",
-        "train.grad_accum_steps=1", "train.precision=fp32", "train.optimizer=adamw", "data.max_seq_len=256",
+        "train.grad_accum_steps=1", "train.precision=fp32", "train.optimizer=adamw", "data.max_seq_len=1024",
         f"data.cache_dir={tmp_path / 'token-cache'}", "tracking.tensorboard=false",
     ]
     return [prefix + item for item in sets]

@@ -7,12 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from raysft.cli import build_parser
-from raysft.cluster import autoscaler_adds_nodes
+from raysft.cluster import autoscaler_adds_nodes, dashboard_node_types, gcs_node_types
 from raysft.config import load_config, output_base, with_absolute_paths
 from raysft.errors import ConfigError
-from raysft.submit import ClusterInfo, choose_gpu, data_plan, pinned_requirements, version_problem
+from raysft.submit import ClusterInfo, choose_gpu, data_plan, pinned_requirements, sweep_document, version_problem
+from raysft.tune.config import load_sweep
 from tests.runs import REPO
 
 EXAMPLE = REPO / "examples" / "gsm8k_lora.yaml"
@@ -97,9 +99,14 @@ def test_relative_outputs_of_a_ray_job_land_in_home_not_in_rays_temporary_copy(
 
 
 def test_autoscaler_status_tells_a_real_autoscaler_from_the_read_only_monitor() -> None:
-    assert not autoscaler_adds_nodes(None)
-    assert not autoscaler_adds_nodes({"autoscaler_report": {"node_type_mapping": {"10.0.0.1": "node_4f2a9c"}}})
-    assert autoscaler_adds_nodes('{"autoscaler_report": {"node_type_mapping": {"10.0.0.1": "gpu_1x_a10g"}}}')
+    assert not autoscaler_adds_nodes(None) and not autoscaler_adds_nodes({"10.0.0.1": "node_4f2a9c"})
+    assert autoscaler_adds_nodes({"10.0.0.1": "node_4f2a9c", "10.0.0.2": "gpu_1x_a10g"})
+    # The same report as the GCS keeps it (the trainer reads it there) and as the dashboard serves it (raysft submit).
+    assert gcs_node_types('{"autoscaler_report": {"node_type_mapping": {"10.0.0.1": "cpu_pool"}}}') == {
+        "10.0.0.1": "cpu_pool"}
+    assert dashboard_node_types({"clusterStatus": {"autoscalerReport": {"nodeTypeMapping": {"10.0.0.1": "cpu_pool"}}}}
+                                ) == {"10.0.0.1": "cpu_pool"}
+    assert gcs_node_types(None) == dashboard_node_types({}) == {}
 
 
 def test_install_deps_pins_everything_but_ray() -> None:
@@ -112,3 +119,12 @@ def test_submit_command_line() -> None:
                                       "--set", "base.train.max_steps=5", "--wait"])
     assert (args.sweep, args.data_to, args.overrides, args.wait, args.address) == (
         True, "s3://b/d", ["base.train.max_steps=5"], True, None)
+
+
+def test_the_submitted_sweep_reads_back_as_the_same_sweep(tmp_path: Path) -> None:
+    sweep = load_sweep(REPO / "sweeps" / "optuna_lr_warmup.yaml", ["num_samples=3"])
+    staged = tmp_path / "sweep.yaml"
+    staged.write_text(yaml.safe_dump(sweep_document(sweep, sweep.base.model_dump(mode="json"), "/runs/s")))
+    again = load_sweep(staged)
+    assert again.base == sweep.base and again.space == sweep.space and again.num_samples == 3
+    assert again.output_dir == "/runs/s" and again.search_alg == sweep.search_alg

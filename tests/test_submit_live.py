@@ -6,6 +6,7 @@ example, whose outputs outlive the job."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raysft.cluster import autoscaler_adds_nodes, dashboard_node_types
 from tests.runs import REPO
 from tests.s3server import BUCKET, free_port
 from tests.test_cluster_live import RAY, ray_head
@@ -45,6 +47,11 @@ def test_submit_uploads_local_data_and_the_run_lives_in_the_bucket(
     with ray_head([f"--port={free_port()}", "--num-cpus=2"], s3) as cluster:
         env = {**cluster.env, **s3, "PYTHONPATH": str(REPO)}
         submit = [sys.executable, "-m", "raysft", "submit", "--address", cluster.dashboard]
+
+        # The dashboard's autoscaler report as raysft submit reads it: a head without an autoscaling config has only
+        # Ray's read-only monitor, which names its node node_<id> (no node can be added).
+        node_types = dashboard_node_types(cluster.get("/api/cluster_status", cluster.token)["data"])
+        assert node_types and not autoscaler_adds_nodes(node_types), node_types
 
         # A GPU asked of this CPU-only cluster: refused here, naming the key and the fix; no job is created.
         refused = subprocess.run([*submit, str(config), "--set", "scaling.use_gpu=true"], cwd=tmp_path, env=env,
@@ -82,6 +89,13 @@ def test_submit_uploads_local_data_and_the_run_lives_in_the_bucket(
         assert max(steps) == 2
     # The head runs on this machine: the run's local copy is where a local run would put it.
     assert (tmp_path / "runs" / "submitted" / "final" / "adapter_model.safetensors").is_file()
+    # And the run is used from the bucket: its adapter merged into the base model.
+    merged = tmp_path / "merged"
+    export = subprocess.run([sys.executable, "-m", "raysft", "export", f"s3://{BUCKET}/submitted", "--merge", str(merged)],
+                            cwd=tmp_path, env={**os.environ, **s3, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))
 
 
 def test_plain_ray_job_submit_of_a_shipped_example_keeps_its_outputs(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from ray.autoscaler.sdk import request_resources
 from ray.train import CheckpointConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
-from raysft.cluster import autoscaler_adds_nodes
+from raysft.cluster import autoscaler_adds_nodes, gcs_node_types
 from raysft.config import Config, with_absolute_paths
 from raysft.data.pipeline import ensure_ray, prepare_data, stats_json
 from raysft.data.prompts import generation_set
@@ -82,7 +82,7 @@ def _has_autoscaler() -> bool:
     from ray._private import ray_constants
     from ray.experimental.internal_kv import _internal_kv_get
 
-    return autoscaler_adds_nodes(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS))
+    return autoscaler_adds_nodes(gcs_node_types(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)))
 
 
 def wait_for_worker_resources(cfg: Config, poll_s: float = 5.0) -> None:
