@@ -5,10 +5,10 @@
   the image of docker/Dockerfile, or with `install_deps` the pins of constraints.txt, installed per job by Ray;
 * the config: resolved here (paths, `--set`, the GPU choice) and written into a small staged working_dir, the only
   folder uploaded (never the user's working folder with its virtual environments, runs and caches);
-* the data: local files the config names are uploaded to storage (`--data-to`, else the run's
-  `scaling.storage_path`) and the submitted config reads them there. A cluster whose every node runs on this
-  machine (a local `ray start --head`) reads local paths as they are; so does one whose nodes all mount them
-  (`paths_on_cluster`). Otherwise a local path is refused before anything is submitted;
+* the data: a cluster whose every node runs on this machine (a local `ray start --head`) reads local paths as they
+  are, as does one whose nodes all mount them (`paths_on_cluster`). For any other, the local files the config names
+  are uploaded to storage (`--data-to`, else the run's `scaling.storage_path`) and the submitted config reads them
+  there; with no storage they are refused, by key, before anything is submitted;
 * the environment: the cluster's Ray must be this machine's (Ray's client and cluster must match);
 * GPUs: `scaling.use_gpu` follows the cluster's resources unless the config sets it.
 """
@@ -77,7 +77,7 @@ def connect(address: str | None) -> Any:
     try:
         return JobSubmissionClient(address)
     except Exception as err:  # Ray raises ConnectionError, RuntimeError or its AuthenticationError here
-        raise RunError(f"--address {address}: cannot reach a Ray job server there ({' '.join(str(err).split())[:400]}). "
+        raise RunError(f"--address {address}: cannot reach a Ray job server there ({storage.one_line(err)}). "
                        "Is the cluster up and the dashboard port reachable (`ray dashboard CLUSTER.yaml` keeps an SSH "
                        "tunnel on 127.0.0.1:8265)? With token auth, export RAY_AUTH_MODE=token") from None
 
