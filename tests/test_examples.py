@@ -82,9 +82,9 @@ NEEDS_SMOLLM2 = {"tool_calling_lora.yaml": ["data.train.limit=40", "train.eval_e
 def tiny_overrides(model_dir: Path, tmp_path: Path, prefix: str = "") -> list[str]:
     """What turns a shipped file into a 2-step CPU run of the tiny model; everything else stays as written."""
     sets = [
-        f"model.name_or_path={model_dir}", "model.quantization=none", "scaling.use_gpu=false",
+        f"model.name_or_path={model_dir}", "scaling.use_gpu=false",
         "train.max_steps=2", "train.eval_every=1", "train.checkpoint_every=null", "train.micro_batch_size=2",
-        "train.grad_accum_steps=1", "train.precision=fp32", "train.optimizer=adamw",
+        "train.grad_accum_steps=1", "train.precision=fp32",
         f"data.cache_dir={tmp_path / 'token-cache'}", "tracking.tensorboard=false",
     ]
     return [prefix + item for item in sets]
