@@ -49,8 +49,12 @@ def test_submit_uploads_local_data_and_the_run_lives_in_the_bucket(
         submit = [sys.executable, "-m", "raysft", "submit", "--address", cluster.dashboard]
 
         # The dashboard's autoscaler report as raysft submit reads it: a head without an autoscaling config has only
-        # Ray's read-only monitor, which names its node node_<id> (no node can be added).
-        node_types = dashboard_node_types(cluster.get("/api/cluster_status", cluster.token)["data"])
+        # Ray's read-only monitor, which names its node node_<id> (no node can be added). Its first report comes
+        # a few seconds after the start.
+        deadline, node_types = time.monotonic() + 60, {}
+        while not node_types and time.monotonic() < deadline:
+            node_types = dashboard_node_types(cluster.get("/api/cluster_status", cluster.token)["data"])
+            time.sleep(0 if node_types else 1)
         assert node_types and not autoscaler_adds_nodes(node_types), node_types
 
         # A GPU asked of this CPU-only cluster: refused here, naming the key and the fix; no job is created.
