@@ -100,7 +100,10 @@ def test_example_trains(path: Path, ray_session: None, tiny_model_dir: Path, tmp
         from raysft.quickstart import smollm2_dir
 
         model = smollm2_dir()
-    sets = [*tiny_overrides(model, tmp_path), f"train.output_dir={tmp_path / 'run'}", *NEEDS_SMOLLM2.get(path.name, [])]
+    # Local mode (the loop in this process): what is checked is the file's model, data, template and training
+    # settings; Ray Train's worker group is the sweeps' below and the cluster tests'.
+    sets = [*tiny_overrides(model, tmp_path), f"train.output_dir={tmp_path / 'run'}", "scaling.num_workers=0",
+            "scaling.resources_per_worker=null", *NEEDS_SMOLLM2.get(path.name, [])]
     if load_config(path).eval.generate is not None:
         sets += ["eval.generate.num_prompts=2", "eval.generate.max_new_tokens=4"]
     result = train(load_config(path, sets))
