@@ -58,12 +58,19 @@ def marked_example(input_ids: list[int], labels: list[int], tokenizer: Any) -> s
 def cmd_train(args: argparse.Namespace) -> None:
     from raysft.training.trainer import check, train
 
-    cfg = _load(args, ["train.resume=true"] if args.resume else [])
+    from raysft import storage
+
+    cfg = with_absolute_paths(_load(args, ["train.resume=true"] if args.resume else []))
     if args.check:
         _print_check(check(cfg), args.gpu_mem)
         return
     result = train(cfg)
-    print(f"[raysft] done: adapter in {result.final_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
+    run = cfg.scaling.storage_path
+    if run is None or Path(run) == result.output_dir:
+        print(f"[raysft] done: adapter in {result.final_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
+    else:  # the run lives in storage; output_dir holds a copy
+        print(f"[raysft] done: adapter in {storage.join(run, 'final')}; metrics in {storage.join(run, 'metrics.jsonl')} "
+              f"(a copy of the run in {result.output_dir})")
 
 
 def _print_check(checked: CheckedRun, gpu_mem: str) -> None:
@@ -242,6 +249,53 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     run_quickstart(Path(args.output_dir), args.overrides)
 
 
+def cmd_submit(args: argparse.Namespace) -> None:
+    from raysft.submit import follow, submit
+
+    job = submit(args.config, args.overrides, sweep=args.sweep, address=args.address, data_to=args.data_to,
+                 paths_on_cluster=args.paths_on_cluster, install_deps=args.install_deps, resume=args.resume,
+                 submission_id=args.submission_id)
+    for local, remote in job.uploads:
+        print(f"[raysft] data: {local} -> {remote}")
+    key = "base.scaling.use_gpu" if args.sweep else "scaling.use_gpu"
+    print(f"[raysft] {key}: {str(job.use_gpu).lower()} ({job.gpu_reason})")
+    print(f"[raysft] submitted {job.job_id} to {job.address}; outputs: {job.outputs}")
+    where = f"--address {job.address} {job.job_id}"
+    print(f"[raysft] follow: ray job logs -f {where}   status: ray job status {where}   stop: ray job stop {where}")
+    if args.wait:
+        status = follow(job.address, job.job_id)
+        print(f"[raysft] {job.job_id}: {status}")
+        if status != "SUCCEEDED":
+            raise RunError(f"job {job.job_id} ended {status}; its logs: ray job logs {where}")
+
+
+def add_submit_parser(commands: Any) -> None:
+    submit = _command(commands, "submit", "run a train config (or --sweep) on a Ray cluster's job server",
+                      "raysft submit examples/gsm8k_lora.yaml --address http://127.0.0.1:8265 --wait",
+                      "raysft submit examples/gsm8k_lora.yaml --address http://HEAD:8265 --data-to s3://bucket/data",
+                      "raysft submit --sweep sweeps/lora_rank_lr.yaml --address http://HEAD:8265")
+    submit.add_argument("config", help="train config YAML, or a sweep YAML with --sweep")
+    submit.add_argument("--sweep", action="store_true", help="CONFIG is a sweep YAML (see sweeps/)")
+    submit.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, as for train (base.KEY=VALUE for a sweep's base); repeatable",
+    )
+    submit.add_argument("--address", default=None,
+                        help="the cluster's job server, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
+    submit.add_argument(
+        "--data-to", default=None, metavar="URI",
+        help="upload local data files here (s3://bucket/prefix, gs://...); default: the run's scaling.storage_path",
+    )
+    submit.add_argument("--paths-on-cluster", action="store_true",
+                        help="local paths exist on every node as they are (a shared volume): upload nothing")
+    submit.add_argument("--install-deps", action="store_true",
+                        help="install constraints.txt's pinned packages for the job (a cluster on stock Ray images)")
+    submit.add_argument("--resume", action="store_true", help="continue the run (or sweep) from its storage")
+    submit.add_argument("--submission-id", default=None, help="the job's id (default: raysft-<config name>-<random>)")
+    submit.add_argument("--wait", action="store_true", help="print the job's logs until it ends; fail if it fails")
+    submit.set_defaults(run=cmd_submit)
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Examples (the epilog) kept as written; every option's default shown, unless it is unset or off."""
 
@@ -403,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="override a config field (repeatable)")
     _add_verbose(quickstart)
     quickstart.set_defaults(run=cmd_quickstart)
+    add_submit_parser(commands)
     return parser
 
 

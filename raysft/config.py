@@ -844,12 +844,35 @@ def is_uri(location: str) -> bool:
     return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", location) is not None
 
 
-def _absolute(location: str) -> str:
-    return location if is_uri(location) else str(Path(os.path.abspath(Path(location).expanduser())))
+def _absolute(location: str, base: Path | None = None) -> str:
+    if is_uri(location):
+        return location
+    path = Path(location).expanduser()
+    return str(Path(os.path.abspath(path if base is None else base / path)))
+
+
+def output_base() -> Path:
+    """The folder relative output locations (train.output_dir, a sweep's output_dir, data.cache_dir, ...) resolve
+    against: the working directory, except in the driver of a Ray job that runs in Ray's temporary copy of its
+    working_dir (`ray job submit --working-dir .`, `raysft submit`), which Ray deletes with the session: there, the
+    home folder of the node that runs the driver, so `runs/x` is `~/runs/x` on the head node and outlives the job.
+
+    Example:
+        >>> output_base()  # in a shell: the working directory  # doctest: +SKIP
+        PosixPath('/home/me/raysft')
+    """
+    cwd = Path.cwd()
+    in_job_copy = _RAY_JOB_DRIVER_VARIABLE in os.environ and "runtime_resources" in cwd.parts
+    return Path.home() if in_job_copy else cwd
+
+
+# Ray's job supervisor sets it in every job driver's environment (ray._private.runtime_env.constants).
+_RAY_JOB_DRIVER_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def with_absolute_paths(cfg: Config) -> Config:
-    """`cfg` with every local path made absolute against the current directory, once, in the driver.
+    """`cfg` with every local path made absolute, once, in the driver: data and model paths against the current
+    directory, output locations against :func:`output_base`.
 
     Ray Tune runs each trial in a working directory of its own and Ray Train workers may run on
     other nodes, so a relative path means something else there: it must never leave the driver.
@@ -866,7 +889,7 @@ def with_absolute_paths(cfg: Config) -> Config:
     for section, key in (("data", "cache_dir"), ("train", "output_dir"), ("scaling", "storage_path"),
                          ("tracking", "mlflow_dir")):
         if raw[section][key] is not None:
-            raw[section][key] = _absolute(raw[section][key])
+            raw[section][key] = _absolute(raw[section][key], output_base())
     return Config.model_validate(raw)
 
 

@@ -39,14 +39,27 @@ KUBERAY = {"kuberay-raycluster.yaml": "ray.io_rayclusters.yaml", "kuberay-rayjob
 
 # The commands each file's opening comment must give.
 COMMANDS = {
-    "aws.yaml": ["ray up cluster/aws.yaml", "ray attach cluster/aws.yaml", "ray down cluster/aws.yaml",
-                 "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m raysft"],
-    "gcp.yaml": ["ray up cluster/gcp.yaml", "ray attach cluster/gcp.yaml", "ray down cluster/gcp.yaml",
-                 "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m raysft"],
+    "aws.yaml": ["docker build -f docker/Dockerfile", "ray up cluster/aws.yaml", "ray attach cluster/aws.yaml",
+                 "ray down cluster/aws.yaml", "raysft submit examples/gsm8k_lora.yaml --address http://127.0.0.1:8265",
+                 "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m raysft",
+                 "--set scaling.use_gpu=true", "--set base.scaling.use_gpu=true"],
+    "gcp.yaml": ["docker build -f docker/Dockerfile", "ray up cluster/gcp.yaml", "ray attach cluster/gcp.yaml",
+                 "ray down cluster/gcp.yaml", "raysft submit examples/gsm8k_lora.yaml --address http://127.0.0.1:8265",
+                 "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m raysft",
+                 "--set scaling.use_gpu=true", "--set base.scaling.use_gpu=true"],
     LOCAL: ["RAY_FAKE_CLUSTER=1 ray start --head", "--autoscaling-config=cluster/local-autoscaling.yaml"],
-    "kuberay-raycluster.yaml": ["kubectl apply -f cluster/kuberay-raycluster.yaml", "ray job submit"],
+    "kuberay-raycluster.yaml": ["kubectl apply -f cluster/kuberay-raycluster.yaml", "raysft submit --sweep",
+                                "ray job submit", "--set base.scaling.use_gpu=true"],
     "kuberay-rayjob.yaml": ["kubectl apply -f cluster/kuberay-rayjob.yaml"],
 }
+
+
+def _pyproject_version() -> str:
+    return re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)  # type: ignore[union-attr]
+
+
+RAYSFT_IMAGE = f"REPLACE_ME/raysft:{_pyproject_version()}"
+"""The image of docker/Dockerfile every cluster config runs (REPLACE_ME: the user's registry)."""
 
 
 def load(name: str) -> Any:
@@ -106,10 +119,12 @@ def test_launcher_layout(name: str) -> None:
     assert sum("ray start" in c for c in starts) == 2
     assert any(remote.endswith("/.ray/auth_token") for remote in cfg["file_mounts"])
     assert "--dashboard-host=0.0.0.0" not in " ".join(starts), "keep the dashboard off the network"
-    # raysft is installed on every node (head and worker setup both start with the common commands).
+    # Every node runs raysft's image (docker/Dockerfile: pinned torch, Ray, raysft); nothing unpinned is installed.
+    assert cfg["docker"]["image"] == RAYSFT_IMAGE
+    assert not {"head_image", "worker_image"} & set(cfg["docker"]), "one image for every node"
+    assert all("docker" not in t for t in types.values()), "no node type runs another image"
     for commands in (cfg["head_setup_commands"], cfg["worker_setup_commands"]):
-        assert any("pip install torch" in c for c in commands)
-        assert any('"raysft @ ' in c for c in commands)
+        assert not any("pip install torch" in c or "raysft" in c for c in commands)
 
 
 def _plan(cfg: dict[str, Any], demands: list[dict[str, float]], monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
@@ -295,7 +310,8 @@ def test_kuberay_layout(name: str) -> None:
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         gpu_counts.append(int(limits.get("nvidia.com/gpu", 0)))
     assert sorted(gpu_counts) == [0, 1, 8]
-    # Every Ray pod mounts the optional shared volume (data the driver reads, local copies of results).
+    # Every Ray pod runs raysft's image and mounts the optional shared volume (data, local copies of results).
+    assert {container["image"] for _, container in _containers(spec)} == {RAYSFT_IMAGE}
     for _, container in _containers(spec):
         assert "/mnt/shared" in [m["mountPath"] for m in container.get("volumeMounts", [])]
     # Secrets come from Kubernetes Secrets, never as literal values.
@@ -307,12 +323,13 @@ def test_kuberay_layout(name: str) -> None:
 
 def test_rayjob_runs_the_sweep_and_cleans_up() -> None:
     spec = load("kuberay-rayjob.yaml")["spec"]
-    assert spec["entrypoint"].startswith("python -m raysft sweep sweeps/lora_rank_lr.yaml")
+    # The sweep the image ships (docker/Dockerfile copies sweeps/ there), on the GPU pods it asks for.
+    assert spec["entrypoint"].startswith("python -m raysft sweep /home/ray/raysft/sweeps/lora_rank_lr.yaml")
+    assert "--set base.scaling.use_gpu=true" in spec["entrypoint"]
+    assert "COPY --chown=ray:users sweeps /home/ray/raysft/sweeps" in (REPO / "docker" / "Dockerfile").read_text()
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
-    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert set(runtime_env) == {"working_dir", "pip"}, "no env_vars: secrets must not be written into the CR"
-    if not (REPO / "sweeps" / "lora_rank_lr.yaml").is_file():
-        pytest.skip("sweeps/lora_rank_lr.yaml is not in this checkout yet")
+    # No runtime_env: the environment is the image's, and secrets must never be written into the CR.
+    assert "runtimeEnvYAML" not in spec
 
 
 # --------------------------------------------------------------------------------- KubeRay, must fail

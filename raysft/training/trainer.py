@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from ray.autoscaler.sdk import request_resources
 from ray.train import CheckpointConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
+from raysft.cluster import autoscaler_adds_nodes, gcs_node_types
 from raysft.config import Config, global_batch_rows, with_absolute_paths
 from raysft.data.pipeline import PreparedData, ensure_ray, prepare_data, stats_json
 from raysft.data.prompts import generation_set
@@ -76,10 +75,6 @@ def _workers_that_fit(node: dict[str, float], bundle: dict[str, float]) -> int:
     return min((int(node.get(resource, 0.0) // amount) for resource, amount in bundle.items() if amount > 0), default=0)
 
 
-# The node type Ray's read-only autoscaler (a cluster without autoscaling) gives every node: node_<id>.
-_READ_ONLY_NODE_TYPE = re.compile(r"^node_[0-9a-f]+$")
-
-
 def _has_autoscaler() -> bool:
     """Whether an autoscaler that can add nodes runs.
 
@@ -91,10 +86,7 @@ def _has_autoscaler() -> bool:
     from ray._private import ray_constants
     from ray.experimental.internal_kv import _internal_kv_get
 
-    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-    report = json.loads(status).get("autoscaler_report") if status else None
-    node_types = (report or {}).get("node_type_mapping") or {}
-    return any(not _READ_ONLY_NODE_TYPE.match(node_type) for node_type in node_types.values())
+    return autoscaler_adds_nodes(gcs_node_types(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)))
 
 
 def wait_for_worker_resources(cfg: Config, poll_s: float = 5.0) -> None:

@@ -32,7 +32,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raysft import storage
-from raysft.config import Config, flatten, set_dotted, validate_section, with_absolute_paths
+from raysft.config import Config, flatten, output_base, set_dotted, validate_section, with_absolute_paths
 from raysft.errors import ConfigError
 from raysft.fileio import write_text_atomically
 from raysft.track import (
@@ -342,7 +342,7 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     """
     # Every path is resolved here, once: each trial runs in a working directory Tune chose, where a
     # relative output folder or data path would point somewhere else (and the results would be lost).
-    sweep_dir = Path(str(cfg.output_dir)).expanduser().resolve()
+    sweep_dir = (output_base() / Path(str(cfg.output_dir)).expanduser()).resolve()  # an absolute one stays as it is
     cfg = cfg.model_copy(update={"output_dir": str(sweep_dir), "base": with_absolute_paths(cfg.base)})
     home = sweep_home(cfg)
     where = "base.scaling.storage_path" if sweep_storage(cfg) else "output_dir"
