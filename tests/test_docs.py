@@ -167,14 +167,14 @@ def test_readme_keeps_the_fresh_machine_commands_first() -> None:
 
 # The layers docs/architecture.md describes ("Imports point one way"), lowest first.
 LAYERS = [
-    ("raysft.errors", "raysft.labels", "raysft.ops", "raysft.training.step"),
+    ("raysft.errors", "raysft.labels", "raysft.ops", "raysft.training.step", "raysft.cluster"),
     ("raysft.config", "raysft.fileio"),
     ("raysft.storage", "raysft.track", "raysft.model", "raysft.evaluation", "raysft.infer", "raysft.plan",
      "raysft.starter"),
     ("raysft.data",),
     ("raysft.training",),
     ("raysft.tune",),
-    ("raysft.cli", "raysft.schema", "raysft.quickstart", "raysft.__main__", "raysft"),
+    ("raysft.cli", "raysft.schema", "raysft.submit", "raysft.quickstart", "raysft.__main__", "raysft"),
 ]
 
 
