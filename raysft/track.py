@@ -418,10 +418,12 @@ def train_log_level() -> str:
 # verbose. Ray Train's controller starts an actor with restarts and arguments in the object store
 # (PreemptionWatcher), on which Ray core logs an error-level notice (ray-project/ray#53727) a user cannot act on.
 # bitsandbytes, imported with peft by every process that unpickles raysft's training code, notes on CPUs without
-# its optional `kernels` package that it uses its own CPU code instead.
+# its optional `kernels` package that it uses its own CPU code instead. Arrow's C++ notes an upload stream it
+# closes after a failed upload, whose error was raised already (and is reported once, by the driver).
 HARMLESS_RAY_LINES = (
     "has constructor arguments in the object store and max_restarts > 0",
     "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "Error ignored when destroying file of type",
 )
 
 
@@ -462,6 +464,26 @@ def filter_worker_logs() -> bool:
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", forward)  # the name Ray removes again at ray.shutdown
     return True
+
+
+class _ReportedErrorTraceback(logging.Filter):
+    """Drops the traceback a Ray Train worker logs for an error in the training function when the driver reports
+    that error as one message (a raysft error, or object storage that stopped answering); any other error keeps
+    its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Error in training function"):
+            return True
+        error = message.rstrip().splitlines()[-1]
+        return not (error.startswith("raysft.errors.") or (error.startswith("OSError") and storage.is_transient_text(error)))
+
+
+def quiet_reported_worker_errors() -> None:
+    """In a Ray Train worker: no traceback on the console for an error the driver reports as one message."""
+    logger = logging.getLogger("ray.train.v2._internal.util")  # where Ray Train logs "Error in training function"
+    if not any(isinstance(f, _ReportedErrorTraceback) for f in logger.filters):
+        logger.addFilter(_ReportedErrorTraceback())
 
 
 def _fmt(value: float) -> str:

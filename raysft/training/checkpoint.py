@@ -175,6 +175,12 @@ def checkpoints_to_prune(root: str, keep: int, higher_first: bool) -> list[str]:
     return [name for name in names if name not in kept]
 
 
+def checkpoint_at(location: str) -> ray.train.Checkpoint:
+    """The Ray checkpoint at `location` (a path or a URI), read through raysft's storage (object storage retried)."""
+    fs, path = storage.resolve(location)
+    return ray.train.Checkpoint(path, filesystem=fs)
+
+
 def checkpoint_names(root: str) -> list[str]:
     """Checkpoint folder names under `root` (a path or a URI), oldest first, verified or not."""
     return sorted(name for name in storage.list_dir(root) if _STEP_DIR.match(name))
@@ -187,7 +193,7 @@ def newest_verified(root: str) -> str | None:
         location = storage.join(root, name)
         if not storage.exists(storage.join(location, MANIFEST)):
             continue
-        with ray.train.Checkpoint(location).as_directory() as local:
+        with checkpoint_at(location).as_directory() as local:
             if verify(Path(local)):
                 return location
         log.warning("ignoring checkpoint %s: its files do not match its manifest", location)
@@ -310,7 +316,7 @@ def _restore_from(inputs: "LoopInputs") -> ray.train.Checkpoint | None:
     (the same on every rank), else the one the driver chose."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and inputs.resume_from is not None:
-        checkpoint = ray.train.Checkpoint(inputs.resume_from)
+        checkpoint = checkpoint_at(inputs.resume_from)
     return checkpoint
 
 
@@ -345,7 +351,7 @@ def _copy_into(model: nn.Module, trainable: dict[str, torch.Tensor]) -> None:
 def load_trainable(model: nn.Module, location: str) -> None:
     """Copy the trained weights of the checkpoint at `location` into `model` (final: best); sharded, every rank
     loads its shards (collective)."""
-    with ray.train.Checkpoint(location).as_directory() as local:
+    with checkpoint_at(location).as_directory() as local:
         if is_sharded(model):
             model_state = get_model_state_dict(model, options=_TRAINED_ONLY)
             dcp.load({"model": model_state}, checkpoint_id=str(Path(local) / SHARDED_DIR))

@@ -20,7 +20,7 @@ from ray.autoscaler.sdk import request_resources
 from ray.train import CheckpointConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
-from raysft.config import Config, with_absolute_paths
+from raysft.config import Config, is_uri, with_absolute_paths
 from raysft.data.pipeline import ensure_ray, prepare_data, stats_json
 from raysft.data.prompts import generation_set
 from raysft.errors import USER_ERRORS, ConfigError, RunError
@@ -163,8 +163,38 @@ def _failure_as_user_error(err: ray.train.TrainingFailedError, cfg: Config) -> E
                 return cause
             if isinstance(cause, OSError) and cause.errno in STORAGE_WRITE_ERRORS:
                 return write_error(Path(checkpoint_root(cfg)), cause)
+            if storage.is_transient(cause):
+                return storage_outage(cfg, cause)
             cause = cause.__cause__ or cause.__context__
     return None
+
+
+def storage_outage(cfg: Config, err: BaseException) -> RunError:
+    """What a run says when object storage stopped answering for longer than its retries wait: where, what is
+    kept, and how to go on. The storage is asked once more (no retries) for the newest checkpoint that verifies."""
+    location, root = run_location(cfg), checkpoint_root(cfg)
+    key = "scaling.storage_path" if cfg.scaling.storage_path else "data"
+    try:
+        with storage.retry_budget(0):
+            newest = newest_verified(root) if key == "scaling.storage_path" else None
+            answered = True
+    except OSError:
+        newest, answered = None, False
+    if key == "data":
+        kept = "nothing of the run was written yet"
+    elif newest is not None:
+        kept = f"the newest verified checkpoint, {newest}"
+    elif answered:
+        kept = f"no verified checkpoint in {root} yet"
+    else:
+        kept = f"the checkpoints already in {root} (each one is checked against its manifest before it is resumed)"
+    return RunError(
+        f"{key}: {location if key != 'data' else 'object storage'}: the storage did not answer, and the run stopped "
+        f"after retrying each request for up to {storage.retry_budget_s():g} s ({storage.RETRY_ENV}): "
+        f"{storage.one_line(err)}. Kept: {kept}. Once the storage answers again, run the same command with "
+        f"--resume (`raysft train CONFIG --resume`) to continue from the newest checkpoint that verifies; set "
+        f"{storage.RETRY_ENV} higher to ride out longer outages"
+    )
 
 
 def checkpoint_config(cfg: Config, has_eval: bool) -> CheckpointConfig:
@@ -227,6 +257,15 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
         >>> result.final_dir  # a PEFT adapter folder  # doctest: +SKIP
     """
     cfg = with_absolute_paths(cfg)
+    try:
+        return _train(cfg, callbacks)
+    except OSError as err:
+        if storage.is_transient(err):  # the driver's own requests (run folder, data cache) gave up retrying
+            raise storage_outage(cfg, err) from None
+        raise
+
+
+def _train(cfg: Config, callbacks: list[Any] | None) -> RunResult:
     preflight(cfg)  # first: it also tells whether the storage can be reached at all
     resume_changes = check_run_folder(cfg)
     prepared = prepare_data(cfg)
@@ -251,6 +290,8 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
         generation=generation,
     )
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, str(HEALTH_CHECK_INTERVAL_S))  # read when fit() starts the controller
+    # Object storage: Ray Train uploads checkpoints and its snapshot through raysft's retrying file system.
+    storage_filesystem, storage_path = storage.resolve(location) if is_uri(location) else (None, location)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"inputs": inputs},
@@ -258,7 +299,8 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
         run_config=RunConfig(
             # Ray Train keeps the run's checkpoints (and its own snapshot of them) in <run>/checkpoints/.
             name=CHECKPOINTS_DIR,
-            storage_path=location,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=checkpoint_config(cfg, inputs.has_eval),
             callbacks=callbacks,
