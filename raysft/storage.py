@@ -101,7 +101,7 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
         self.attempts = attempts
 
     def __reduce__(self) -> tuple[Any, tuple[int, dict[str, Any]]]:
-        _, (options,) = super().__reduce__()
+        _, (options,) = pafs.S3FileSystem.__reduce__(self)
         return _rebuild_s3, (self.attempts, options)
 
 
@@ -110,10 +110,10 @@ def retrying(fs: pafs.FileSystem) -> pafs.FileSystem:
     file systems as they are)."""
     budget = retry_budget_s()
     if isinstance(fs, pafs.S3FileSystem):
-        _, (options,) = fs.__reduce__()
+        _, (options,) = pafs.S3FileSystem.__reduce__(fs)
         return RetryingS3FileSystem(s3_attempts(budget), **options)
     if isinstance(fs, pafs.GcsFileSystem):
-        _, (options,) = fs.__reduce__()
+        _, (options,) = pafs.GcsFileSystem.__reduce__(fs)
         return pafs.GcsFileSystem(**{**options, "retry_time_limit": datetime.timedelta(seconds=budget)})
     return fs
 
@@ -228,6 +228,9 @@ def local_copy(location: str, names: tuple[str, ...] = ()) -> Path:
 
 
 PROBE_NAME = ".raysft-write-probe"
+# Before a run starts, storage that does not answer is more often a wrong endpoint than an outage: the probe
+# waits this long at most, not the whole retry budget, before saying so.
+PROBE_RETRY_S = 10.0
 
 
 def storage_problem(location: str, key: str) -> str | None:
@@ -244,10 +247,15 @@ def storage_problem(location: str, key: str) -> str | None:
         return None
     probe = f"{path.rstrip('/')}/{PROBE_NAME}"
     try:
-        with fs.open_output_stream(probe) as stream:
-            stream.write(b"raysft checks that it may write here\n")
-        fs.delete_file(probe)
+        with retry_budget(min(retry_budget_s(), PROBE_RETRY_S)):
+            fs = retrying(fs)
+            with fs.open_output_stream(probe) as stream:
+                stream.write(b"raysft checks that it may write here\n")
+            fs.delete_file(probe)
     except OSError as err:
+        if is_transient(err):
+            return (f"{key}: {location}: the storage did not answer within {PROBE_RETRY_S:g} s ({one_line(err)}); "
+                    "check the endpoint (AWS_ENDPOINT_URL) and the network, or run again once it is back")
         return (f"{key}: {location}: cannot write there ({one_line(err)}); check the bucket exists and the "
                 "credentials in the environment may write to it")
     return None

@@ -172,28 +172,22 @@ def _failure_as_user_error(err: ray.train.TrainingFailedError, cfg: Config) -> E
 def storage_outage(cfg: Config, err: BaseException) -> RunError:
     """What a run says when object storage stopped answering for longer than its retries wait: where, what is
     kept, and how to go on. The storage is asked once more (no retries) for the newest checkpoint that verifies."""
+    waited = (f"the storage did not answer, and the run stopped after retrying each request for up to "
+              f"{storage.retry_budget_s():g} s ({storage.RETRY_ENV}): {storage.one_line(err)}")
+    longer = f"set {storage.RETRY_ENV} higher to ride out longer outages"
+    if not cfg.scaling.storage_path:  # the data's storage (sources or data.cache_dir): nothing to resume
+        return RunError(f"data: {waited}. Run again once it answers; {longer}")
     location, root = run_location(cfg), checkpoint_root(cfg)
-    key = "scaling.storage_path" if cfg.scaling.storage_path else "data"
     try:
         with storage.retry_budget(0):
-            newest = newest_verified(root) if key == "scaling.storage_path" else None
-            answered = True
+            newest = newest_verified(root)
+        kept = f"the newest verified checkpoint, {newest}" if newest else f"no verified checkpoint in {root} yet"
     except OSError:
-        newest, answered = None, False
-    if key == "data":
-        kept = "nothing of the run was written yet"
-    elif newest is not None:
-        kept = f"the newest verified checkpoint, {newest}"
-    elif answered:
-        kept = f"no verified checkpoint in {root} yet"
-    else:
         kept = f"the checkpoints already in {root} (each one is checked against its manifest before it is resumed)"
     return RunError(
-        f"{key}: {location if key != 'data' else 'object storage'}: the storage did not answer, and the run stopped "
-        f"after retrying each request for up to {storage.retry_budget_s():g} s ({storage.RETRY_ENV}): "
-        f"{storage.one_line(err)}. Kept: {kept}. Once the storage answers again, run the same command with "
-        f"--resume (`raysft train CONFIG --resume`) to continue from the newest checkpoint that verifies; set "
-        f"{storage.RETRY_ENV} higher to ride out longer outages"
+        f"scaling.storage_path: {location}: {waited}. Kept: {kept}. Once the storage answers again, run the same "
+        f"command with --resume (`raysft train CONFIG --resume`) to continue from the newest checkpoint that "
+        f"verifies; {longer}"
     )
 
 
