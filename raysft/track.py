@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -450,7 +451,7 @@ def filter_worker_logs() -> bool:
     def forward(data: dict[str, Any]) -> None:
         group: list[str] = []
         ours = False
-        for line in data.get("lines", []):
+        for line in without_reported_tracebacks(data.get("lines", [])):
             if any(text in line for text in HARMLESS_RAY_LINES):
                 continue
             if line.startswith(CONSOLE_PREFIX) != ours and group:
@@ -466,24 +467,34 @@ def filter_worker_logs() -> bool:
     return True
 
 
-class _ReportedErrorTraceback(logging.Filter):
-    """Drops the traceback a Ray Train worker logs for an error in the training function when the driver reports
-    that error as one message (a raysft error, or object storage that stopped answering); any other error keeps
-    its traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if not message.startswith("Error in training function"):
-            return True
-        error = message.rstrip().splitlines()[-1]
-        return not (error.startswith("raysft.errors.") or (error.startswith("OSError") and storage.is_transient_text(error)))
+# Ray Train logs an error of the training function (workers) or of its control loop (controller) with its
+# traceback; the driver then raises it again. Where the driver reports the error as one message (a raysft error,
+# or object storage that stopped answering), that traceback is dropped from the console unless verbose.
+_RAY_TRAIN_ERROR_LOGS = ("Error in training function", "Error in control loop iteration")
+_EXCEPTION_LINE = re.compile(r"^[\w.]+(?:Error|Exception)\b")
 
 
-def quiet_reported_worker_errors() -> None:
-    """In a Ray Train worker: no traceback on the console for an error the driver reports as one message."""
-    logger = logging.getLogger("ray.train.v2._internal.util")  # where Ray Train logs "Error in training function"
-    if not any(isinstance(f, _ReportedErrorTraceback) for f in logger.filters):
-        logger.addFilter(_ReportedErrorTraceback())
+def _reported_by_driver(exception_line: str) -> bool:
+    return exception_line.startswith("raysft.errors.") or (
+        exception_line.startswith("OSError") and storage.is_transient_text(exception_line))
+
+
+def without_reported_tracebacks(lines: list[str]) -> list[str]:
+    """`lines` (one batch of a process's forwarded output) less each traceback Ray Train logs for an error the
+    driver reports as one message: from Ray Train's line to the traceback's last exception line."""
+    kept: list[str] = []
+    index = 0
+    while index < len(lines):
+        if any(marker in lines[index] for marker in _RAY_TRAIN_ERROR_LOGS):
+            block_end = next((i for i in range(index + 1, len(lines))
+                              if any(marker in lines[i] for marker in _RAY_TRAIN_ERROR_LOGS)), len(lines))
+            last = max((i for i in range(index, block_end) if _EXCEPTION_LINE.match(lines[i])), default=None)
+            if last is not None and _reported_by_driver(lines[last]):
+                index = last + 1
+                continue
+        kept.append(lines[index])
+        index += 1
+    return kept
 
 
 def _fmt(value: float) -> str:

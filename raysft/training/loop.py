@@ -36,7 +36,7 @@ from raysft.model import (
     load_tokenizer,
     load_tokenizer_and_new_ids,
 )
-from raysft.track import METRICS_FILE, MLFLOW_DIR, Tracker, quiet_reported_worker_errors, read_metrics
+from raysft.track import METRICS_FILE, MLFLOW_DIR, Tracker, read_metrics
 from raysft.training.checkpoint import (
     STAGING_PREFIX,
     better,
@@ -148,8 +148,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: setup -> restore -> loop -> save. `loop_config["inputs"]` is the driver's LoopInputs."""
     inputs: LoopInputs = loop_config["inputs"]
     cfg, location = inputs.config, inputs.run_location
-    if not inputs.verbose:
-        quiet_reported_worker_errors()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     local_mode = cfg.scaling.num_workers == 0
