@@ -190,7 +190,9 @@ def test_run_on_s3_stops_cleanly_when_the_storage_stays_away(
     outage: Outage, s3: dict[str, str], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     location = f"s3://{BUCKET}/runs/gone"
-    cfg = write_config(tmp_path, tiny_model_dir, "home", [*OUTAGE_RUN, f"scaling.storage_path={location}"])
+    # Every checkpoint kept (none pruned while the test looks): all but the one being written may be checked.
+    cfg = write_config(tmp_path, tiny_model_dir, "home", [*OUTAGE_RUN, "train.checkpoints_to_keep=null",
+                                                           f"scaling.storage_path={location}"])
     command = [sys.executable, "-m", "raysft", "train", str(cfg)]
     env = {**os.environ, "RAY_ADDRESS": "local", **s3, "AWS_ENDPOINT_URL": outage.endpoint, storage.RETRY_ENV: "1"}
     # Step 6 in the bucket's metrics: rank 0 is past step 4's report, so step 4's checkpoint is whole there.

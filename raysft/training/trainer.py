@@ -284,7 +284,8 @@ def _train(cfg: Config, callbacks: list[Any] | None) -> RunResult:
         generation=generation,
     )
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, str(HEALTH_CHECK_INTERVAL_S))  # read when fit() starts the controller
-    # Object storage: Ray Train uploads checkpoints and its snapshot through raysft's retrying file system.
+    # Object storage: Ray Train uploads checkpoints and its snapshot through raysft's retrying file system (and
+    # tries a checkpoint upload up to 3 times itself: an outage then ends the run after up to 3 x the budget).
     storage_filesystem, storage_path = storage.resolve(location) if is_uri(location) else (None, location)
     trainer = TorchTrainer(
         train_loop_per_worker,
