@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -424,10 +425,12 @@ def train_log_level() -> str:
 # verbose. Ray Train's controller starts an actor with restarts and arguments in the object store
 # (PreemptionWatcher), on which Ray core logs an error-level notice (ray-project/ray#53727) a user cannot act on.
 # bitsandbytes, imported with peft by every process that unpickles raysft's training code, notes on CPUs without
-# its optional `kernels` package that it uses its own CPU code instead.
+# its optional `kernels` package that it uses its own CPU code instead. Arrow's C++ notes an upload stream it
+# closes after a failed upload, whose error was raised already (and is reported once, by the driver).
 HARMLESS_RAY_LINES = (
     "has constructor arguments in the object store and max_restarts > 0",
     "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "Error ignored when destroying file of type",
 )
 
 
@@ -454,7 +457,7 @@ def filter_worker_logs() -> bool:
     def forward(data: dict[str, Any]) -> None:
         group: list[str] = []
         ours = False
-        for line in data.get("lines", []):
+        for line in without_reported_tracebacks(data.get("lines", [])):
             if any(text in line for text in HARMLESS_RAY_LINES):
                 continue
             if line.startswith(CONSOLE_PREFIX) != ours and group:
@@ -468,6 +471,36 @@ def filter_worker_logs() -> bool:
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", forward)  # the name Ray removes again at ray.shutdown
     return True
+
+
+# Ray Train logs an error of the training function (workers) or of its control loop (controller) with its
+# traceback; the driver then raises it again. Where the driver reports the error as one message (a raysft error,
+# or object storage that stopped answering), that traceback is dropped from the console unless verbose.
+_RAY_TRAIN_ERROR_LOGS = ("Error in training function", "Error in control loop iteration")
+_EXCEPTION_LINE = re.compile(r"^[\w.]+(?:Error|Exception)\b")
+
+
+def _reported_by_driver(exception_line: str) -> bool:
+    return exception_line.startswith("raysft.errors.") or (
+        exception_line.startswith("OSError") and storage.is_transient_text(exception_line))
+
+
+def without_reported_tracebacks(lines: list[str]) -> list[str]:
+    """`lines` (one batch of a process's forwarded output) less each traceback Ray Train logs for an error the
+    driver reports as one message: from Ray Train's line to the traceback's last exception line."""
+    kept: list[str] = []
+    index = 0
+    while index < len(lines):
+        if any(marker in lines[index] for marker in _RAY_TRAIN_ERROR_LOGS):
+            block_end = next((i for i in range(index + 1, len(lines))
+                              if any(marker in lines[i] for marker in _RAY_TRAIN_ERROR_LOGS)), len(lines))
+            last = max((i for i in range(index, block_end) if _EXCEPTION_LINE.match(lines[i])), default=None)
+            if last is not None and _reported_by_driver(lines[last]):
+                index = last + 1
+                continue
+        kept.append(lines[index])
+        index += 1
+    return kept
 
 
 def _fmt(value: float) -> str:

@@ -11,9 +11,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -23,6 +27,8 @@ from transformers import AutoModelForCausalLM
 
 from raysft import storage
 from raysft.data.cache import CachedTable
+from raysft.training.checkpoint import checkpoint_at, checkpoint_names, find_resumable, verify
+from raysft.errors import RunError
 from raysft.track import read_metrics
 from tests.runs import (
     REPO,
@@ -36,7 +42,7 @@ from tests.runs import (
     start_then_kill_when,
     tiny_config,
 )
-from tests.s3server import BUCKET, s3_env, start_moto
+from tests.s3server import BUCKET, Outage, s3_env, start_moto
 
 
 @pytest.fixture
@@ -86,6 +92,143 @@ def test_generate_reads_the_base_model_of_a_run_in_the_bucket(
     args = argparse.Namespace(model=None, adapter=f"{run}/final", gguf_file=None, trust_remote_code=False)
     model, key = _generate_model(args)
     assert model.name_or_path == cfg.model.name_or_path and "config.yaml" in key
+
+
+@pytest.fixture
+def outage(s3: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Outage]:
+    """A proxy in front of the S3 server whose outages the test switches; this process talks to the server
+    directly (its checks never meet an outage), what it starts goes through `outage.endpoint`."""
+    for key, value in s3.items():
+        monkeypatch.setenv(key, value)
+    proxy = Outage(s3["AWS_ENDPOINT_URL"])
+    yield proxy
+    proxy.close()
+
+
+def test_storage_requests_ride_out_an_outage_and_stop_after_their_budget(
+    outage: Outage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    location = f"s3://{BUCKET}/outage/a.txt"
+    storage.write_bytes(location, b"kept")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", outage.endpoint)
+    outage.down()
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(storage.read_bytes(location)))
+    reader.start()
+    outage.wait_refused(6, timeout_s=60)  # the read met the outage six times (the SDK's own default gives up at 3)
+    outage.up()
+    reader.join(timeout=60)
+    assert read == [b"kept"]
+
+    outage.down()
+    with storage.retry_budget(0.5), pytest.raises(OSError) as gave_up:
+        storage.read_bytes(location)
+    assert storage.is_transient(gave_up.value) and outage.refused > 6
+    outage.up()
+    # A request the storage refuses is not an outage: raised as it is, at once.
+    with pytest.raises(OSError) as refused:
+        storage.write_bytes("s3://no-such-bucket-here/a.txt", b"x")
+    assert not storage.is_transient(refused.value)
+
+
+def test_storage_retry_budget_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(storage.RETRY_ENV, "1")
+    assert storage.retry_budget_s() == 1.0 and storage.s3_attempts(1.0) == 5
+    monkeypatch.setenv(storage.RETRY_ENV, "soon")
+    with pytest.raises(RunError, match=storage.RETRY_ENV):
+        storage.retry_budget_s()
+    monkeypatch.delenv(storage.RETRY_ENV)
+    assert storage.retry_budget_s() == storage.DEFAULT_RETRY_S
+    # Ray Train gets the file system pickled: its retries must travel with it.
+    import pickle
+
+    fs = storage.retrying(pafs.S3FileSystem(endpoint_override="http://127.0.0.1:9", region="us-east-1"))
+    assert pickle.loads(pickle.dumps(fs)).attempts == storage.s3_attempts(storage.DEFAULT_RETRY_S) == 13
+
+
+def run_until(command: list[str], env: dict[str, str], moment: Callable[[], bool], timeout_s: float = 400) -> subprocess.Popen[str]:
+    """Start `command`; return once `moment()` holds, the command still running."""
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout_s
+    while not moment():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            out, err = process.communicate()
+            pytest.fail(f"the moment never came (status {process.returncode}): {err[-3000:]}")
+        time.sleep(0.1)
+    return process
+
+
+def logged_step(location: str, step: int) -> Callable[[], bool]:
+    """Whether the run's metrics.jsonl in storage has reached `step` (rank 0 copies it there at each checkpoint)."""
+    def reached() -> bool:
+        metrics = storage.join(location, "metrics.jsonl")
+        return storage.exists(metrics) and any(json.loads(line).get("step", 0) >= step
+                                               for line in storage.read_bytes(metrics).decode().splitlines())
+    return reached
+
+
+OUTAGE_RUN = ["scaling.num_workers=1", "train.max_steps=16", "train.checkpoint_every=2"]
+
+
+@pytest.mark.slow  # two runs on a fresh Ray each: about a minute on 2 cores
+def test_run_on_s3_rides_out_a_storage_outage(outage: Outage, s3: dict[str, str], tiny_model_dir: Path, tmp_path: Path) -> None:
+    straight = raysft("train", write_config(tmp_path, tiny_model_dir, "straight", OUTAGE_RUN), env=s3)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    location = f"s3://{BUCKET}/runs/outage"
+    cfg = write_config(tmp_path, tiny_model_dir, "home", [*OUTAGE_RUN, f"scaling.storage_path={location}"])
+    command = [sys.executable, "-m", "raysft", "train", str(cfg)]
+    env = {**os.environ, "RAY_ADDRESS": "local", **s3, "AWS_ENDPOINT_URL": outage.endpoint}
+    # The storage goes away once step 4's checkpoint is in it, and comes back only after the run's requests met
+    # the outage ten times: more than the three attempts pyarrow and Ray Train make by themselves.
+    process = run_until(command, env, lambda: storage.exists(f"{location}/checkpoints/step_000004/manifest.json"))
+    outage.down()
+    outage.wait_refused(10, timeout_s=120)
+    outage.up()
+    out, err = process.communicate(timeout=400)
+    assert process.returncode == 0, err[-3000:]
+
+    expected = losses(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
+    got = losses(read_metrics(tmp_path / "home" / "metrics.jsonl"))
+    assert sorted(got) == sorted(expected) == list(range(1, 17))
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, abs=1e-5)
+    adapter, expected_adapter = (load_file(str(tmp_path / name / "final" / "adapter_model.safetensors"))
+                                 for name in ("home", "straight"))
+    assert adapter.keys() == expected_adapter.keys()
+    for name, tensor in expected_adapter.items():
+        torch.testing.assert_close(adapter[name], tensor, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow  # one run on a fresh Ray: about 40 s on 2 cores
+def test_run_on_s3_stops_cleanly_when_the_storage_stays_away(
+    outage: Outage, s3: dict[str, str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    location = f"s3://{BUCKET}/runs/gone"
+    # Every checkpoint kept (none pruned while the test looks): all but the one being written may be checked.
+    cfg = write_config(tmp_path, tiny_model_dir, "home", [*OUTAGE_RUN, "train.checkpoints_to_keep=null",
+                                                           f"scaling.storage_path={location}"])
+    command = [sys.executable, "-m", "raysft", "train", str(cfg)]
+    env = {**os.environ, "RAY_ADDRESS": "local", **s3, "AWS_ENDPOINT_URL": outage.endpoint, storage.RETRY_ENV: "1"}
+    # Step 6 in the bucket's metrics: rank 0 is past step 4's report, so step 4's checkpoint is whole there.
+    process = run_until(command, env, logged_step(location, 6))
+    outage.down()
+    out, err = process.communicate(timeout=400)
+    assert_refused(process.returncode, err, "scaling.storage_path", location, storage.RETRY_ENV, "--resume")
+    assert outage.refused > 0
+    outage.up()
+
+    # What was written before the outage verifies; only the checkpoint being written when it began may not.
+    root = storage.join(location, "checkpoints")
+    names = checkpoint_names(root)
+    verified = []
+    for name in names:
+        with checkpoint_at(storage.join(root, name)).as_directory() as local:
+            if verify(Path(local)):
+                verified.append(name)
+    assert "step_000004" in verified and set(names[:-1]) <= set(verified)
+    assert find_resumable(root)[0] == storage.join(root, verified[-1])
 
 
 def test_data_read_from_s3_and_cached_in_s3(s3_here: dict[str, str], tiny_model_dir: Path, tmp_path: Path) -> None:

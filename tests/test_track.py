@@ -31,6 +31,7 @@ from raysft.track import (
     split_line,
     stats_table,
     step_line,
+    without_reported_tracebacks,
 )
 from raysft.training.preflight import preflight
 from tests.runs import assert_mlflow_holds, mlflow_client, mlflow_params, tiny_config
@@ -189,3 +190,23 @@ def test_stats_table_holds_every_number_of_the_statistics() -> None:
     assert split_line({k: v["train"] for k, v in stats.items()}) == (
         "12,345 rows read, 12 dropped (over length), 3 dropped (no trained tokens), 1 skipped (invalid), "
         "12,329 examples kept, 3,001 rows 97.1% full")
+
+
+def test_tracebacks_of_errors_the_driver_reports_are_dropped_from_forwarded_output() -> None:
+    def block(header: str, error: str) -> list[str]:
+        return [header, "Traceback (most recent call last):", '  File "loop.py", line 3, in step',
+                "    upload()", error]
+
+    outage = ("OSError: When uploading part for key 'run/checkpoints/step_000006/x' in bucket 'b': AWS Error "
+              "NETWORK_CONNECTION during UploadPart operation: curlCode: 56, Failure when receiving data from the peer")
+    lines = ["[raysft] step 4 loss 1.2",
+             *block("2026-12-07 09:05:01 ERROR util.py:252 -- Error in training function:", outage),
+             *block("Error in control loop iteration: When initiating multiple part upload", outage),
+             *block("Error in training function:", "raysft.errors.RunError: checkpoint step_000004 was made with "
+                                                  "different data; start a new train.output_dir"),
+             "[raysft] after"]
+    assert without_reported_tracebacks(lines) == ["[raysft] step 4 loss 1.2", "[raysft] after"]
+    # Any other error keeps its traceback, and so does a request the storage refused.
+    bug = block("Error in training function:", "ZeroDivisionError: division by zero")
+    refused = block("Error in training function:", "OSError: When reading key 'x': AWS Error ACCESS_DENIED")
+    assert without_reported_tracebacks([*bug, *refused]) == [*bug, *refused]

@@ -2,9 +2,12 @@
 through the manifest written last.
 
 Ray Data writes a table's files in parallel, wherever its tasks run; the manifest then records the files in
-row order, each file's row groups and whatever summary the writer adds. Readers go by the manifest only: a
-folder without one is an interrupted write and is never read (object storage has no atomic rename, so a
-manifest written last is what makes a write all-or-nothing, as for checkpoints).
+row order, each file's row groups, size and checksum, and whatever summary the writer adds. Readers go by the
+manifest only: a folder without one is an interrupted write and is never read (object storage has no atomic
+rename, so a manifest written last is what makes a write all-or-nothing, as for checkpoints). Opening a table
+checks every file's size and checksum (xxh3-128, about 20 GB/s); a table whose manifest or files do not verify
+is named on the console, discarded and reported as absent, so the caller rebuilds it instead of training on
+flipped or missing tokens.
 
 Row order: every row carries an int64 ``seq`` key, increasing in the order the rows were read. Ray Data
 writes each file from consecutive blocks (``preserve_order``), so files hold disjoint, sorted key ranges;
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,13 +27,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import xxhash
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raysft import storage
 from raysft.errors import RunError
+from raysft.track import say
 
 MANIFEST = "manifest.json"
+# What a write attempt's folder is named (see write_folder): the only folders a discarded entry loses.
+_WRITE_FOLDER = re.compile(r"^w-[0-9a-f]{12}$")
+_HASH_BLOCK = 8 << 20
 KEY_COLUMN = "seq"
 # A raw row's key: source << 56 | file << 36 | row, so 255 sources, a million files each, 68 billion rows per file.
 _SOURCE_SHIFT, _FILE_SHIFT = 56, 36
@@ -79,12 +88,29 @@ class CachedTable:
 
     @classmethod
     def open(cls, location: str) -> CachedTable | None:
-        """The table committed at `location`, or None when there is none (never written, or interrupted)."""
+        """The table committed at `location`, or None when there is none to trust: never written, interrupted,
+        or damaged (a file whose size or checksum differs from the manifest's, or an unreadable manifest). A
+        damaged entry is named in one console line and discarded, so the caller writes it again."""
         manifest = storage.join(location, MANIFEST)
         if not storage.exists(manifest):
             return None
-        recorded = json.loads(storage.read_bytes(manifest))
-        return cls(location, recorded["files"], recorded["row_groups"], recorded.get("info", {}))
+        try:
+            recorded = json.loads(storage.read_bytes(manifest))
+            table = cls(location, recorded["files"], recorded["row_groups"], recorded.get("info", {}))
+        except (ValueError, KeyError, TypeError):
+            problem = f"{manifest} is unreadable (half-written or damaged)"
+        else:
+            if "checksums" not in recorded:
+                problem = f"{manifest} has no checksums (written by an older raysft)"
+            else:
+                checksums: dict[str, dict[str, Any]] = recorded["checksums"]
+                problem = next(filter(None, (_file_problem(location, name, checksums.get(name))
+                                             for name in table.files)), None)
+            if problem is None:
+                return table
+        say(f"data cache: {problem}; discarding this cache entry and building it again")
+        discard(location)
+        return None
 
     def __getstate__(self) -> dict[str, Any]:
         # Open Parquet handles stay in their process; a copy sent to a Ray task reopens what it reads.
@@ -122,9 +148,47 @@ class CachedTable:
         self._open.clear()
 
     def commit(self) -> None:
-        """Write the manifest that makes the table readable (last: until then no reader trusts the files)."""
-        manifest = {"files": self.files, "row_groups": self.row_groups, "info": self.info}
+        """Write the manifest that makes the table readable (last: until then no reader trusts the files), with
+        each file's size and checksum as written."""
+        checksums = {name: file_checksum(storage.join(self.location, name)) for name in self.files}
+        manifest = {"files": self.files, "row_groups": self.row_groups, "info": self.info, "checksums": checksums}
         storage.write_bytes(storage.join(self.location, MANIFEST), json.dumps(manifest).encode())
+
+
+def file_checksum(location: str) -> dict[str, Any]:
+    """The size and xxh3-128 of the file at `location`, read in blocks (memory stays bounded)."""
+    fs, path = storage.resolve(location)
+    digest, size = xxhash.xxh3_128(), 0
+    with fs.open_input_stream(path) as stream:
+        while block := stream.read(_HASH_BLOCK):
+            digest.update(block)
+            size += len(block)
+    return {"size": size, "xxh3_128": digest.hexdigest()}
+
+
+def _file_problem(location: str, name: str, recorded: dict[str, Any] | None) -> str | None:
+    """What is wrong with the table file `name` against its manifest entry, or None when it verifies."""
+    where = storage.join(location, name)
+    if recorded is None:
+        return f"{where} has no checksum in its manifest"
+    fs, path = storage.resolve(where)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        return f"{where} is missing"
+    if info.size != recorded["size"]:
+        return f"{where} is {info.size:,} bytes, its manifest says {recorded['size']:,} (truncated or overwritten)"
+    if file_checksum(where) != recorded:
+        return f"{where} does not match its checksum (its bytes changed since it was written)"
+    return None
+
+
+def discard(location: str) -> None:
+    """Remove the cache entry at `location`: its manifest first (from then on nothing trusts the entry), then the
+    write folders raysft made in it. Nothing else is touched: the entry lives in a folder the user named."""
+    storage.remove(storage.join(location, MANIFEST))
+    for name in storage.list_dir(location):
+        if _WRITE_FOLDER.match(name):
+            storage.remove(storage.join(location, name))
 
 
 def list_arrays(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:

@@ -175,6 +175,12 @@ def checkpoints_to_prune(root: str, keep: int, higher_first: bool) -> list[str]:
     return [name for name in names if name not in kept]
 
 
+def checkpoint_at(location: str) -> ray.train.Checkpoint:
+    """The Ray checkpoint at `location` (a path or a URI), read through raysft's storage (object storage retried)."""
+    fs, path = storage.resolve(location)
+    return ray.train.Checkpoint(path, filesystem=fs)
+
+
 def checkpoint_names(root: str) -> list[str]:
     """Checkpoint folder names under `root` (a path or a URI), oldest first, verified or not."""
     return sorted(name for name in storage.list_dir(root) if _STEP_DIR.match(name))
@@ -192,7 +198,7 @@ def find_resumable(root: str) -> tuple[str | None, dict[str, str]]:
         if not storage.exists(storage.join(location, MANIFEST)):
             damaged[name] = f"no {MANIFEST} (its save was cut short)"
             continue
-        with ray.train.Checkpoint(location).as_directory() as local:
+        with checkpoint_at(location).as_directory() as local:
             why = damage(Path(local))
         if why is None:
             return location, damaged
@@ -398,7 +404,7 @@ def _restore_from(inputs: "LoopInputs") -> ray.train.Checkpoint | None:
     (the same on every rank), else the one the driver chose."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and inputs.resume_from is not None:
-        checkpoint = ray.train.Checkpoint(inputs.resume_from)
+        checkpoint = checkpoint_at(inputs.resume_from)
     return checkpoint
 
 
@@ -438,7 +444,7 @@ def _copy_into(model: nn.Module, trainable: dict[str, torch.Tensor]) -> None:
 def load_trainable(model: nn.Module, location: str) -> None:
     """Copy the trained weights of the checkpoint at `location` into `model` (final: best); sharded, every rank
     loads its shards (collective)."""
-    with ray.train.Checkpoint(location).as_directory() as local:
+    with checkpoint_at(location).as_directory() as local:
         if (Path(local) / SHARDED_DIR).is_dir():
             model_state = get_model_state_dict(model, options=_TRAINED_ONLY)
             dcp.load({"model": model_state}, checkpoint_id=str(Path(local) / SHARDED_DIR))

@@ -19,7 +19,7 @@ from ray.train import CheckpointConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from raysft.cluster import autoscaler_adds_nodes, gcs_node_types
-from raysft.config import Config, global_batch_rows, with_absolute_paths
+from raysft.config import Config, global_batch_rows, is_uri, with_absolute_paths
 from raysft.data.pipeline import PreparedData, ensure_ray, prepare_data, stats_json
 from raysft.data.prompts import generation_set
 from raysft.errors import USER_ERRORS, ConfigError, RunError
@@ -159,8 +159,32 @@ def _failure_as_user_error(err: ray.train.TrainingFailedError, cfg: Config) -> E
                 return cause
             if isinstance(cause, OSError) and cause.errno in STORAGE_WRITE_ERRORS:
                 return write_error(Path(checkpoint_root(cfg)), cause)
+            if storage.is_transient(cause):
+                return storage_outage(cfg, cause)
             cause = cause.__cause__ or cause.__context__
     return None
+
+
+def storage_outage(cfg: Config, err: BaseException) -> RunError:
+    """What a run says when object storage stopped answering for longer than its retries wait: where, what is
+    kept, and how to go on. The storage is asked once more (no retries) for the newest checkpoint that verifies."""
+    waited = (f"the storage did not answer, and the run stopped after retrying each request for up to "
+              f"{storage.retry_budget_s():g} s ({storage.RETRY_ENV}): {storage.one_line(err)}")
+    longer = f"set {storage.RETRY_ENV} higher to ride out longer outages"
+    if not cfg.scaling.storage_path:  # the data's storage (sources or data.cache_dir): nothing to resume
+        return RunError(f"data: {waited}. Run again once it answers; {longer}")
+    location, root = run_location(cfg), checkpoint_root(cfg)
+    try:
+        with storage.retry_budget(0):
+            newest = find_resumable(root)[0]
+        kept = f"the newest verified checkpoint, {newest}" if newest else f"no verified checkpoint in {root} yet"
+    except OSError:
+        kept = f"the checkpoints already in {root} (each one is checked against its manifest before it is resumed)"
+    return RunError(
+        f"scaling.storage_path: {location}: {waited}. Kept: {kept}. Once the storage answers again, run the same "
+        f"command with --resume (`raysft train CONFIG --resume`) to continue from the newest checkpoint that "
+        f"verifies; {longer}"
+    )
 
 
 def checkpoint_config(cfg: Config, has_eval: bool) -> CheckpointConfig:
@@ -269,6 +293,16 @@ def train(cfg: Config, callbacks: list[Any] | None = None, gate: TrialGate | Non
         >>> result = raysft.train(cfg)  # doctest: +SKIP
         >>> result.final_dir  # a PEFT adapter folder  # doctest: +SKIP
     """
+    cfg = with_absolute_paths(cfg)
+    try:
+        return _train(cfg, callbacks, gate)
+    except OSError as err:
+        if storage.is_transient(err):  # the driver's own requests (run folder, data cache) gave up retrying
+            raise storage_outage(cfg, err) from None
+        raise
+
+
+def _train(cfg: Config, callbacks: list[Any] | None, gate: TrialGate | None) -> RunResult:
     checked = check(cfg)
     cfg, resume_changes, prepared = checked.config, checked.resume_changes, checked.prepared
     generation, resume_from = checked.generation, checked.resume_from
@@ -291,6 +325,9 @@ def train(cfg: Config, callbacks: list[Any] | None = None, gate: TrialGate | Non
         gate=gate,
     )
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, str(HEALTH_CHECK_INTERVAL_S))  # read when fit() starts the controller
+    # Object storage: Ray Train uploads checkpoints and its snapshot through raysft's retrying file system (and
+    # tries a checkpoint upload up to 3 times itself: an outage then ends the run after up to 3 x the budget).
+    storage_filesystem, storage_path = storage.resolve(location) if is_uri(location) else (None, location)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"inputs": inputs},
@@ -298,7 +335,8 @@ def train(cfg: Config, callbacks: list[Any] | None = None, gate: TrialGate | Non
         run_config=RunConfig(
             # Ray Train keeps the run's checkpoints (and its own snapshot of them) in <run>/checkpoints/.
             name=CHECKPOINTS_DIR,
-            storage_path=location,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.scaling.restarts),
             checkpoint_config=checkpoint_config(cfg, inputs.has_eval),
             callbacks=callbacks,

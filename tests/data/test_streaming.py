@@ -108,7 +108,7 @@ def test_an_interrupted_write_is_never_read(tmp_path: Path) -> None:
     (location / "w-123").mkdir(parents=True)
     (location / "w-123" / "part.parquet").write_bytes(b"half a file")
     assert CachedTable.open(str(location)) is None  # no manifest: a write that did not finish
-    (location / MANIFEST_NAME).write_text(json.dumps({"files": [], "row_groups": []}))
+    (location / MANIFEST_NAME).write_text(json.dumps({"files": [], "row_groups": [], "checksums": {}}))
     assert CachedTable.open(str(location)).num_rows == 0
 
 
