@@ -658,7 +658,8 @@ def _closest(key: str, valid: list[str]) -> str | None:
     familiar = _FAMILIAR_NAMES.get(key)
     if familiar in valid:
         return familiar
-    close = difflib.get_close_matches(key, valid, n=1)
+    # Below difflib's default cutoff (0.6): a typo in a short key (`rnk` for `r`, 0.5) still finds it.
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return close[0] if close else None
 
 
@@ -719,15 +720,44 @@ def load_yaml_text(text: str) -> Any:
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    """Set `raw[a][b][c] = value` for key "a.b.c", creating sections on the way."""
-    node = raw
+    """Set `raw[a][b][c] = value` for key "a.b.c", creating sections on the way.
+
+    A number indexes a list: "data.train.0.path" is the first training source's path. A section given as one
+    mapping where a list is also accepted (`data.train: {path: ...}`) is its list's item 0.
+    """
+    node: Any = raw
     parts = key.split(".")
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth])
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            index = _list_index(node, part, where, key)
+            if last:
+                node[index] = value
+                return
+            node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError([f"{key}: '{where}' is not a section (it holds {node!r})"])
+        if last:
+            node[part] = value
+            return
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError([f"{key}: '{part}' is not a section"])
+        if isinstance(child, dict) and parts[depth + 1].isdigit() and parts[depth + 1] not in child:
+            child = node[part] = [child]  # one mapping standing for a list of one (e.g. a single source)
         node = child
-    node[parts[-1]] = value
+
+
+def _list_index(items: list[Any], part: str, where: str, key: str) -> int:
+    """`part` as an index into the list at `where`; ConfigError when it is no number or out of range."""
+    if not part.isdigit():
+        raise ConfigError([f"{key}: '{where}' is a list; index its items by number, e.g. {where}.0.{part}"])
+    if int(part) >= len(items):
+        raise ConfigError([
+            f"{key}: index {part} is out of range: '{where}' holds {len(items)} item(s), numbered from 0; "
+            f"to add items, set the whole list (--set '{where}=[...]')"
+        ])
+    return int(part)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -739,7 +769,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             problems.append(f"--set {item!r}: expected dotted.key=value")
             continue
         try:
-            set_dotted(raw, key.strip(), load_yaml_text(text) if text.strip() else None)
+            value = load_yaml_text(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            problems.append(
+                f"--set {key.strip()}: the value {text!r} is not valid YAML ({getattr(err, 'problem', None) or err}); "
+                "close its brackets or quotes, or quote the whole value to give it as text"
+            )
+            continue
+        try:
+            set_dotted(raw, key.strip(), value)
         except ConfigError as err:
             problems.extend(f"--set {problem}" for problem in err.problems)
     if problems:

@@ -59,6 +59,8 @@ def refused_before_ray(capsys: pytest.CaptureFixture[str], args: list[str | Path
         ("scaling.storage_path=foo://bucket/run", "scaling.storage_path"),  # object storage: tests/test_storage.py
         ("tracking.mlflow_dir=s3://bucket/mlflow", "tracking.mlflow_dir"),  # a server is MLFLOW_TRACKING_URI
         ("train.learning_rate=1e-4", "did you mean 'train.lr'"),  # handled well before: kept as a case
+        ("train.lr=[1,", "--set train.lr: the value '[1,' is not valid YAML"),
+        ("data.train.3.path=x.jsonl", "--set data.train.3.path: index 3 is out of range"),
         ("train.early_stopping={patience: 2}", "train.early_stopping watches evaluations"),  # no eval_every
         ("train.checkpoint_score=eval_exact_match", "train.checkpoint_score"),  # no eval.generate to log it
         ("eval.generate={metrics: [{function: 'no_such_module_here:score'}]}", "eval.generate.metrics.0.function"),
