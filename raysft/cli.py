@@ -119,7 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model_cfg = ModelConfig(name_or_path=args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
     adapter = _from_storage(args.adapter, "--adapter") if args.adapter is not None else None
     # The same checks load_for_inference makes, here so that the errors name the flags.
-    problems = check_model_source(model_cfg, "--model")
+    problems = check_model_source(model_cfg, "--model", "--trust-remote-code")
     problems += check_adapter(adapter, "--adapter") if adapter is not None else []
     if problems:
         raise ConfigError(problems)
