@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from raysft.config import LoraConfig, ModelConfig
+from raysft.data.tokenize import check_chat_template
 from raysft.labels import trained_targets
 from raysft.ops import PACKED_SDPA, PackedLayout, linear_cross_entropy, register_packed_sdpa
 
@@ -132,6 +133,8 @@ def load_tokenizer_and_new_ids(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBas
     location, kwargs = model_location(cfg)
     tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     chatml_fallback = ensure_chat_template(tokenizer, cfg.chat_template)
+    own = cfg.chat_template in (None, "chatml")  # raysft's ChatML fills a gap only: then the tokenizer's is used
+    check_chat_template(tokenizer, f"the chat template of the tokenizer in {location}" if own else "the template")
     wanted = cfg.add_special_tokens
     if wanted is None:  # the default: what the fallback template writes
         wanted = list(CHATML_MARKERS) if chatml_fallback else []

@@ -62,6 +62,9 @@ def refused_before_ray(capsys: pytest.CaptureFixture[str], args: list[str | Path
         ("tracking.mlflow_dir=s3://bucket/mlflow", "tracking.mlflow_dir"),  # a server is MLFLOW_TRACKING_URI
         ("train.learning_rate=1e-4", "did you mean 'train.lr'"),  # handled well before: kept as a case
         ("train.lr=[1,", "--set train.lr: the value '[1,' is not valid YAML"),
+        ("model.chat_template='{{ messages.append(1) }}'", "model.chat_template: the template does what Jinja's "
+         "sandbox forbids (SecurityError: access to attribute 'append' of 'list' object is unsafe.): the template is at "
+         "fault, not the row"),
         ("data.train.3.path=x.jsonl", "--set data.train.3.path: index 3 is out of range"),
         ("train.early_stopping={patience: 2}", "train.early_stopping watches evaluations"),  # no eval_every
         ("train.checkpoint_score=eval_exact_match", "train.checkpoint_score"),  # no eval.generate to log it
