@@ -301,7 +301,9 @@ class ScalingConfig(Section):
     max_failures: int = Field(default=0, ge=-1)
     """Restarts after a worker failure (-1: unlimited); each resumes from the newest checkpoint."""
     ray_address: str | None = None
-    """Ray cluster to join (else RAY_ADDRESS, else a local Ray is started)."""
+    """Ray cluster to join: its head's host:port (or `ray://host:port`, or `auto`). Unset: RAY_ADDRESS when set, else
+    the cluster `ray start` started on this machine when one runs, else a local Ray that raysft starts for the run,
+    listening on 127.0.0.1 only. A joined cluster is named in one console line."""
     storage_path: str | None = None
     """Where the run lives: checkpoints (through Ray Train), config.yaml, metrics.jsonl, final/. A local or
     shared (NFS) folder, or object storage (`s3://bucket/path`, `gs://...`) for clusters without a shared

@@ -21,7 +21,7 @@ from ray.train import CheckpointConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from raysft.config import Config, with_absolute_paths
-from raysft.data.pipeline import ensure_ray, prepare_data, stats_json
+from raysft.data.pipeline import prepare_data, stats_json
 from raysft.data.prompts import generation_set
 from raysft.errors import USER_ERRORS, ConfigError, RunError
 from raysft.evaluation import GENERATIONS_FILE
@@ -29,6 +29,7 @@ from raysft import storage
 from raysft.fileio import write_error
 from raysft.track import METRICS_FILE, MLFLOW_DIR, MLFLOW_RUN_FILE, read_metrics, say, train_log_level, verbose
 from raysft.model import load_tokenizer
+from raysft.ray_session import ensure_ray
 from raysft.training.checkpoint import newest_verified, read_state
 from raysft.training.checkpoint import CHECKPOINT_SCORE_KEY, higher_is_better, is_scored
 from raysft.training.preflight import preflight
