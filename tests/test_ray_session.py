@@ -76,7 +76,7 @@ def is_loopback(ip: str) -> bool:
     return ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
 
-def test_local_ray_listens_on_loopback_only_and_knows_its_address(first_local_ray: dict[str, object]) -> None:
+def test_local_ray_on_loopback_a_second_beside_it_and_joining_one_said(first_local_ray: dict[str, object]) -> None:
     listening = first_local_ray["listening"]
     assert isinstance(listening, list)
     names = {line.split()[2] for line in listening}
@@ -86,14 +86,12 @@ def test_local_ray_listens_on_loopback_only_and_knows_its_address(first_local_ra
     gcs = first_local_ray["gcs"]
     assert isinstance(gcs, str) and gcs.startswith("127.0.0.1:")
     assert first_local_ray["task_address"] == gcs and first_local_ray["node_ips"] == ["127.0.0.1"]
-
-
-def test_second_local_ray_beside_the_first_and_joining_one_is_said(first_local_ray: dict[str, object]) -> None:
     # Two runs at once: each starts its own Ray. Without its own RAY_ADDRESS, Ray's State API (as Ray Train's
     # actors call it) finds two GCS processes and raises "Found multiple active Ray instances".
     second, said = run_probe()
     assert second["gcs"] != first_local_ray["gcs"] and second["node_ips"] == ["127.0.0.1"]
     assert second["task_address"] == second["gcs"]
+    assert [line for line in second["listening"] if not is_loopback(line.split()[0])] == []  # type: ignore[union-attr]
     assert "joining" not in said and "multiple active Ray instances" not in said, said
     # Joining a running cluster, named by RAY_ADDRESS or scaling.ray_address, is said in one line.
     # (Ray's token auth is on for a local Ray; one joined by its address needs RAY_AUTH_MODE=token.)
