@@ -13,13 +13,15 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from raysft.errors import RunError
 from raysft.ray_session import cluster_to_join
-from tests.runs import REPO
+from tests.runs import REPO, tiny_config
 
 # Starts raysft's local Ray (or joins a cluster), then reports as one JSON line what the test checks: the address,
 # what a task sees (its RAY_ADDRESS; Ray's State API called as Ray Train's actors call it, without an address) and
@@ -111,3 +113,22 @@ def test_address_that_names_no_cluster_is_a_clear_error(address: str) -> None:
 def test_local_address_starts_a_local_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAY_ADDRESS", "local")  # Ray's own spelling of "start one here"
     assert cluster_to_join(None) == (None, "")
+
+
+# Slow tier: two whole runs (about a minute together on 2 cores).
+@pytest.mark.slow
+def test_two_runs_at_once_each_on_its_own_ray_without_ray_tracebacks(tiny_model_dir: Path, tmp_path: Path) -> None:
+    commands = []
+    for name in ("a", "b"):
+        cfg = tiny_config(tiny_model_dir, tmp_path / f"run-{name}", ["scaling.num_workers=1"])
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        commands.append([sys.executable, "-m", "raysft", "train", str(path)])
+    runs = [subprocess.Popen(command, cwd=REPO, env=probe_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for command in commands]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for run, (out, err) in zip(runs, outputs):
+        assert run.returncode == 0, err[-3000:]
+        assert "done: adapter in" in out
+        assert "multiple active Ray instances" not in err and "Traceback" not in err, err[-3000:]
+    assert all((tmp_path / f"run-{name}" / "final" / "adapter_model.safetensors").is_file() for name in ("a", "b"))
