@@ -178,7 +178,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model_cfg, model_key = _generate_model(args)
     adapter = _from_storage(args.adapter, "--adapter") if args.adapter is not None else None
     # The same checks load_for_inference makes, here so that the errors name the flags.
-    problems = check_model_source(model_cfg, model_key)
+    problems = check_model_source(model_cfg, model_key, "--trust-remote-code")
     problems += check_adapter(adapter, "--adapter") if adapter is not None else []
     if problems:
         raise ConfigError(problems)

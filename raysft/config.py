@@ -319,7 +319,9 @@ class ScalingConfig(Section):
     """Restarts after a worker failure (-1: unlimited); each resumes from the newest checkpoint. Default: 0, and
     unlimited for an elastic run (a lost node is what it is for)."""
     ray_address: str | None = None
-    """Ray cluster to join (else RAY_ADDRESS, else a local Ray is started)."""
+    """Ray cluster to join: its head's host:port (or `ray://host:port`, or `auto`). Unset: RAY_ADDRESS when set, else
+    the cluster `ray start` started on this machine when one runs, else a local Ray that raysft starts for the run,
+    listening on 127.0.0.1 only. A joined cluster is named in one console line."""
     storage_path: str | None = None
     """Where the run lives: checkpoints (through Ray Train), config.yaml, metrics.jsonl, final/. A local or
     shared (NFS) folder, or object storage (`s3://bucket/path`, `gs://...`) for clusters without a shared
@@ -706,7 +708,8 @@ def _closest(key: str, valid: list[str]) -> str | None:
     familiar = _FAMILIAR_NAMES.get(key)
     if familiar in valid:
         return familiar
-    close = difflib.get_close_matches(key, valid, n=1)
+    # Below difflib's default cutoff (0.6): a typo in a short key (`rnk` for `r`, 0.5) still finds it.
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return close[0] if close else None
 
 
@@ -767,15 +770,44 @@ def load_yaml_text(text: str) -> Any:
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    """Set `raw[a][b][c] = value` for key "a.b.c", creating sections on the way."""
-    node = raw
+    """Set `raw[a][b][c] = value` for key "a.b.c", creating sections on the way.
+
+    A number indexes a list: "data.train.0.path" is the first training source's path. A section given as one
+    mapping where a list is also accepted (`data.train: {path: ...}`) is its list's item 0.
+    """
+    node: Any = raw
     parts = key.split(".")
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth])
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            index = _list_index(node, part, where, key)
+            if last:
+                node[index] = value
+                return
+            node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError([f"{key}: '{where}' is not a section (it holds {node!r})"])
+        if last:
+            node[part] = value
+            return
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError([f"{key}: '{part}' is not a section"])
+        if isinstance(child, dict) and parts[depth + 1].isdigit() and parts[depth + 1] not in child:
+            child = node[part] = [child]  # one mapping standing for a list of one (e.g. a single source)
         node = child
-    node[parts[-1]] = value
+
+
+def _list_index(items: list[Any], part: str, where: str, key: str) -> int:
+    """`part` as an index into the list at `where`; ConfigError when it is no number or out of range."""
+    if not part.isdigit():
+        raise ConfigError([f"{key}: '{where}' is a list; index its items by number, e.g. {where}.0.{part}"])
+    if int(part) >= len(items):
+        raise ConfigError([
+            f"{key}: index {part} is out of range: '{where}' holds {len(items)} item(s), numbered from 0; "
+            f"to add items, set the whole list (--set '{where}=[...]')"
+        ])
+    return int(part)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -787,7 +819,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             problems.append(f"--set {item!r}: expected dotted.key=value")
             continue
         try:
-            set_dotted(raw, key.strip(), load_yaml_text(text) if text.strip() else None)
+            value = load_yaml_text(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            problems.append(
+                f"--set {key.strip()}: the value {text!r} is not valid YAML ({getattr(err, 'problem', None) or err}); "
+                "close its brackets or quotes, or quote the whole value to give it as text"
+            )
+            continue
+        try:
+            set_dotted(raw, key.strip(), value)
         except ConfigError as err:
             problems.extend(f"--set {problem}" for problem in err.problems)
     if problems:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jinja2
 import torch
+import transformers
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.helpers import disable_input_dtype_casting
 from peft.utils.other import TrainableTokensWrapper
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -22,6 +26,7 @@ from transformers import (
 )
 
 from raysft.config import LoraConfig, ModelConfig
+from raysft.errors import ConfigError
 from raysft.labels import trained_targets
 from raysft.ops import PACKED_SDPA, PackedLayout, linear_cross_entropy, register_packed_sdpa
 
@@ -113,6 +118,47 @@ def model_location(cfg: ModelConfig) -> tuple[str, dict[str, object]]:
     return location, kwargs
 
 
+_SAMPLE_CONVERSATION = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+
+
+def chat_template_fault(err: jinja2.TemplateError, tokenizer: PreTrainedTokenizerBase, template: str | None = None
+                        ) -> str:
+    """What a template error says to the user, blaming the template or the row, whichever is at fault.
+
+    A template's own `raise_exception(...)` (transformers raises a plain jinja2.TemplateError for it) is the
+    template's rule refusing the conversation: the row. Invalid Jinja or an operation Jinja's sandbox forbids
+    (SecurityError) is the template's fault, whatever the row. Anything else (an undefined value the template
+    needs, ...) depends on both. `template` names the template when known (default: both places it may come from).
+
+    Example:
+        >>> chat_template_fault(jinja2.TemplateError("Conversation roles must alternate"), tokenizer)  # doctest: +SKIP
+        'the chat template refused the conversation: Conversation roles must alternate; fix the row, ...'
+    """
+    template = template or (f"the chat template (model.chat_template when set, else the one of the tokenizer in "
+                            f"{tokenizer.name_or_path or type(tokenizer).__name__})")
+    if type(err) is jinja2.TemplateError:
+        return (f"the chat template refused the conversation: {err}; fix the row, or set model.chat_template to a "
+                "template that renders it")
+    if isinstance(err, (jinja2.exceptions.SecurityError, jinja2.TemplateSyntaxError)):
+        what = "does what Jinja's sandbox forbids" if isinstance(err, jinja2.exceptions.SecurityError) else "is not valid Jinja"
+        return (f"{template} {what} ({type(err).__name__}: {err}): the template is at fault, not the row; fix the "
+                "template, or set model.chat_template to one that works (`chatml`, or a Jinja string)")
+    return (f"{template} failed on this conversation ({type(err).__name__}: {err}): the row lacks something the "
+            "template expects, or the template has a bug; check the row against the template, or set "
+            "model.chat_template to a template that renders it")
+
+
+def check_chat_template(tokenizer: PreTrainedTokenizerBase, template: str) -> None:
+    """ConfigError when the chat template (`template` names it) cannot render even a plain user/assistant exchange
+    (invalid Jinja, an operation the sandbox forbids): found once, before any data is read, not once per row."""
+    try:
+        tokenizer.apply_chat_template(_SAMPLE_CONVERSATION, tokenize=False)
+    except (jinja2.exceptions.SecurityError, jinja2.TemplateSyntaxError) as err:
+        raise ConfigError([f"model.chat_template: {chat_template_fault(err, tokenizer, template)}"]) from None
+    except jinja2.TemplateError:
+        pass  # a rule about conversations (raise_exception) or a missing value: judged per row, where rows are named
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The model's tokenizer with a chat template (the configured fallback if it ships none) and
     `model.add_special_tokens` added (by default: the ChatML markers, when the fallback needs them)."""
@@ -129,6 +175,8 @@ def load_tokenizer_and_new_ids(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBas
     location, kwargs = model_location(cfg)
     tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     chatml_fallback = ensure_chat_template(tokenizer, cfg.chat_template)
+    own = cfg.chat_template in (None, "chatml")  # raysft's ChatML fills a gap only: then the tokenizer's is used
+    check_chat_template(tokenizer, f"the chat template of the tokenizer in {location}" if own else "the template")
     wanted = cfg.add_special_tokens
     if wanted is None:  # the default: what the fallback template writes
         wanted = list(CHATML_MARKERS) if chatml_fallback else []
@@ -440,11 +488,14 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def check_model_source(cfg: ModelConfig, key: str = "model.name_or_path") -> list[str]:
+def check_model_source(
+    cfg: ModelConfig, key: str = "model.name_or_path", trust_key: str = "model.trust_remote_code"
+) -> list[str]:
     """Problems with where `cfg` says the model is ([] when fine), found before anything is loaded.
 
-    A local path must exist and hold a model; a hub id ('owner/name', or a legacy bare name like
-    'gpt2') cannot be checked offline, so it passes.
+    A local path must exist and hold a model that loads (:func:`check_model_folder`); a hub id ('owner/name',
+    or a legacy bare name like 'gpt2') cannot be checked offline, so it passes. `trust_key` is how the user
+    turns on `trust_remote_code` (named in the advice).
 
     Example:
         >>> check_model_source(ModelConfig(name_or_path="./no/such/dir"))  # doctest: +ELLIPSIS
@@ -471,10 +522,94 @@ def check_model_source(cfg: ModelConfig, key: str = "model.name_or_path") -> lis
             return [f"{key}: the GGUF file {cfg.gguf_file!r} (gguf_file) is not inside the folder {name!r}"]
         return []
     if (path / "config.json").is_file():
-        return []
+        return check_model_folder(path, cfg.trust_remote_code, key, trust_key)
     ggufs = sorted(p.name for p in path.glob("*.gguf"))
     if ggufs:
         # transformers loads a GGUF only when told which file; it never picks one from a folder.
         return [f"{key}: {name!r} holds no config.json but GGUF file(s) {', '.join(ggufs)}; "
                 "point at the .gguf file itself or set gguf_file"]
     return [f"{key}: {name!r} is not a model folder (no config.json and no .gguf file inside)"]
+
+
+def check_model_folder(
+    folder: Path, trust_remote_code: bool, key: str = "model.name_or_path", trust_key: str = "model.trust_remote_code"
+) -> list[str]:
+    """Problems a model folder (one with config.json) would raise only once loaded on a worker: a config.json that
+    is no JSON, an architecture that needs code shipped with the model while `trust_remote_code` is off, and
+    damaged weights. Reads config.json and the safetensors headers only.
+
+    Example:
+        >>> check_model_folder(Path("model-with-a-truncated-download"), trust_remote_code=False)  # doctest: +SKIP
+        ["model.name_or_path: .../model.safetensors is not a complete safetensors file (...); ..."]
+    """
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return [f"{key}: {config_file} cannot be read as JSON ({err}); copy or download the model again"]
+    if not isinstance(config, dict):
+        return [f"{key}: {config_file} holds no JSON object; copy or download the model again"]
+    problems = [] if trust_remote_code else _remote_code_problems(config, folder, key, trust_key)
+    return problems + [f"{key}: {problem}" for problem in weights_problems(folder)]
+
+
+def _remote_code_problems(config: dict[str, Any], folder: Path, key: str, trust_key: str) -> list[str]:
+    """Why transformers could load this model only by running code shipped with it ([] when its own code loads it).
+
+    transformers uses its own class whenever it knows the model_type as a causal LM, auto_map or not; it runs the
+    checkpoint's code only for what it does not know (see AutoConfig / AutoModelForCausalLM.from_pretrained).
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return []
+    remote = (config.get("auto_map") or {}).get("AutoModelForCausalLM") if isinstance(config.get("auto_map"), dict) else None
+    if model_type in CONFIG_MAPPING_NAMES and remote is None:
+        return [f"{key}: {folder} holds a {model_type!r} model, which is not a causal language model (transformers has "
+                "no AutoModelForCausalLM class for it); raysft fine-tunes causal LMs: give one of those"]
+    known = (f"its model_type {model_type!r} is not one transformers {transformers.__version__} knows"
+             if model_type else "its config.json names no model_type")
+    shipped = f", and config.json's auto_map points at code shipped with it ({remote})" if remote else ""
+    return [
+        f"{key}: {folder} needs Python code shipped with the model to load: {known}{shipped}. raysft runs no such "
+        f"code unless {trust_key} is on (it is off: the code would run with your permissions on every node). Use a "
+        "model transformers supports natively (a newer transformers may: pip install -U transformers), or, if you "
+        f"have read that code and trust its author, turn on {trust_key}"
+    ]
+
+
+def weights_problems(folder: Path) -> list[str]:
+    """Each safetensors weights file of `folder` that transformers would load and that is missing, unreadable or
+    cut short (its header's tensors do not cover the file exactly), named with what to do. Reads headers only.
+
+    Example:
+        >>> weights_problems(Path("model-dir"))  # a download that stopped half-way  # doctest: +SKIP
+        ['model-dir/model.safetensors is not a complete safetensors file (...); ...']
+    """
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            return [f"{index_file} is not a readable shard index ({type(err).__name__}: {err}); copy or download the "
+                    "model again"]
+        files = [folder / shard for shard in shards]
+    else:
+        files = [folder / "model.safetensors"] if (folder / "model.safetensors").exists() else []
+    problems = []
+    for file in files:
+        if not file.is_file():
+            problems.append(f"{file} is missing (listed in {index_file.name}); copy or download the model again")
+            continue
+        try:
+            with safe_open(str(file), "pt"):  # parses the header and checks its tensors cover the file exactly
+                pass
+        except (SafetensorError, OSError) as err:
+            problems.append(
+                f"{file} is not a complete safetensors file ({err}; {file.stat().st_size:,} bytes): a download or "
+                "copy was most likely cut short. Download or copy the model again (the file's size must match its "
+                "source's), then rerun the same command"
+            )
+    return problems

@@ -362,7 +362,7 @@ def console_mode(verbose_run: bool) -> Iterator[None]:
 
     Quiet (the default): transformers' progress bars, deprecation warnings, and the notices of QUIET_LOGGERS
     off here; Ray, Ray Train and Ray Data keep to warnings, in this process and the ones Ray starts
-    (`train_log_level`, `quiet_worker`, `filter_worker_logs`, raysft.data.pipeline's `ensure_ray` and
+    (`train_log_level`, `quiet_worker`, `filter_worker_logs`, raysft.ray_session's `ensure_ray` and
     `quiet_data_context`). Verbose (`--verbose`, RAYSFT_VERBOSE=1): all of it as the libraries print it, except
     progress bars when the output is not a terminal.
     """

@@ -24,6 +24,8 @@ import yaml
 
 import raysft
 
+from raysft.config import ModelConfig
+from raysft.model import check_model_source
 from raysft.training.run_folder import CONFIG_FILE, HISTORY_FILE
 from tests.runs import REPO, assert_refused, cli, losses, snapshot, tiny_config
 
@@ -59,6 +61,11 @@ def refused_before_ray(capsys: pytest.CaptureFixture[str], args: list[str | Path
         ("scaling.storage_path=foo://bucket/run", "scaling.storage_path"),  # object storage: tests/test_storage.py
         ("tracking.mlflow_dir=s3://bucket/mlflow", "tracking.mlflow_dir"),  # a server is MLFLOW_TRACKING_URI
         ("train.learning_rate=1e-4", "did you mean 'train.lr'"),  # handled well before: kept as a case
+        ("train.lr=[1,", "--set train.lr: the value '[1,' is not valid YAML"),
+        ("model.chat_template='{{ messages.append(1) }}'", "model.chat_template: the template does what Jinja's "
+         "sandbox forbids (SecurityError: access to attribute 'append' of 'list' object is unsafe.): the template is at "
+         "fault, not the row"),
+        ("data.train.3.path=x.jsonl", "--set data.train.3.path: index 3 is out of range"),
         ("train.early_stopping={patience: 2}", "train.early_stopping watches evaluations"),  # no eval_every
         ("train.checkpoint_score=eval_exact_match", "train.checkpoint_score"),  # no eval.generate to log it
         ("eval.generate={metrics: [{function: 'no_such_module_here:score'}]}", "eval.generate.metrics.0.function"),
@@ -77,6 +84,63 @@ def test_bad_yaml_names_file_and_line(capsys: pytest.CaptureFixture[str], tmp_pa
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  name_or_path: m\ndata: [unclosed\n")
     refused_before_ray(capsys, ["train", path], f"{path}:")
+
+
+def damaged_copy(model_dir: Path, tmp_path: Path, damage: str) -> tuple[Path, Path]:
+    """A copy of the tiny model with its weights file damaged as a cut-short download or a bad disk leaves it."""
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\0" * 8 + data[8:])
+    return model, weights
+
+
+@pytest.mark.parametrize(("damage", "said"), [("truncated", "incomplete metadata"), ("zeroed", "invalid JSON in header")])
+def test_damaged_weights_named_before_ray_and_nothing_written(
+    capsys: pytest.CaptureFixture[str], tiny_model_dir: Path, tmp_path: Path, damage: str, said: str
+) -> None:
+    model, weights = damaged_copy(tiny_model_dir, tmp_path, damage)
+    cfg = write_config(tmp_path, model)
+    before = snapshot(tmp_path)
+    refused_before_ray(capsys, ["train", cfg], "model.name_or_path", f"{weights} is not a complete safetensors file",
+                       said, "cut short", "Download or copy the model again")
+    assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()  # the rerun after a fix is not blocked
+    shutil.copyfile(tiny_model_dir / "model.safetensors", weights)
+    assert check_model_source(raysft.load_config(cfg).model) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "said"),
+    [
+        ({"model_type": "my_custom_lm", "auto_map": {"AutoConfig": "modeling_my.MyConfig",
+                                                     "AutoModelForCausalLM": "modeling_my.MyForCausalLM"}},
+         ["model_type 'my_custom_lm' is not one transformers", "auto_map points at code shipped with it "
+          "(modeling_my.MyForCausalLM)", "model.trust_remote_code is on (it is off"]),
+        ({"model_type": "my_custom_lm"}, ["model_type 'my_custom_lm' is not one transformers"]),
+        ({"model_type": "vit"}, ["'vit' model, which is not a causal language model"]),
+    ],
+)
+def test_model_needing_remote_code_refused_before_ray(
+    capsys: pytest.CaptureFixture[str], tiny_model_dir: Path, tmp_path: Path, changes: dict[str, object], said: list[str]
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **changes}))
+    cfg = write_config(tmp_path, model)
+    before = snapshot(tmp_path)
+    refused_before_ray(capsys, ["train", cfg], f"model.name_or_path: {model}", *said)
+    assert snapshot(tmp_path) == before
+
+
+def test_auto_map_beside_a_known_model_type_loads_natively(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Many hub checkpoints keep an auto_map from before transformers had the architecture: its own class loads them.
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}))
+    assert check_model_source(ModelConfig(name_or_path=str(model))) == []
 
 
 def test_output_dir_that_is_a_file(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import raysft
 from raysft.config import ModelConfig
 from raysft.infer import EXPORT_MARKER, chat_generate, load_for_inference
-from raysft.model import check_model_source, load_tokenizer
+from raysft.model import check_model_source, load_tokenizer, weights_problems
 from tests.runs import assert_refused, cli, snapshot, tiny_config
 
 # Distinctive, so a prompt rendered with the base model's template (ChatML) cannot pass for it.
@@ -258,3 +258,17 @@ def test_check_model_source(tiny_model_dir: Path, tmp_path: Path, monkeypatch: p
     assert "other.gguf" in problems("ggufs", gguf_file="other.gguf")[0]
     # The default key is the config's, as the train pre-flight reports it.
     assert check_model_source(ModelConfig(name_or_path="./nope"))[0].startswith("model.name_or_path: ")
+
+
+def test_sharded_weights_each_shard_checked(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "model.safetensors").rename(model / "model-00001-of-00002.safetensors")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    assert weights_problems(model) == [f"{model / 'model-00002-of-00002.safetensors'} is missing (listed in "
+                                       "model.safetensors.index.json); copy or download the model again"]
+    (model / "model-00002-of-00002.safetensors").write_bytes(b"")  # a download that never began
+    (problem,) = check_model_source(ModelConfig(name_or_path=str(model)))
+    assert problem.startswith(f"model.name_or_path: {model / 'model-00002-of-00002.safetensors'} is not a complete "
+                              "safetensors file (Error while deserializing header: header too small; 0 bytes)")

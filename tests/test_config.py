@@ -74,6 +74,14 @@ def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
 def test_override_errors() -> None:
     with pytest.raises(ConfigError, match="expected dotted.key=value"):
         apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError) as err:  # the YAML parser's own error would be a traceback
+        apply_overrides({}, ["train.lr=[1,", "model.chat_template='{{ x"])
+    assert err.value.problems == [
+        "--set train.lr: the value '[1,' is not valid YAML (expected the node content, but found '<stream end>'); "
+        "close its brackets or quotes, or quote the whole value to give it as text",
+        "--set model.chat_template: the value \"'{{ x\" is not valid YAML (found unexpected end of stream); "
+        "close its brackets or quotes, or quote the whole value to give it as text",
+    ]
     with pytest.raises(ConfigError, match="train.lr.x: unknown key|is not a section"):
         parse_config(apply_overrides({**MINIMAL, "train": {"lr": 1.0}}, ["train.lr.x=1"]))
 
@@ -164,3 +172,29 @@ def test_early_stopping_and_checkpoint_score_name_an_evaluation_metric() -> None
     with pytest.raises(ConfigError, match=r"train.early_stopping.patiense: unknown key; did you mean "
                                           r"'train.early_stopping.patience'"):
         parse_config({**evaluating, "train": {"eval_every": 5, "early_stopping": {"patiense": 2}}})
+
+
+def test_override_indexes_a_list_of_sources() -> None:
+    two = {**MINIMAL, "data": {"train": [{"path": "a.jsonl"}, {"path": "b.jsonl", "limit": 5}]}}
+    cfg = parse_config(apply_overrides(two, ["data.train.1.limit=7", "data.train.0.format=alpaca"]))
+    assert [(s.path, s.limit, s.format) for s in cfg.data.train] == [("a.jsonl", None, "alpaca"), ("b.jsonl", 7, "auto")]
+    # One source written as a mapping is the list's item 0.
+    one = parse_config(apply_overrides({**MINIMAL, "data": {"train": {"path": "a.jsonl"}}}, ["data.train.0.limit=3"]))
+    assert one.data.train[0].limit == 3
+    betas = parse_config(apply_overrides({**MINIMAL, "train": {"betas": [0.9, 0.99]}}, ["train.betas.1=0.95"]))
+    assert betas.train.betas == (0.9, 0.95)
+
+
+@pytest.mark.parametrize(
+    ("setting", "problem"),
+    [
+        ("data.train.2.path=c.jsonl", "--set data.train.2.path: index 2 is out of range: 'data.train' holds 1 item(s), "
+                                      "numbered from 0; to add items, set the whole list (--set 'data.train=[...]')"),
+        ("data.train.path=c.jsonl", "--set data.train.path: 'data.train' is a list; index its items by number, "
+                                    "e.g. data.train.0.path"),
+    ],
+)
+def test_override_list_index_errors(setting: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        apply_overrides({**MINIMAL, "data": {"train": [{"path": "a.jsonl"}]}}, [setting])
+    assert err.value.problems == [problem]

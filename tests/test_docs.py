@@ -170,7 +170,7 @@ LAYERS = [
     ("raysft.errors", "raysft.labels", "raysft.ops", "raysft.training.step", "raysft.cluster"),
     ("raysft.config", "raysft.fileio"),
     ("raysft.storage", "raysft.track", "raysft.model", "raysft.evaluation", "raysft.infer", "raysft.plan",
-     "raysft.starter"),
+     "raysft.starter", "raysft.ray_session"),
     ("raysft.data",),
     ("raysft.training",),
     ("raysft.tune",),

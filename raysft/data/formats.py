@@ -7,7 +7,8 @@ sees only that schema.
 A message is the OpenAI / Hugging Face chat shape, checked and normalized here so that every chat template
 receives what transformers documents for ``apply_chat_template``:
 
-- ``{"role": "system" | "user", "content": str}``;
+- ``{"role": "system" | "user", "content": str}``; in every role ``content`` may also be a list of OpenAI-style
+  text parts (``[{"type": "text", "text": str}, ...]``), read as their texts joined with nothing between;
 - ``{"role": "assistant", "content": str}``, optionally with ``"tool_calls": [{"type": "function",
   "function": {"name": str, "arguments": dict}, "id"?: str}]`` (``arguments`` given as a JSON string, as
   the OpenAI API writes it, is parsed into the dict templates expect; ``content`` may then be empty) and
@@ -53,6 +54,9 @@ ROLES = ("system", "user", "assistant", "tool")
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 """Keys an assistant turn's reasoning is read from; it is kept as ``reasoning_content``, the key chat templates
 read (Qwen3, DeepSeek-R1; transformers also passes it as ``thinking``, the key gpt-oss templates read)."""
+
+TEXT_PART_TYPES = ("text", "input_text", "output_text")
+"""Content part types read as text: the Chat Completions API's, and the Responses API's input and output text."""
 
 # Columns that hold a row's tool schemas (the OpenAI / HF name; LLaMA-Factory's sharegpt uses it too).
 TOOLS_COLUMN = "tools"
@@ -459,6 +463,32 @@ def _turns(row: dict[str, Any], column: str, origin: str) -> list[Any]:
 
 def _turn_content(turn: dict[str, Any], key: str, index: int, origin: str) -> str:
     content = turn.get(key)
+    if _is_sequence(content):
+        return _text_of_parts(content, key, index, origin)
     if not isinstance(content, str):
-        raise DataError(f"{origin}: turn {index}: '{key}' must be a string, got {type(content).__name__}")
+        raise DataError(f"{origin}: turn {index}: '{key}' must be a string or a list of text parts, got "
+                        f"{type(content).__name__}")
     return content
+
+
+def _text_of_parts(parts: Any, key: str, index: int, origin: str) -> str:
+    """OpenAI-style content parts (`[{"type": "text", "text": ...}, ...]`, as chat exports write them) as one
+    text: the text parts in order, with nothing put between them (as the chat templates that read part lists
+    render them; the parts' own text carries any space or newline). Other parts (images, audio, files) are
+    refused: a text model cannot be trained on them, and dropping them would train on a different turn."""
+    texts = []
+    for number, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PART_TYPES:
+            what = f"of type {kind!r}" if isinstance(part, dict) else f"a {type(part).__name__}, not an object"
+            raise DataError(
+                f"{origin}: turn {index}: '{key}' part {number} is {what}; raysft trains on text, so a content "
+                f"part must be {{\"type\": \"text\", \"text\": ...}}. Remove the non-text parts or the row "
+                "(invalid_rows: skip skips such rows)"
+            )
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise DataError(f"{origin}: turn {index}: '{key}' part {number} ({kind}) needs a string 'text', got "
+                            f"{type(text).__name__}")
+        texts.append(text)
+    return "".join(texts)

@@ -43,7 +43,8 @@ from raysft.data.cache import CachedTable, index_written, list_arrays, write_fol
 from raysft.data.packing import apply_length_policy, pack_examples, unpacked_rows
 from raysft.data.sources import MAX_PROBLEMS, fingerprint_source, problem_report, source_format
 from raysft.errors import DataError, RunError
-from raysft.track import after_ray_import, filter_worker_logs, format_duration, say, split_line, verbose
+from raysft.ray_session import ensure_ray
+from raysft.track import format_duration, say, split_line, verbose
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +69,6 @@ PACKED_COLUMNS = ["input_ids", "labels", "example_lengths", "num_tokens", "num_t
 # A long Ray Data job says how far it is at this interval (rows written so far), so a console or `ray job logs`
 # shows it is alive; a job shorter than this prints only its start and its result.
 PROGRESS_EVERY_S = 30.0
-
-
-def ensure_ray(address: str | None) -> None:
-    """Join `address` (or RAY_ADDRESS), or start a local Ray; reuse a running session.
-
-    Ray's own logging is configured (its INFO lines: "Started a local Ray instance", the dashboard's address)
-    only when verbose; either way the workers' output is forwarded here, through raysft's filter unless verbose.
-    """
-    import ray
-
-    after_ray_import()
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, configure_logging=verbose())
-        if not verbose():
-            filter_worker_logs()
 
 
 def cache_root(cfg: DataConfig) -> str:

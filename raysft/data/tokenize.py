@@ -32,7 +32,8 @@ from raysft.config import SourceConfig
 from raysft.data.cache import source_of
 from raysft.data.formats import normalize_row, strings_in, tool_name
 from raysft.labels import IGNORE_INDEX, count_trained
-from raysft.errors import DataError
+from raysft.errors import ConfigError, DataError
+from raysft.model import chat_template_fault
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -187,6 +188,7 @@ class TokenizeRows:
         })
 
 
+# A conversation every chat template must render: a template that fails on it is broken, whatever the data.
 def _render(
     tokenizer: PreTrainedTokenizerBase,
     messages: list[dict[str, Any]],
@@ -198,11 +200,8 @@ def _render(
         rendered = tokenizer.apply_chat_template(
             messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
         )
-    except jinja2.TemplateError as err:  # raise_exception(...) in the template, or an undefined it cannot render
-        raise DataError(
-            f"{origin}: the chat template refused the conversation: {err}; fix the row, or set "
-            "model.chat_template to a template that renders it"
-        ) from None
+    except jinja2.TemplateError as err:  # raise_exception(...) in the template, a sandbox refusal, an undefined, ...
+        raise DataError(f"{origin}: {chat_template_fault(err, tokenizer)}") from None
     assert isinstance(rendered, str)  # tokenize=False always renders text
     return rendered
 

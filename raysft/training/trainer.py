@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from raysft.cluster import autoscaler_adds_nodes, gcs_node_types
 from raysft.config import Config, global_batch_rows, is_uri, with_absolute_paths
-from raysft.data.pipeline import PreparedData, ensure_ray, prepare_data, stats_json
+from raysft.data.pipeline import PreparedData, prepare_data, stats_json
 from raysft.data.prompts import generation_set
 from raysft.errors import USER_ERRORS, ConfigError, RunError
 from raysft.evaluation import GENERATIONS_FILE, GenerationSet
@@ -28,6 +28,7 @@ from raysft import storage
 from raysft.fileio import write_error
 from raysft.track import METRICS_FILE, MLFLOW_DIR, MLFLOW_RUN_FILE, read_metrics, say, train_log_level, verbose
 from raysft.model import load_tokenizer
+from raysft.ray_session import ensure_ray
 from raysft.training.checkpoint import find_resumable, read_state, repair_ray_snapshot, set_aside
 from raysft.training.checkpoint import CHECKPOINT_SCORE_KEY, higher_is_better, is_scored
 from raysft.training.preflight import preflight

@@ -47,7 +47,8 @@ from raysft.track import (
 )
 from raysft.training.preflight import preflight
 from raysft.training.run_folder import FINAL_DIR, run_location
-from raysft.data.pipeline import ensure_ray, prepare_data
+from raysft.data.pipeline import prepare_data
+from raysft.ray_session import ensure_ray
 from raysft.training.trainer import scaling_config, train, wait_for_worker_resources
 from raysft.tune.config import SweepConfig, check_sweep, sweep_yaml
 from raysft.training.decisions import TrialGate, board_name, eval_round, open_board, record

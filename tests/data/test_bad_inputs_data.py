@@ -196,3 +196,23 @@ def test_rows_that_fail_to_tokenize_are_reported_together(
     lines = str(caught.value).splitlines()
     assert [line.split(":")[0] for line in lines] == ["rows[1]", "rows[2]"]
     assert "the data spells the special token '<|im_end|>'" in lines[0]
+
+
+def test_content_parts_read_and_other_parts_named_by_file_and_line(
+    ray_session: None, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text_parts = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2 + 3?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "5"}]}]}
+    with_image = copy.deepcopy(text_parts)
+    with_image["messages"][0]["content"].append({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}})
+    path = tmp_path / "chat.jsonl"
+    path.write_text(f"{json.dumps(text_parts)}\n{json.dumps(with_image)}\n")
+    before = path.read_bytes()
+    status, err = _raysft_data(_config(tiny_model_dir, tmp_path, path), tmp_path, capsys)
+    assert status == 2 and "Traceback" not in err
+    assert err.startswith(f"raysft: {path}:2: turn 0: 'content' part 2 is of type 'image_url'; raysft trains on text"), err
+    assert path.read_bytes() == before
+    path.write_text(f"{json.dumps(text_parts)}\n")
+    status, err = _raysft_data(_config(tiny_model_dir, tmp_path, path), tmp_path, capsys)
+    assert status == 0, err

@@ -371,7 +371,7 @@ def test_csv_row_with_too_many_cells(tmp_path: Path) -> None:
         (
             {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": None}]},
             "messages",
-            "rows[0]: turn 1: 'content' must be a string, got NoneType",
+            "rows[0]: turn 1: 'content' must be a string or a list of text parts, got NoneType",
         ),
         (
             {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ""}]},
@@ -619,7 +619,7 @@ def test_tool_rows_in_parquet_read_like_json(tmp_path: Path) -> None:
          "rows[0]: turn 3: role 'user' is out of order (expected 'tool' or 'assistant')"),
         (tool_row(turn2={"role": "tool", "tool_call_id": "call_9", "content": "22 C"}),
          "rows[0]: turn 2: tool_call_id 'call_9' answers none of the calls of the assistant turn before it (call_1)"),
-        (tool_row(turn2={"role": "tool", "content": None}), "rows[0]: turn 2: 'content' must be a string, got NoneType"),
+        (tool_row(turn2={"role": "tool", "content": None}), "rows[0]: turn 2: 'content' must be a string or a list of text parts, got NoneType"),
         (tool_row(turn3={"role": "assistant", "content": "Sunny.", "reasoning_content": "a", "thinking": "b"}),
          "rows[0]: turn 3: reasoning is given twice (reasoning_content, thinking)"),
         (tool_row(turn3={"role": "assistant", "content": "Sunny.", "reasoning": ["a"]}),
@@ -650,3 +650,51 @@ def test_tool_text_counts_toward_max_row_chars() -> None:
     row = tool_row(turn2={"role": "tool", "tool_call_id": "call_1", "content": "x" * 500})
     with pytest.raises(DataError, match=r"rows\[0\]: the row holds \d+ characters of text, more than"):
         load_examples([_src(rows=[row])], max_row_chars=500)
+
+
+# --- OpenAI-style content parts ------------------------------------------------------------------------------
+
+
+def _parts(*texts: str) -> list[dict[str, str]]:
+    return [{"type": "text", "text": text} for text in texts]
+
+
+def test_text_content_parts_are_read_as_their_texts_joined(tmp_path: Path) -> None:
+    rows = [
+        {"messages": [{"role": "system", "content": _parts("Be brief.")},
+                      {"role": "user", "content": _parts("What is ", "2+2?\n", "Answer with a number.")},
+                      {"role": "assistant", "content": [{"type": "output_text", "text": "4"}]}]},
+        {"messages": [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+                      {"role": "assistant", "content": "Hello."}]},  # parts and strings mix freely
+    ]
+    expected = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?\nAnswer with a number."},
+         {"role": "assistant", "content": "4"}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+    ]
+    assert [e["messages"] for e in load_examples([_src(path=str(_write_jsonl(tmp_path / "chat.jsonl", rows)))])] == expected
+    # Parquet holds parts as a list of structs: every part gets every key any part has (None when absent).
+    pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "chat.parquet")
+    assert load_examples([_src(path=str(tmp_path / "chat.parquet"))])[0]["messages"] == expected[0]
+
+
+@pytest.mark.parametrize(
+    ("part", "said"),
+    [
+        ({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}, "part 1 is of type 'image_url'"),
+        ({"type": "input_audio", "input_audio": {"data": "UklGR", "format": "wav"}}, "part 1 is of type 'input_audio'"),
+        ({"text": "no type"}, "part 1 is of type None"),
+        ("just a string", "part 1 is a str, not an object"),
+    ],
+)
+def test_non_text_content_parts_refused_by_name_with_file_and_line(tmp_path: Path, part: Any, said: str) -> None:
+    good = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+    bad = {"messages": [{"role": "user", "content": [*_parts("What is in this?"), part]},
+                        {"role": "assistant", "content": "A"}]}
+    path = _write_jsonl(tmp_path / "chat.jsonl", [good, bad])
+    with pytest.raises(DataError) as caught:
+        load_examples([_src(path=str(path))])
+    assert str(caught.value).startswith(f"{path}:2: turn 0: 'content' {said}; raysft trains on text, so a content part "
+                                        'must be {"type": "text", "text": ...}. Remove the non-text parts or the row '
+                                        "(invalid_rows: skip skips such rows)"), str(caught.value)
+    assert load_examples([_src(path=str(path), invalid_rows="skip")])[0]["messages"][0]["content"] == "Q"

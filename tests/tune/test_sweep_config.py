@@ -68,6 +68,11 @@ def test_every_domain_form_in_both_spellings() -> None:
     ("space", "expected"),
     [
         ({"lora.rank": "choice [8, 16]"}, "space.lora.rank: unknown key; did you mean 'lora.r'?"),
+        ({"lora.rnk": "choice [8, 16]"}, "space.lora.rnk: unknown key; did you mean 'lora.r'?"),  # a short key's typo
+        ({"data.train.0.limt": "choice [8, 16]"}, "space.data.train.0.limt: unknown key; did you mean "
+                                                  "'data.train.0.limit'?"),
+        ({"data.train.1.limit": "choice [8, 16]"}, "space.data.train.1.limit: index 1 is out of range: 'data.train' "
+                                                   "holds 1 item(s)"),
         ({"lora.r": "choice []"}, "space.lora.r: empty choice"),
         ({"train.lr": "uniform [1e-3, 1e-4]"}, "space.train.lr: uniform needs low < high"),
         ({"train.lr": "loguniform [0, 1e-3]"}, "space.train.lr: loguniform needs low > 0"),
@@ -146,8 +151,8 @@ def test_bad_base_names_base_keys(tmp_path: Path) -> None:
 
 def test_trial_config_sets_values_and_writes_into_the_sweep_folder(tmp_path: Path) -> None:
     cfg = parse_sweep(sweep_raw(name="s1", output_dir=str(tmp_path)))
-    trial = trial_config(cfg, {"lora.r": 32, "train.lr": 3e-4}, "trial_00002")
-    assert trial.lora.r == 32 and trial.train.lr == 3e-4
+    trial = trial_config(cfg, {"lora.r": 32, "train.lr": 3e-4, "data.train.0.limit": 64}, "trial_00002")
+    assert trial.lora.r == 32 and trial.train.lr == 3e-4 and trial.data.train[0].limit == 64  # a list item by index
     assert Path(trial.train.output_dir) == tmp_path.resolve() / "trials" / "trial_00002"
     assert trial.train.resume and trial.tracking.wandb_group == "s1" and trial.tracking.run_name == "trial_00002"
 
