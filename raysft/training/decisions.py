@@ -67,7 +67,7 @@ def open_board(name: str) -> ray.actor.ActorHandle:
     return DecisionBoard.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
 
 
-def record(name: str, trial_id: str, round_: int, decision: str) -> None:
+def post_decision(name: str, trial_id: str, round_: int, decision: str) -> None:
     """Post a decision without waiting (the scheduler runs inside Tune's event loop)."""
     ray.get_actor(name, namespace=NAMESPACE).record.remote(trial_id, round_, decision)
 

@@ -51,7 +51,7 @@ from raysft.data.pipeline import prepare_data
 from raysft.ray_session import ensure_ray
 from raysft.training.trainer import scaling_config, train, wait_for_worker_resources
 from raysft.tune.config import SweepConfig, check_sweep, sweep_yaml
-from raysft.training.decisions import TrialGate, board_name, eval_round, open_board, record
+from raysft.training.decisions import TrialGate, board_name, eval_round, open_board, post_decision
 from raysft.tune.report import SweepResult, write_report
 from raysft.tune.space import Domain, to_param_space
 
@@ -229,7 +229,7 @@ class DecidingASHA(ASHAScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
-        record(self.board, trial.trial_id, int(result["eval_round"]), decision)
+        post_decision(self.board, trial.trial_id, int(result["eval_round"]), decision)
         return decision
 
 
