@@ -23,14 +23,15 @@ from ray.train.torch import TorchTrainer
 from raysft.config import Config, with_absolute_paths
 from raysft.data.pipeline import ensure_ray, prepare_data, stats_json
 from raysft.data.prompts import generation_set
-from raysft.errors import USER_ERRORS, ConfigError, RunError
+from raysft.errors import USER_ERRORS, ConfigError, RunError, RunInterrupted
 from raysft.evaluation import GENERATIONS_FILE
 from raysft import storage
 from raysft.fileio import write_error
 from raysft.track import METRICS_FILE, MLFLOW_DIR, MLFLOW_RUN_FILE, read_metrics, say, train_log_level, verbose
 from raysft.model import load_tokenizer
-from raysft.training.checkpoint import newest_verified, read_state
+from raysft.training.checkpoint import newest_verified, prune_extra_checkpoints, read_state, step_dir_name
 from raysft.training.checkpoint import CHECKPOINT_SCORE_KEY, higher_is_better, is_scored
+from raysft.training.interrupt import new_stop_board, run_until_signalled
 from raysft.training.preflight import preflight
 from raysft.training.run_folder import (
     CHECKPOINTS_DIR,
@@ -214,11 +215,29 @@ def _copy_results_home(cfg: Config) -> None:
             storage.download(storage.join(location, name), home / name)
 
 
-def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
+def prune_checkpoints(cfg: Config) -> list[str]:
+    """Remove the checkpoints a stopped run left beyond train.checkpoints_to_keep (see prune_extra_checkpoints)."""
+    return prune_extra_checkpoints(checkpoint_root(cfg), cfg.train.checkpoints_to_keep, higher_is_better(cfg))
+
+
+def _interrupted(cfg: Config, signum: int | None, stopped_at: int | None) -> RunInterrupted:
+    """What the driver says when the run stopped on request: where the run is, and whether it checkpointed."""
+    if stopped_at is None:
+        at = (f"did not stop within scaling.stop_grace_s={cfg.scaling.stop_grace_s:g} s; it continues from its "
+              "newest checkpoint")
+    else:
+        at = f"stopped at step {stopped_at}" + (f" (checkpoint {step_dir_name(stopped_at)})" if stopped_at else "")
+        _copy_results_home(cfg)
+    prune_checkpoints(cfg)
+    return RunInterrupted(f"interrupted: the run in {run_location(cfg)} {at}", signum, stopped=stopped_at is not None)
+
+
+def train(cfg: Config, callbacks: list[Any] | None = None, stop_board: Any = None) -> RunResult:
     """Fine-tune the model of `cfg` on Ray and write the run folder (see README, "Output").
 
     Everything that can be checked before Ray starts is (README, "What raysft guarantees"); a refused
-    run writes nothing.
+    run writes nothing. SIGINT or SIGTERM (on the main thread) or `stop_board` (a sweep's) stops the workers at a
+    step boundary with a checkpoint: RunInterrupted, and `--resume` continues the run.
 
     Example:
         >>> import raysft
@@ -233,8 +252,12 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
     check_batch_fits(cfg, prepared.num_rows("train"))
     generation = generation_set(cfg, prepared, load_tokenizer(cfg.model)) if cfg.eval.generate is not None else None
     resume_from = _resume_point(cfg, prepared.fingerprint)
+    if cfg.train.resume and (pruned := prune_checkpoints(cfg)):
+        say(f"removed checkpoint(s) beyond train.checkpoints_to_keep={cfg.train.checkpoints_to_keep}: {', '.join(pruned)}")
     ensure_ray(cfg.scaling.ray_address)
     wait_for_worker_resources(cfg)
+    own_board = stop_board is None
+    stop_board = new_stop_board() if own_board else stop_board
 
     location = run_location(cfg)
     write_run_config(cfg, resume_changes)
@@ -249,6 +272,7 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
         resume_from=resume_from,
         verbose=verbose(),
         generation=generation,
+        stop_board=stop_board,
     )
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, str(HEALTH_CHECK_INTERVAL_S))  # read when fit() starts the controller
     trainer = TorchTrainer(
@@ -268,8 +292,16 @@ def train(cfg: Config, callbacks: list[Any] | None = None) -> RunResult:
         # (raysft/data/stream.py), in an order fixed by (seed, epoch, step).
     )
     try:
-        result = trainer.fit()
+        outcome = run_until_signalled(trainer.fit, stop_board, cfg.scaling.stop_grace_s)
+        stopped_at = ray.get(stop_board.stopped_at.remote(location)) if outcome.stopped else None
     except ray.train.TrainingFailedError as err:
         raise _failure_as_user_error(err, cfg) or err
+    finally:
+        if own_board:  # an actor (a process) per run: a session that trains many times keeps none of them
+            ray.kill(stop_board)
+    if not outcome.stopped or stopped_at is not None:
+        raise _interrupted(cfg, outcome.signum, stopped_at)
+    result = outcome.result
+    assert result is not None  # a run that returned without being stopped
     _copy_results_home(cfg)
     return RunResult(output_path(cfg), output_path(cfg) / FINAL_DIR, dict(result.metrics or {}))

@@ -38,6 +38,8 @@ class LoopInputs:
     """The driver's console mode (raysft.track.verbose): a worker quiets its libraries unless it is set."""
     generation: GenerationSet | None = None
     """eval.generate's prompts and references (raysft/data/prompts.py), or None."""
+    stop_board: Any = None
+    """The driver's stop board (raysft/training/interrupt.py): asks the workers to checkpoint and stop."""
 
     @property
     def has_eval(self) -> bool:
