@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raysft.config import Config, ModelConfig, is_uri, load_config, with_absolute_paths
 from raysft.labels import IGNORE_INDEX
-from raysft.errors import USER_ERRORS, ConfigError, RunError
+from raysft.errors import USER_ERRORS, ConfigError, RunError, RunInterrupted
 from raysft.starter import DEFAULT_MODEL, FORMATS, METHODS
 
 if TYPE_CHECKING:
@@ -474,5 +476,27 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"raysft: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted as err:
+        return _stop(err, args)
     return 0
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues the interrupted `raysft train` or `raysft sweep` of `args`."""
+    sets = [word for override in args.overrides for word in ("--set", override)]
+    return shlex.join(["raysft", args.command, args.config, *sets, "--resume"])
+
+
+def _stop(err: RunInterrupted, args: argparse.Namespace) -> int:
+    """One line (where the run stopped, the command that resumes it), this job's Ray actors gone (a local Ray
+    that raysft started shut down), and 128 + the signal's number as the exit status (130 SIGINT, 143 SIGTERM)."""
+    import ray
+
+    ray.shutdown()
+    print(f"raysft: {err}; resume with: {resume_command(args)}", file=sys.stderr, flush=True)
+    code = 128 + (err.signum or signal.SIGINT)
+    if not err.stopped:  # the run's thread may still be inside a Ray call; no interpreter teardown to crash it
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 

@@ -330,6 +330,10 @@ class ScalingConfig(Section):
     resource_wait_s: float = Field(default=600.0, ge=0)
     """On an autoscaling cluster, how long to wait for nodes that can hold the workers before giving up.
     Without an autoscaler a request the cluster cannot hold fails at once."""
+    stop_grace_s: float = Field(default=60.0, ge=0)
+    """On SIGINT (Ctrl-C) or SIGTERM (a preemption notice), how long the workers get to finish their step and
+    write a checkpoint before the run stops without one (it then resumes from its newest checkpoint). Keep it
+    under the notice your platform gives (Kubernetes: terminationGracePeriodSeconds, 30 s by default)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """How workers share the model. `ddp`: each worker holds the whole model, gradients and optimizer state
     (fastest while it fits one device). `fsdp`: PyTorch FSDP2 shards parameters, gradients and optimizer

@@ -26,5 +26,19 @@ class RunError(RuntimeError):
     the workers, storage is not writable, a resume does not match its run. The message says what to do."""
 
 
+class RunInterrupted(Exception):
+    """A run (or sweep) stopped by SIGINT or SIGTERM, its state saved for --resume. The message says where it
+    stopped; the command line adds the command that resumes it and exits 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int | None = None, stopped: bool = True):
+        self.signum = signum
+        self.stopped = stopped
+        """False when the workers did not stop in time: Ray calls may still be running on another thread."""
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[type, tuple[str, int | None, bool]]:
+        return (type(self), (str(self), self.signum, self.stopped))
+
+
 USER_ERRORS = (ConfigError, DataError, RunError)
 """What the command line reports as one message (exit 2) instead of a traceback."""

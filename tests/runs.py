@@ -10,6 +10,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,53 @@ def start_then_kill_when(command: list[str], env: dict[str, str], ready: Callabl
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def logged_step(run_dir: Path) -> int:
+    """The last step in the run's metrics.jsonl (0 before the first)."""
+    from raysft.track import read_metrics
+
+    metrics = run_dir / "metrics.jsonl"
+    return max((record["step"] for record in read_metrics(metrics)), default=0) if metrics.exists() else 0
+
+
+@dataclass
+class Signalled:
+    """How a command stopped by a signal ended."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    processes: list[psutil.Process]
+    """Every process it had started when signalled (its local Ray's among them)."""
+
+    def raysft_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("raysft: ")]
+
+
+def start_then_signal_when(command: list[str], env: dict[str, str], ready: Callable[[], bool], signum: int,
+                           whole_group: bool, timeout_s: float) -> Signalled:
+    """Run `command` in a new session and, once `ready()` holds, send it `signum`: to its whole process group as
+    a Ctrl-C in a terminal does (`whole_group`), or to the command alone as a preemption notice does. Waits for it
+    to end; whatever is left of it after `timeout_s` is killed."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=out, stderr=err, text=True)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not ready():
+                assert process.poll() is None, f"the command ended (status {process.returncode}) before the signal"
+                assert time.monotonic() < deadline, "timed out waiting for the moment to signal"
+                time.sleep(0.3)
+            started = psutil.Process(process.pid).children(recursive=True)
+            (os.killpg if whole_group else os.kill)(process.pid, signum)
+            returncode = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        out.seek(0)
+        err.seek(0)
+        return Signalled(returncode, out.read(), err.read(), started)
 
 
 class WorkerKiller:

@@ -32,6 +32,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import ray.train
@@ -161,17 +162,17 @@ def persist_checkpoint(folder: Path, root: str, name: str, keep: int | None, hig
             storage.remove(storage.join(root, old))
 
 
-def checkpoints_to_prune(root: str, keep: int, higher_first: bool) -> list[str]:
+def checkpoints_to_prune(root: str, keep: int, higher_first: bool, protected: Collection[str] = ()) -> list[str]:
     """What Ray Train's CheckpointConfig prunes, for checkpoints raysft stores itself: all but the `keep`
-    best by their recorded score (the newest `keep` when unscored) and the newest."""
+    best by their recorded score (the newest `keep` when unscored), the newest and the `protected`."""
     names = checkpoint_names(root)
     newest = names[-1:] if names else []
-    scores = {name: read_state(storage.join(root, name)).get("score") for name in names}
+    scores = {name: _recorded_score(storage.join(root, name)) for name in names}
     if any(score is None for score in scores.values()):
         ranked = list(reversed(names))
     else:
         ranked = sorted(names, key=lambda n: scores[n], reverse=higher_first)
-    kept = set(ranked[:keep]) | set(newest)
+    kept = set(ranked[:keep]) | set(newest) | set(protected)
     return [name for name in names if name not in kept]
 
 
@@ -179,6 +180,47 @@ def checkpoint_at(location: str) -> ray.train.Checkpoint:
     """The Ray checkpoint at `location` (a path or a URI), read through raysft's storage (object storage retried)."""
     fs, path = storage.resolve(location)
     return ray.train.Checkpoint(path, filesystem=fs)
+
+
+def _recorded_score(location: str) -> float | None:
+    try:
+        return read_state(location).get("score")
+    except (OSError, ValueError):  # a save cut short before its state.json: unscored
+        return None
+
+
+def ray_train_checkpoints(root: str) -> set[str]:
+    """The checkpoints Ray Train's snapshot lists: Ray Train prunes them itself, and refuses to resume a run
+    whose snapshot lists one that is gone."""
+    snapshot = storage.join(root, RAY_SNAPSHOT)
+    if not storage.exists(snapshot):
+        return set()
+    try:
+        results = json.loads(storage.read_bytes(snapshot))["checkpoint_results"]
+        return {result["checkpoint_dir_name"] for result in results}
+    except (ValueError, KeyError, TypeError):
+        return set(checkpoint_names(root))  # unreadable: prune nothing Ray Train might still count on
+
+
+def prune_extra_checkpoints(root: str, keep: int | None, higher_first: bool) -> list[str]:
+    """After an interrupt and on resume: remove the checkpoints beyond `keep` that a stop left (one saved but
+    not yet pruned, one stored but not yet registered with Ray Train); return their names. Never the newest
+    verified one (what --resume continues from), nor the best-scored one it records (what train.final: best
+    loads), nor one Ray Train manages, nor anything but raysft's own step_NNNNNN folders."""
+    names = checkpoint_names(root)
+    if keep is None or len(names) <= keep:
+        return []
+    protected = ray_train_checkpoints(root)
+    newest = find_resumable(root)[0]
+    if newest is not None:
+        protected.add(Path(newest).name)
+        best = read_state(newest).get("best")
+        if best:
+            protected.add(step_dir_name(best["step"]))
+    pruned = checkpoints_to_prune(root, keep, higher_first, protected)
+    for name in pruned:
+        storage.remove(storage.join(root, name))
+    return pruned
 
 
 def checkpoint_names(root: str) -> list[str]:

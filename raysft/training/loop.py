@@ -50,6 +50,7 @@ from raysft.training.checkpoint import (
 )
 from raysft.training.fsdp import all_finite, gathered_state_dict, is_sharded, shard
 from raysft.training.generate_eval import GenerationEval
+from raysft.training.interrupt import StopCheck
 from raysft.training.optim import build_optimizer, lr_at, set_lr
 from raysft.training.step import ORDER_CHUNK_ROWS, BatchSchedule, all_reduce_sum, autocast, train_step
 from raysft.training.stopping import patience_of
@@ -253,11 +254,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             patience = patience.after_evaluation(last_eval, 0)
         report(last_eval, 0)
 
+    def checkpoint(done: int, metrics: dict[str, float]) -> None:
+        nonlocal best, saved_step
+        if tracker is not None:
+            _sync_run_files(working, location)  # the checkpoint and the metrics up to it land together
+        score = last_eval.get(cfg.train.checkpoint_score) if scored else None
+        if score is not None and better(score, best and best["score"], higher):
+            best = {"score": score, "step": done}
+        state = {"data_fingerprint": inputs.data_fingerprint, "num_tokens": seen_tokens, "scaler": scaler.state_dict(),
+                 "workers": world, "saved_at": time.time(), "score": score, "last_eval": last_eval, "best": best,
+                 "early_stopping": patience.state() if patience is not None else None}
+        save_checkpoint(inputs, done, model, optimizer, state, metrics, rank, local_mode)
+        saved_step = done
+
     # Loop.
     stopped_by_scheduler = False
     loss_module.train()
     interval_start, interval_tokens = time.perf_counter(), 0  # after the first eval, so it is not counted
+    stop_check, saved_step, stopped_at = StopCheck(inputs.stop_board), start_step, None
     for step in range(start_step, num_steps):
+        if stop_check.requested(world, device):  # SIGINT/SIGTERM on the driver (raysft/training/interrupt.py)
+            stopped_at = step
+            break
         step_rows = schedule.step_rows(step)
         for ahead in range(step + 1, min(step + 3, num_steps)):  # read on a background thread meanwhile
             train_rows.prefetch(schedule.step_rows(ahead))
@@ -305,16 +323,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         checkpoint_due = bool(cfg.train.checkpoint_every) and done % cfg.train.checkpoint_every == 0 and done < num_steps
         weights_finite = checkpoint_due and all_finite(params, device)
         if weights_finite:
-            if tracker is not None:
-                _sync_run_files(working, location)  # the checkpoint and the metrics up to it land together
-            score = last_eval.get(cfg.train.checkpoint_score) if scored else None
-            if score is not None and better(score, best and best["score"], higher):
-                best = {"score": score, "step": done}
-            state = {"data_fingerprint": inputs.data_fingerprint, "num_tokens": seen_tokens, "scaler": scaler.state_dict(),
-                     "workers": world, "saved_at": time.time(),
-                     "score": score, "last_eval": last_eval, "best": best,
-                     "early_stopping": patience.state() if patience is not None else None}
-            save_checkpoint(inputs, done, model, optimizer, state, metrics, rank, local_mode)
+            checkpoint(done, metrics)
         else:
             if checkpoint_due and tracker is not None:
                 tracker.log_text(f"step {done}: weights are not finite; checkpoint not written")
@@ -335,6 +344,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if stopped_by_scheduler:  # a stopped trial has no final/: that is what tells it from a completed one
         _close(train_rows, eval_rows, tracker, working, location, mlflow_status="KILLED")  # as the sweep ends it
         return
+    if stopped_at is not None:
+        # Asked to stop: a checkpoint of where the run is (unless it has one), for --resume; no final/.
+        if stopped_at != saved_step and all_finite(params, device):
+            checkpoint(stopped_at, {})
+        if tracker is not None:
+            tracker.log_text(f"stopped at step {stopped_at} on request (SIGINT/SIGTERM); checkpoint "
+                             f"{step_dir_name(saved_step) if saved_step else 'none'}")
+        _close(train_rows, eval_rows, tracker, working, location)
+        if tracker is not None:
+            stop_check.stopped(location, saved_step)
+        return
+
     # Save: the last step's weights, or the best checkpoint's when it beat them.
     final_score = last_eval.get(cfg.train.checkpoint_score)
     if (rank == 0 or sharded) and cfg.train.final == "best" and best and final_score is not None and better(

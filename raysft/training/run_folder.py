@@ -58,6 +58,7 @@ RESUMABLE_CHANGES = (
     "scaling.max_failures",
     "scaling.ray_address",
     "scaling.resource_wait_s",
+    "scaling.stop_grace_s",
     "data.num_tokenize_workers",
     "data.cache_dir",
     "tracking.",

@@ -22,15 +22,23 @@ from raysft.cluster import autoscaler_adds_nodes, gcs_node_types
 from raysft.config import Config, global_batch_rows, is_uri, with_absolute_paths
 from raysft.data.pipeline import PreparedData, prepare_data, stats_json
 from raysft.data.prompts import generation_set
-from raysft.errors import USER_ERRORS, ConfigError, RunError
+from raysft.errors import USER_ERRORS, ConfigError, RunError, RunInterrupted
 from raysft.evaluation import GENERATIONS_FILE, GenerationSet
 from raysft import storage
 from raysft.fileio import write_error
 from raysft.track import METRICS_FILE, MLFLOW_DIR, MLFLOW_RUN_FILE, read_metrics, say, train_log_level, verbose
 from raysft.model import load_tokenizer
 from raysft.ray_session import ensure_ray
-from raysft.training.checkpoint import find_resumable, read_state, repair_ray_snapshot, set_aside
+from raysft.training.checkpoint import (
+    find_resumable,
+    prune_extra_checkpoints,
+    read_state,
+    repair_ray_snapshot,
+    set_aside,
+    step_dir_name,
+)
 from raysft.training.checkpoint import CHECKPOINT_SCORE_KEY, higher_is_better, is_scored
+from raysft.training.interrupt import new_stop_board, run_until_signalled
 from raysft.training.preflight import preflight
 from raysft.training.run_folder import (
     CHECKPOINTS_DIR,
@@ -247,6 +255,23 @@ def _copy_results_home(cfg: Config) -> None:
             storage.download(storage.join(location, name), home / name)
 
 
+def prune_checkpoints(cfg: Config) -> list[str]:
+    """Remove the checkpoints a stopped run left beyond train.checkpoints_to_keep (see prune_extra_checkpoints)."""
+    return prune_extra_checkpoints(checkpoint_root(cfg), cfg.train.checkpoints_to_keep, higher_is_better(cfg))
+
+
+def _interrupted(cfg: Config, signum: int | None, stopped_at: int | None) -> RunInterrupted:
+    """What the driver says when the run stopped on request: where the run is, and whether it checkpointed."""
+    if stopped_at is None:
+        at = (f"did not stop within scaling.stop_grace_s={cfg.scaling.stop_grace_s:g} s; it continues from its "
+              "newest checkpoint")
+    else:
+        at = f"stopped at step {stopped_at}" + (f" (checkpoint {step_dir_name(stopped_at)})" if stopped_at else "")
+        _copy_results_home(cfg)
+    prune_checkpoints(cfg)
+    return RunInterrupted(f"interrupted: the run in {run_location(cfg)} {at}", signum, stopped=stopped_at is not None)
+
+
 @dataclass(frozen=True)
 class CheckedRun:
     """A run that passed every check `train` makes before training: what it would train on, and from where."""
@@ -282,11 +307,14 @@ def check(cfg: Config) -> CheckedRun:
     return CheckedRun(cfg, resume_changes, prepared, generation, _resume_point(cfg, prepared.fingerprint))
 
 
-def train(cfg: Config, callbacks: list[Any] | None = None, gate: TrialGate | None = None) -> RunResult:
+def train(cfg: Config, callbacks: list[Any] | None = None, gate: TrialGate | None = None,
+          stop_board: Any = None) -> RunResult:
     """Fine-tune the model of `cfg` on Ray and write the run folder (docs: "Outputs, tracking, export").
 
     Everything that can be checked before Ray starts is (`check`; docs: "Guarantees and troubleshooting"); a
-    refused run writes nothing. `callbacks`: Ray Train callbacks; `gate`: a sweep trial's line to its scheduler.
+    refused run writes nothing. SIGINT or SIGTERM (on the main thread) or `stop_board` (a sweep's) stops the workers
+    at a step boundary with a checkpoint: RunInterrupted, and `--resume` continues the run. `callbacks`: Ray Train
+    callbacks; `gate`: a sweep trial's line to its scheduler.
 
     Example:
         >>> import raysft
@@ -296,19 +324,23 @@ def train(cfg: Config, callbacks: list[Any] | None = None, gate: TrialGate | Non
     """
     cfg = with_absolute_paths(cfg)
     try:
-        return _train(cfg, callbacks, gate)
+        return _train(cfg, callbacks, gate, stop_board)
     except OSError as err:
         if storage.is_transient(err):  # the driver's own requests (run folder, data cache) gave up retrying
             raise storage_outage(cfg, err) from None
         raise
 
 
-def _train(cfg: Config, callbacks: list[Any] | None, gate: TrialGate | None) -> RunResult:
+def _train(cfg: Config, callbacks: list[Any] | None, gate: TrialGate | None, stop_board: Any) -> RunResult:
     checked = check(cfg)
     cfg, resume_changes, prepared = checked.config, checked.resume_changes, checked.prepared
     generation, resume_from = checked.generation, checked.resume_from
+    if cfg.train.resume and (pruned := prune_checkpoints(cfg)):
+        say(f"removed checkpoint(s) beyond train.checkpoints_to_keep={cfg.train.checkpoints_to_keep}: {', '.join(pruned)}")
     ensure_ray(cfg.scaling.ray_address)
     wait_for_worker_resources(cfg)
+    own_board = stop_board is None
+    stop_board = new_stop_board() if own_board else stop_board
 
     location = run_location(cfg)
     write_run_config(cfg, resume_changes)
@@ -324,6 +356,7 @@ def _train(cfg: Config, callbacks: list[Any] | None, gate: TrialGate | None) -> 
         verbose=verbose(),
         generation=generation,
         gate=gate,
+        stop_board=stop_board,
     )
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, str(HEALTH_CHECK_INTERVAL_S))  # read when fit() starts the controller
     # Object storage: Ray Train uploads checkpoints and its snapshot through raysft's retrying file system (and
@@ -347,8 +380,16 @@ def _train(cfg: Config, callbacks: list[Any] | None, gate: TrialGate | None) -> 
         # (raysft/data/stream.py), in an order fixed by (seed, epoch, step).
     )
     try:
-        result = trainer.fit()
+        outcome = run_until_signalled(trainer.fit, stop_board, cfg.scaling.stop_grace_s)
+        stopped_at = ray.get(stop_board.stopped_at.remote(location)) if outcome.stopped else None
     except ray.train.TrainingFailedError as err:
         raise _failure_as_user_error(err, cfg) or err
+    finally:
+        if own_board:  # an actor (a process) per run: a session that trains many times keeps none of them
+            ray.kill(stop_board)
+    if not outcome.stopped or stopped_at is not None:
+        raise _interrupted(cfg, outcome.signum, stopped_at)
+    result = outcome.result
+    assert result is not None  # a run that returned without being stopped
     _copy_results_home(cfg)
     return RunResult(output_path(cfg), output_path(cfg) / FINAL_DIR, dict(result.metrics or {}))

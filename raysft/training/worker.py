@@ -41,6 +41,8 @@ class LoopInputs:
     """eval.generate's prompts and references (raysft/data/prompts.py), or None."""
     gate: TrialGate | None = None
     """A sweep trial's line to its scheduler, heard after every evaluation (None outside a stopping sweep)."""
+    stop_board: Any = None
+    """The driver's stop board (raysft/training/interrupt.py): asks the workers to checkpoint and stop."""
 
     @property
     def has_eval(self) -> bool:

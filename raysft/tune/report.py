@@ -23,7 +23,7 @@ from raysft.fileio import replace_dir_atomically, write_text_atomically
 from raysft.track import read_metrics
 from raysft.tune.space import parse_domain
 
-STATUSES = ("completed", "stopped_early", "error")
+STATUSES = ("completed", "stopped_early", "interrupted", "error")
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class TrialSummary:
     name: str
     params: dict[str, Any]
     status: str
-    """completed (reached its last step), stopped_early (by the scheduler, or cut off by a killed sweep), error."""
+    """completed (reached its last step), stopped_early (by the scheduler, or cut off by a killed sweep),
+    interrupted (checkpointed when the sweep was stopped by SIGINT/SIGTERM; --resume continues it), error."""
     curve: list[tuple[int, float]]
     """(step, metric) of every evaluation after training began."""
     steps: int
@@ -70,6 +71,8 @@ def _read_trial(trial_dir: Path, sweep_dir: Path, metric: str) -> TrialSummary:
     records = read_metrics(metrics_file)  # a trial killed mid-append leaves a torn last line
     if (trial_dir / "final").is_dir():
         status = "completed"
+    elif "interrupted" in info:  # written by the stopped sweep, dropped when --resume restarts the trial
+        status = "interrupted"
     elif (sweep_dir / "tune" / trial_dir.name / "error.txt").exists():
         status = "error"
     else:
@@ -154,7 +157,8 @@ def _plot(result: SweepResult, space: dict[str, Any], path: Path) -> None:
             steps, values = zip(*t.curve)
             curves.plot(steps, values, marker=".", linestyle="-" if t.status == "completed" else ":", label=t.name)
     curves.set(title=f"{result.metric} per trial (dotted: stopped early)", xlabel="step", ylabel=result.metric)
-    curves.legend(fontsize="x-small")
+    if curves.lines:  # a legend of no curve is a warning
+        curves.legend(fontsize="x-small")
     for ax, key in zip(axes[0][1:], keys):
         domain, _ = parse_domain(key, space[key])
         points = [(t.params.get(key), t.best(result.mode)) for t in result.trials if t.best(result.mode) is not None]

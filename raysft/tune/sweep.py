@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +35,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raysft import storage
 from raysft.config import Config, flatten, output_base, set_dotted, validate_section, with_absolute_paths
-from raysft.errors import ConfigError
+from raysft.errors import ConfigError, RunInterrupted
 from raysft.fileio import write_text_atomically
 from raysft.track import (
     METRICS_FILE,
@@ -45,6 +47,7 @@ from raysft.track import (
     recorded_mlflow_run,
     verbose,
 )
+from raysft.training.interrupt import SweepStopper, new_stop_board, recorded_signals
 from raysft.training.preflight import preflight
 from raysft.training.run_folder import FINAL_DIR, run_location
 from raysft.data.pipeline import prepare_data
@@ -64,7 +67,25 @@ TRIAL_DRIVER_RESOURCES: dict[str, float] = {"memory": 512.0 * 2**20}
 # ASHA's horizon when the base config does not fix the number of steps.
 DEFAULT_MAX_ROUNDS = 100
 # How a trial's MLflow run ends (a completed trial's rank 0 has ended it FINISHED already).
-MLFLOW_STATUS = {"completed": "FINISHED", "stopped_early": "KILLED", "error": "FAILED"}
+MLFLOW_STATUS = {"completed": "FINISHED", "stopped_early": "KILLED", "interrupted": "KILLED", "error": "FAILED"}
+# Tune's statuses of a trial that has not ended: a stopped sweep leaves it to --resume.
+UNFINISHED_TUNE_STATUSES = ("PENDING", "RUNNING", "PAUSED")
+
+
+class SweepProgress:
+    """What the sweep driver knows while Tune runs: each trial's latest Tune status, and whether the sweep is
+    stopping on a signal. Module-wide (one sweep per driver process at a time) because on --resume Tune brings
+    back its callbacks (LiveTable) as copies from its saved state, which must report to this process's sweep."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.statuses: dict[str, str] = {}
+        self.stopping = threading.Event()
+
+
+PROGRESS = SweepProgress()
 
 
 def trial_name(trial: Any) -> str:
@@ -155,9 +176,10 @@ def _eval_records(location: str) -> list[dict[str, Any]]:
 
 
 def run_trial(params: dict[str, Any], sweep: dict[str, Any], mlflow_parent: str | None = None,
-              verbose_run: bool = False) -> None:
+              verbose_run: bool = False, stop_board: Any = None) -> None:
     """Tune driver function of one trial: train the base config with `params` set, reporting evaluations.
-    `verbose_run` is the sweep driver's console mode, which this process (Tune's, for this trial) takes on."""
+    `verbose_run` is the sweep driver's console mode, which this process (Tune's, for this trial) takes on;
+    `stop_board` the sweep's (raysft/training/interrupt.py), through which a signal to the sweep stops the trial."""
     os.environ[VERBOSE_ENV] = "1" if verbose_run else "0"
     quiet_worker(verbose_run)
     cfg = SweepConfig.model_validate(sweep)
@@ -183,7 +205,16 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any], mlflow_parent: str 
                         tags={"raysft.sweep": cfg.name, "raysft.trial": name})
     # A scheduler that can stop a trial is heard at every evaluation (raysft/training/decisions.py); FIFO never stops one.
     gate = TrialGate(board_name(sweep_home(cfg)), ray.tune.get_context().get_trial_id()) if stops_trials(cfg) else None
-    train(train_cfg, callbacks=[EvalRoundsToTune(eval_every)], gate=gate)
+    ray.get(stop_board.begin.remote(name))
+    try:
+        train(train_cfg, callbacks=[EvalRoundsToTune(eval_every)], gate=gate, stop_board=stop_board)
+    except RunInterrupted:
+        ray.get(stop_board.end.remote(name))
+        # Checkpointed. The trial holds its place (no other trial starts in it) until the sweep driver ends the
+        # experiment, which Tune saves with this trial unfinished: --resume continues it.
+        threading.Event().wait()
+    finally:
+        stop_board.end.remote(name)
 
 
 @contextlib.contextmanager
@@ -275,6 +306,10 @@ class LiveTable(tune.Callback):
         self.metric = metric
         self.keys = keys
 
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if not PROGRESS.stopping.is_set():  # the statuses before the stop, not those of its teardown
+            PROGRESS.statuses = {trial_name(t): t.status for t in trials}
+
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         print(f"[sweep] {trial_name(trial)}  {_params_text(trial.config, self.keys)}  started", flush=True)
 
@@ -287,11 +322,17 @@ class LiveTable(tune.Callback):
         )
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        if PROGRESS.stopping.is_set():  # a trial stopped with the sweep: the sweep's one line says what to do
+            return
         done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
         print(f"[sweep] {trial_name(trial)}  finished  ({done}/{len(trials)} trials done)", flush=True)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        print(f"[sweep] {trial_name(trial)}  ERROR  (see {trial.path}/error.txt)", flush=True)
+        if PROGRESS.stopping.is_set():
+            return
+        error_file = getattr(trial, "error_file", None)  # Tune writes it before this call, when it has a folder
+        where = f"see {error_file}" if error_file and os.path.exists(error_file) else f"{trial.error_msg or ''}"[:300]
+        print(f"[sweep] {trial_name(trial)}  ERROR  ({where})", flush=True)
 
 
 def _params_text(config: dict[str, Any], keys: list[str]) -> str:
@@ -333,6 +374,43 @@ def end_sweep_mlflow_run(run: MlflowRun, cfg: SweepConfig, home: str, result: Sw
     run.end("FINISHED")
 
 
+class _TuneStopHint(logging.Filter):
+    """Drops Tune's own lines about a stop (its `Tuner.restore(...)` hint among them): raysft's line names
+    `raysft sweep ... --resume` instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("Tuner.restore" in message or message.startswith("Stop signal received"))
+
+
+@contextlib.contextmanager
+def _stop_handled_by_raysft() -> Iterator[None]:
+    """While Tune runs: SIGINT is raysft's (Tune would end the experiment at once, the trials unsaved), and
+    Tune's stop messages are dropped."""
+    saved = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    tune_logger, hint = logging.getLogger("ray.tune.tune"), _TuneStopHint()
+    tune_logger.addFilter(hint)
+    try:
+        yield
+    finally:
+        tune_logger.removeFilter(hint)
+        if saved is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved
+
+
+def mark_interrupted(home: str, names: list[str]) -> None:
+    """Record in each trial's trial.json that a stopped sweep interrupted it (its run resumes on --resume, which
+    rewrites trial.json without the mark)."""
+    for name in names:
+        trial_file = storage.join(home, "trials", name, TRIAL_FILE)
+        if storage.exists(trial_file):
+            info = json.loads(storage.read_bytes(trial_file))
+            storage.write_bytes(trial_file, json.dumps({**info, "interrupted": time.time()}, indent=2).encode())
+
+
 def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     """Run (or with `resume`, continue) a sweep on Ray Tune and write results.csv, best/ and report.png.
 
@@ -372,9 +450,11 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     max_concurrent = cfg.max_concurrent_trials or default_max_concurrent(cfg.base, ray.cluster_resources())
     print(f"[sweep] {cfg.name}: {cfg.scheduler.name}, {cfg.search_alg} search, up to {max_concurrent} trial(s) at once; "
           f"folder {sweep_dir}", flush=True)
+    stop_board = new_stop_board()
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, sweep=cfg.model_dump(mode="json"),
-                             mlflow_parent=mlflow_run.run_id if mlflow_run else None, verbose_run=verbose()),
+                             mlflow_parent=mlflow_run.run_id if mlflow_run else None, verbose_run=verbose(),
+                             stop_board=stop_board),
         TRIAL_DRIVER_RESOURCES,
     )
     if resume:
@@ -403,10 +483,20 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     # Held until the trials are done: the board lives as long as this handle (Tune restores the scheduler, which
     # names the board, on --resume).
     board = open_board(board_name(home)) if stops_trials(cfg) else None
-    with _tune_console():
+    PROGRESS.reset()
+    stopper = SweepStopper(stop_board, cfg.base.scaling.stop_grace_s, PROGRESS.stopping)
+    with _tune_console(), _stop_handled_by_raysft(), recorded_signals(stopper.on_signal) as received:
+        stopper.received = received
         tuner.fit()
     if board is not None:
         ray.kill(board)
+    if received:
+        unfinished = [name for name, status in PROGRESS.statuses.items() if status in UNFINISHED_TUNE_STATUSES]
+        mark_interrupted(home, unfinished)
+        fetch_trials(cfg)
+        write_report(sweep_dir)
+        raise RunInterrupted(f"interrupted: the sweep in {sweep_dir} stopped, its running trials checkpointed "
+                             f"({len(unfinished)} unfinished; results.csv lists them as interrupted)", received[0])
     fetch_trials(cfg)
     result = write_report(sweep_dir)
     if mlflow_run is not None:

@@ -13,12 +13,14 @@ from torch import nn
 from raysft.errors import RunError
 from raysft.training.checkpoint import (
     MANIFEST,
+    RAY_SNAPSHOT,
     STAGING_PREFIX,
     checkpoint_names,
     checkpoints_to_prune,
     find_resumable,
     load_checkpoint,
     persist_checkpoint,
+    prune_extra_checkpoints,
     remove_staging,
     set_aside,
     step_dir_name,
@@ -27,15 +29,16 @@ from raysft.training.checkpoint import (
 )
 
 
-def write(folder: Path, step: int, score: float | None = None) -> Path:
-    """A real checkpoint of a one-layer model after one optimizer step, written by rank 0's writer."""
+def write(folder: Path, step: int, score: float | None = None, **state_extra: object) -> Path:
+    """A real checkpoint of a one-layer model after one optimizer step, written by rank 0's writer (`state_extra`:
+    more of its state.json)."""
     torch.manual_seed(step)
     model = nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
     folder.mkdir(parents=True)
-    state = {"step": step, "data_fingerprint": "f", **({} if score is None else {"score": score})}
+    state = {"step": step, "data_fingerprint": "f", **({} if score is None else {"score": score}), **state_extra}
     write_checkpoint(folder, dict(model.named_parameters()), optimizer, [{"cpu": torch.get_rng_state()}], state)
     return folder
 
@@ -114,6 +117,33 @@ def test_prune_without_scores_keeps_the_newest(tmp_path: Path) -> None:
         write(tmp_path / step_dir_name(step), step)
     assert checkpoints_to_prune(str(tmp_path), keep=2, higher_first=False) == [step_dir_name(1)]
     assert checkpoints_to_prune(str(tmp_path), keep=5, higher_first=False) == []
+
+
+def test_prune_after_a_stop_keeps_the_newest_verified_the_recorded_best_and_ray_trains(tmp_path: Path) -> None:
+    """What a stop can leave beyond train.checkpoints_to_keep=2 (a save not yet pruned, a torn newer one), pruned
+    after the interrupt and on resume without touching what a resume or train.final: best needs."""
+    for step, score in [(2, 0.9), (4, 0.2), (6, 0.8)]:
+        write(tmp_path / step_dir_name(step), step, score)
+    newest = write(tmp_path / step_dir_name(8), 8, 0.7, best={"score": 0.2, "step": 4})  # its record of the best
+    torn = write(tmp_path / step_dir_name(10), 10, 0.1)
+    (torn / "optimizer.pt").write_bytes(b"torn")  # newer, better-scored, but never verified
+    (tmp_path / "notes").mkdir()  # not raysft's: never touched
+    assert prune_extra_checkpoints(str(tmp_path), keep=None, higher_first=False) == []  # null keeps all
+    assert prune_extra_checkpoints(str(tmp_path), keep=2, higher_first=False) == [step_dir_name(2), step_dir_name(6)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", step_dir_name(4), step_dir_name(8), step_dir_name(10)]
+    assert find_resumable(str(tmp_path))[0] == str(newest)
+    assert prune_extra_checkpoints(str(tmp_path), keep=2, higher_first=False) == []  # nothing more to do
+
+
+def test_prune_leaves_the_checkpoints_ray_train_manages(tmp_path: Path) -> None:
+    for step in (2, 4, 6):
+        write(tmp_path / step_dir_name(step), step)
+    # Ray Train lists 2 and 4 (it prunes them itself; resuming fails when one it lists is gone); 6 it never took.
+    (tmp_path / RAY_SNAPSHOT).write_text(json.dumps({"checkpoint_results": [
+        {"checkpoint_dir_name": step_dir_name(2)}, {"checkpoint_dir_name": step_dir_name(4)}]}))
+    assert prune_extra_checkpoints(str(tmp_path), keep=1, higher_first=False) == []
+    (tmp_path / RAY_SNAPSHOT).write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": step_dir_name(6)}]}))
+    assert prune_extra_checkpoints(str(tmp_path), keep=1, higher_first=False) == [step_dir_name(2), step_dir_name(4)]
 
 
 def test_persist_stores_by_rename_and_prunes_to_the_best_and_newest(tmp_path: Path) -> None:

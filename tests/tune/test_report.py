@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from raysft.errors import RunError
-from raysft.tune.report import summarize
+from raysft.tune.report import STATUSES, summarize
 
 
 def sweep_folder(root: Path, metric: str = "eval_loss", mode: str = "min") -> Path:
@@ -22,12 +22,14 @@ def sweep_folder(root: Path, metric: str = "eval_loss", mode: str = "min") -> Pa
 
 
 def trial(sweep: Path, name: str, evals: list[float], *, final: bool = True, error: bool = False,
-          started: float = 1000.0, ended: float = 1060.0, metric: str = "eval_loss") -> None:
+          started: float = 1000.0, ended: float = 1060.0, metric: str = "eval_loss", interrupted: bool = False) -> None:
     """A trial folder as a sweep leaves it: trial.json, metrics.jsonl (an evaluation at step 0, then one every
     2 steps, a training record between), final/ when it completed, tune/<name>/error.txt when it failed."""
     folder = sweep / "trials" / name
     folder.mkdir()
     info = {"name": name, "params": {"train.lr": len(evals)}, "started": started}
+    if interrupted:  # as a sweep stopped by SIGINT/SIGTERM marks its unfinished trials
+        info["interrupted"] = ended
     (folder / "trial.json").write_text(json.dumps(info))
     records: list[dict[str, Any]] = [{"step": 0, metric: 99.0}]
     for i, value in enumerate(evals, 1):
@@ -53,6 +55,16 @@ def test_summarize_reads_each_trials_status_curve_and_totals(tmp_path: Path) -> 
     assert done.curve == [(2, 0.9), (4, 0.7)]  # the step-0 evaluation (before training) is not on the curve
     assert (done.steps, done.tokens, done.wall_s) == (4, 300, 90.5)
     assert done.params == {"train.lr": 2} and stopped.last == 1.2 and failed.last is None
+
+
+def test_a_trial_a_signal_stopped_is_interrupted_until_it_completes(tmp_path: Path) -> None:
+    sweep = sweep_folder(tmp_path / "sweep")
+    trial(sweep, "trial_00000", [0.9], final=False, interrupted=True)
+    trial(sweep, "trial_00001", [0.8], final=False, interrupted=True, error=True)  # an earlier failure, retried
+    trial(sweep, "trial_00002", [0.7], final=True, interrupted=True)  # finished as the sweep stopped
+    trial(sweep, "trial_00003", [0.6], final=False)  # stopped by the scheduler
+    assert [t.status for t in summarize(sweep).trials] == ["interrupted", "interrupted", "completed", "stopped_early"]
+    assert "interrupted" in STATUSES
 
 
 def test_the_best_is_the_completed_trial_with_the_best_final_metric(tmp_path: Path) -> None:

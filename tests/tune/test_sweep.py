@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import ray
 import yaml
@@ -22,16 +23,19 @@ from transformers import AutoModelForCausalLM
 from raysft.cli import main as cli_main
 from raysft.config import flatten
 from raysft.track import METRICS_FILE, MLFLOW_DIR, read_metrics
+from raysft.training.checkpoint import checkpoint_names, step_dir_name, verify
 from raysft.tune.config import parse_sweep
 from raysft.tune.report import SweepResult
 from raysft.tune.sweep import sweep
 from tests.runs import (
     REPO,
     assert_mlflow_holds,
+    logged_step,
     mlflow_client,
     mlflow_params,
     mlflow_steps,
     records_by_step,
+    start_then_signal_when,
     step_seconds,
     tiny_config,
 )
@@ -233,3 +237,36 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_model_dir: 
     assert {name: (second / "checkpoints" / name / "manifest.json").stat().st_ino for name in kept} == kept
     steps = [yaml.safe_load(line)["step"] for line in (second / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 40  # every step logged once, in order
+
+
+@pytest.mark.slow  # a sweep stopped and resumed, two fresh Ray clusters: about 1.5 minutes on 2 cores
+def test_a_sweep_stopped_by_ctrl_c_checkpoints_its_trials_and_resumes_them(tiny_model_dir: Path, tmp_path: Path) -> None:
+    base = tiny_base(tiny_model_dir, tmp_path, ["train.max_steps=20", "train.eval_every=10", "train.checkpoint_every=4",
+                                                "train.checkpoints_to_keep=2"])
+    sweep_dir, sweep_file = tmp_path / "sweep", tmp_path / "stopped.yaml"
+    sweep_file.write_text(yaml.safe_dump({"name": "tiny-stopped", "base": base, "output_dir": str(sweep_dir),
+                                          "space": {"train.lr": "grid [1e-2]"}, "scheduler": "fifo"}))
+    command = [sys.executable, "-m", "raysft", "sweep", str(sweep_file)]
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    trial_dir = sweep_dir / "trials" / "trial_00000"
+
+    stopped = start_then_signal_when(command, env, lambda: logged_step(trial_dir) >= 3, signal.SIGINT, whole_group=True,
+                                     timeout_s=400)
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 130, output[-3000:]
+    (line,) = stopped.raysft_lines()
+    assert line.endswith(f"; resume with: raysft sweep {sweep_file} --resume"), line
+    # Not Tune's own `Tuner.restore(...)` hint, and no pointer to an error file that was never written.
+    assert "Tuner.restore" not in output and "error.txt" not in output and "Traceback" not in output
+    (row,) = read_results(sweep_dir)
+    assert row["status"] == "interrupted"
+    assert verify(trial_dir / "checkpoints" / step_dir_name(int(row["steps"])))  # checkpointed where it stopped
+    assert len(checkpoint_names(str(trial_dir / "checkpoints"))) <= 2
+    _, alive = psutil.wait_procs(stopped.processes, timeout=30)
+    assert not alive
+
+    resumed = subprocess.run([*command, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert [(r["trial"], r["status"], r["steps"]) for r in read_results(sweep_dir)] == [("trial_00000", "completed", "20")]
+    steps = [r["step"] for r in read_metrics(trial_dir / METRICS_FILE)]
+    assert steps == sorted(set(steps)) and steps[-1] == 20  # continued from its checkpoint: every step logged once
