@@ -168,7 +168,7 @@ def test_readme_keeps_the_fresh_machine_commands_first() -> None:
 # The layers docs/architecture.md describes ("Imports point one way"), lowest first.
 LAYERS = [
     ("raysft.errors", "raysft.labels", "raysft.ops", "raysft.training.step", "raysft.cluster"),
-    ("raysft.config", "raysft.fileio"),
+    ("raysft.config", "raysft.fileio", "raysft.chat_template"),
     ("raysft.storage", "raysft.track", "raysft.model", "raysft.evaluation", "raysft.infer", "raysft.plan",
      "raysft.starter", "raysft.ray_session"),
     ("raysft.data",),

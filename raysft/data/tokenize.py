@@ -33,7 +33,7 @@ from raysft.data.cache import source_of
 from raysft.data.formats import normalize_row, strings_in, tool_name
 from raysft.labels import IGNORE_INDEX, count_trained
 from raysft.errors import DataError
-from raysft.model import chat_template_fault
+from raysft.chat_template import chat_template_fault
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
