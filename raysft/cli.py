@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _print_check(checked: CheckedRun, gpu_mem: str) -> None:
     """`train --check`: what the run would train on and the memory it would need, once every check passed."""
     from raysft.plan import parse_size, plan_report
-    from raysft.track import stats_table
+    from raysft.console import stats_table
 
     parse_size(gpu_mem, "--gpu-mem")  # a bad flag is the user's to fix, not a plan that could not be made
     cfg = checked.config
@@ -119,7 +119,7 @@ def _print_sweep_summary(result: SweepResult) -> None:
 def cmd_data(args: argparse.Namespace) -> None:
     from raysft.data.pipeline import first_examples, prepare_data, stats_json
     from raysft.model import load_tokenizer
-    from raysft.track import stats_table
+    from raysft.console import stats_table
 
     cfg = with_absolute_paths(_load(args))
     prepared = prepare_data(cfg)
@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raysft.track import console_mode, verbose
+    from raysft.console import console_mode, verbose
 
     args = build_parser().parse_args(argv)
     try:

@@ -9,6 +9,7 @@ Every section rejects unknown keys. Validation collects *all* problems and raise
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from collections.abc import Callable
@@ -496,12 +497,12 @@ class GenerateMetricConfig(Section):
     def metric_name(self) -> str:
         """`eval_<name>`: the key its score is logged under."""
         if self.name:
-            return f"eval_{self.name}"
+            return f"{EVAL_PREFIX}{self.name}"
         if self.type != "function":
-            return f"eval_{self.type}"
+            return f"{EVAL_PREFIX}{self.type}"
         function = self.function
         name = function.rsplit(":", 1)[1].rsplit(".", 1)[-1] if isinstance(function, str) else function.__name__  # type: ignore[union-attr]
-        return f"eval_{name}"
+        return f"{EVAL_PREFIX}{name}"
 
     @property
     def higher_is_better(self) -> bool:
@@ -540,8 +541,31 @@ class EvalConfig(Section):
     against the references; e.g. `{num_prompts: 50, max_new_tokens: 200, metrics: [exact_match]}`."""
 
 
-LOSS_METRICS: dict[str, Literal["min", "max"]] = {"eval_loss": "min", "eval_ppl": "min", "eval_token_accuracy": "max"}
+# --- metric names: what a run logs, and which way each evaluation metric is better --------------------------
+
+EVAL_PREFIX = "eval_"
+"""Every evaluation metric's name starts with it (eval_loss, eval_exact_match); a training step's never does."""
+EVAL_LOSS = "eval_loss"
+"""Logged by every evaluation: what marks a metrics record as an evaluation's, and a sweep's default metric."""
+LOSS_METRICS: dict[str, Literal["min", "max"]] = {EVAL_LOSS: "min", "eval_ppl": "min", "eval_token_accuracy": "max"}
 """The evaluation metrics every evaluation logs, with whether lower (min) or higher (max) is better."""
+HIDDEN_METRICS = {"epoch", "skipped", "num_tokens", "trained_tokens", "tokens_per_s"}
+"""Bookkeeping of a step's record (metrics.jsonl keeps it) that the console's step line does not list by name."""
+
+
+def is_evaluation_metric(name: str) -> bool:
+    return name.startswith(EVAL_PREFIX)
+
+
+def loss_metrics(loss_sum: float, correct: float, tokens: float) -> dict[str, float]:
+    """The LOSS_METRICS of one evaluation from its sums over trained tokens (perplexity capped at e^50).
+
+    Example:
+        >>> loss_metrics(20.0, 6.0, 10.0)
+        {'eval_loss': 2.0, 'eval_ppl': 7.38905609893065, 'eval_token_accuracy': 0.6}
+    """
+    loss = loss_sum / max(tokens, 1.0)
+    return {EVAL_LOSS: loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_token_accuracy": correct / max(tokens, 1.0)}
 
 
 class Config(Section):

@@ -1,4 +1,5 @@
-"""The Ray a command runs on: a cluster it joins (and says so), or a local Ray it starts on loopback only.
+"""The Ray a command runs on: a cluster it joins (and says so), or a local Ray it starts on loopback only; what
+reaches the console of Ray's own output (filtered unless verbose); the Ray environment knobs raysft sets.
 
 Ray's own `ray.init()` joins `address`, else RAY_ADDRESS, else the cluster `ray start` last started on this
 machine, and only then starts a local Ray; raysft keeps that order (`ray job submit` and `ray start` users rely
@@ -22,12 +23,16 @@ A local Ray is raysft's own, so it is started as nobody else can reach it:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import socket
 from collections.abc import Iterator
+from typing import Any
 
+from raysft import storage
+from raysft.console import CONSOLE_PREFIX, after_ray_import, hide_deprecations, say, set_progress_bars, verbose
 from raysft.errors import RunError
-from raysft.track import after_ray_import, filter_worker_logs, say, verbose
 
 LOOPBACK = "127.0.0.1"
 
@@ -94,6 +99,131 @@ def cluster_to_join(address: str | None) -> tuple[str | None, str]:
     if joined is None:
         return None, ""
     return (given if given and _is_loopback(given) else joined), source
+
+
+# Ray Train's controller takes one `ray.train.report` per worker per poll, and a worker holds at most one unread
+# (the next report blocks): with a report at every logged step, the poll interval is the shortest a logged step
+# can take. Ray's default interval (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s) held every run to one step per 2 s, a
+# 0.1 s GPU step included. At 0.1 s the cap is 10 logged steps/s (raise train.log_every beyond that), and the
+# controller takes 1.7-2.3% of one core instead of 0.7-0.8% (measured, 1 worker; its steps ran no slower).
+# A poll that waits past the interval is only a missed health check, awaited again at the next poll; a worker is
+# declared dead by RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 minutes). Ray passes the variable from the process
+# that builds the TorchTrainer (the driver, or a Tune trial's process) to the controller; a value the user set wins.
+HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+HEALTH_CHECK_INTERVAL_S = 0.1
+
+
+def set_train_controller_env() -> None:
+    """The Ray environment knobs a Ray Train controller reads when `fit()` starts it (call before fit)."""
+    os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, str(HEALTH_CHECK_INTERVAL_S))
+
+
+# --- Ray's output on raysft's console ------------------------------------------------------------------------
+
+def quiet_worker(verbose_run: bool) -> None:
+    """In a process that runs one run (or trial) and exits with it, a Ray Train worker: no progress bars, whose
+    output is never a terminal there (HF_HUB_DISABLE_PROGRESS_BARS for the processes it starts), and unless
+    `verbose_run`, no deprecation warnings and no "Reporting training result" line per report."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    set_progress_bars(False)
+    if verbose_run:
+        return
+    hide_deprecations()
+    try:
+        # Ray Train 2.60 logs that line (INFO) to a logger named after its module's file, outside the `ray.train`
+        # loggers that RunConfig's LoggingConfig levels (see train_log_level).
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def train_log_level() -> str:
+    """Ray Train's console level (RunConfig's LoggingConfig): its INFO lines ("Reporting training result N:
+    TrainingReport(...)" after every report, worker group start-up) only when verbose."""
+    return "INFO" if verbose() else "WARNING"
+
+
+# Lines of Ray's own processes that say nothing about the run, dropped from what reaches the console unless
+# verbose. Ray Train's controller starts an actor with restarts and arguments in the object store
+# (PreemptionWatcher), on which Ray core logs an error-level notice (ray-project/ray#53727) a user cannot act on.
+# bitsandbytes, imported with peft by every process that unpickles raysft's training code, notes on CPUs without
+# its optional `kernels` package that it uses its own CPU code instead. Arrow's C++ notes an upload stream it
+# closes after a failed upload, whose error was raised already (and is reported once, by the driver).
+HARMLESS_RAY_LINES = (
+    "has constructor arguments in the object store and max_restarts > 0",
+    "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "Error ignored when destroying file of type",
+)
+
+
+def filter_worker_logs() -> bool:
+    """Route the worker output Ray forwards to this driver through raysft's filter: HARMLESS_RAY_LINES dropped,
+    raysft's own lines printed as the driver prints them (without Ray's "(RayTrainWorker pid=...)" prefix),
+    everything else as Ray prints it. True when installed.
+
+    Ray 2.60 has no public hook for this; the handler Ray registers at ray.init ("ray_print_logs" on its
+    stdstream dispatcher) is replaced by one that calls Ray's own printer. When those internals move, nothing
+    is installed and the output is Ray's (tests/test_cli.py runs a worker and fails on the noise).
+    """
+    try:
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        print_batch = ray_worker.print_to_stdstream
+        ray_prefix_off = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+    except (ImportError, AttributeError):
+        return False
+    if not any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+        return False  # log_to_driver=False: nothing is forwarded
+
+    def forward(data: dict[str, Any]) -> None:
+        group: list[str] = []
+        ours = False
+        for line in without_reported_tracebacks(data.get("lines", [])):
+            if any(text in line for text in HARMLESS_RAY_LINES):
+                continue
+            if line.startswith(CONSOLE_PREFIX) != ours and group:
+                print_batch({**data, "lines": group}, ignore_prefix=ours or ray_prefix_off)
+                group = []
+            ours = line.startswith(CONSOLE_PREFIX)
+            group.append(line)
+        if group:
+            print_batch({**data, "lines": group}, ignore_prefix=ours or ray_prefix_off)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", forward)  # the name Ray removes again at ray.shutdown
+    return True
+
+
+# Ray Train logs an error of the training function (workers) or of its control loop (controller) with its
+# traceback; the driver then raises it again. Where the driver reports the error as one message (a raysft error,
+# or object storage that stopped answering), that traceback is dropped from the console unless verbose.
+_RAY_TRAIN_ERROR_LOGS = ("Error in training function", "Error in control loop iteration")
+_EXCEPTION_LINE = re.compile(r"^[\w.]+(?:Error|Exception)\b")
+
+
+def _reported_by_driver(exception_line: str) -> bool:
+    return exception_line.startswith("raysft.errors.") or (
+        exception_line.startswith("OSError") and storage.is_transient_text(exception_line))
+
+
+def without_reported_tracebacks(lines: list[str]) -> list[str]:
+    """`lines` (one batch of a process's forwarded output) less each traceback Ray Train logs for an error the
+    driver reports as one message: from Ray Train's line to the traceback's last exception line."""
+    kept: list[str] = []
+    index = 0
+    while index < len(lines):
+        if any(marker in lines[index] for marker in _RAY_TRAIN_ERROR_LOGS):
+            block_end = next((i for i in range(index + 1, len(lines))
+                              if any(marker in lines[i] for marker in _RAY_TRAIN_ERROR_LOGS)), len(lines))
+            last = max((i for i in range(index, block_end) if _EXCEPTION_LINE.match(lines[i])), default=None)
+            if last is not None and _reported_by_driver(lines[last]):
+                index = last + 1
+                continue
+        kept.append(lines[index])
+        index += 1
+    return kept
 
 
 def _is_loopback(address: str) -> bool:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from raysft.errors import RunError
-from raysft.ray_session import cluster_to_join
+from raysft.ray_session import cluster_to_join, without_reported_tracebacks
 from tests.runs import REPO, tiny_config
 
 # Starts raysft's local Ray (or joins a cluster), then reports as one JSON line what the test checks: the address,
@@ -132,3 +132,23 @@ def test_two_runs_at_once_each_on_its_own_ray_without_ray_tracebacks(tiny_model_
         assert "done: adapter in" in out
         assert "multiple active Ray instances" not in err and "Traceback" not in err, err[-3000:]
     assert all((tmp_path / f"run-{name}" / "final" / "adapter_model.safetensors").is_file() for name in ("a", "b"))
+
+
+def test_tracebacks_of_errors_the_driver_reports_are_dropped_from_forwarded_output() -> None:
+    def block(header: str, error: str) -> list[str]:
+        return [header, "Traceback (most recent call last):", '  File "loop.py", line 3, in step',
+                "    upload()", error]
+
+    outage = ("OSError: When uploading part for key 'run/checkpoints/step_000006/x' in bucket 'b': AWS Error "
+              "NETWORK_CONNECTION during UploadPart operation: curlCode: 56, Failure when receiving data from the peer")
+    lines = ["[raysft] step 4 loss 1.2",
+             *block("2026-12-07 09:05:01 ERROR util.py:252 -- Error in training function:", outage),
+             *block("Error in control loop iteration: When initiating multiple part upload", outage),
+             *block("Error in training function:", "raysft.errors.RunError: checkpoint step_000004 was made with "
+                                                  "different data; start a new train.output_dir"),
+             "[raysft] after"]
+    assert without_reported_tracebacks(lines) == ["[raysft] step 4 loss 1.2", "[raysft] after"]
+    # Any other error keeps its traceback, and so does a request the storage refused.
+    bug = block("Error in training function:", "ZeroDivisionError: division by zero")
+    refused = block("Error in training function:", "OSError: When reading key 'x': AWS Error ACCESS_DENIED")
+    assert without_reported_tracebacks([*bug, *refused]) == [*bug, *refused]

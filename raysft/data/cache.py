@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from raysft import storage
 from raysft.errors import RunError
-from raysft.track import say
+from raysft.console import say
 
 MANIFEST = "manifest.json"
 # What a write attempt's folder is named (see write_folder): the only folders a discarded entry loses.

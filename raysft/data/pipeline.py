@@ -44,7 +44,7 @@ from raysft.data.packing import apply_length_policy, pack_examples, unpacked_row
 from raysft.data.sources import MAX_PROBLEMS, fingerprint_source, problem_report, source_format
 from raysft.errors import DataError, RunError
 from raysft.ray_session import ensure_ray
-from raysft.track import format_duration, say, split_line, verbose
+from raysft.console import format_duration, say, split_line, verbose
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raysft.config import EVAL_LOSS
 from raysft.quickstart.model import smollm2_dir
 from raysft.quickstart.task import exact_match, write_quickstart_data
 
@@ -68,9 +69,9 @@ def run_quickstart(output_dir: Path, overrides: list[str]) -> dict[str, float]:
     before, answers_before = score(None)
     result = train(cfg)
     after, answers_after = score(result.final_dir)
-    evals = [e for e in result.history() if "eval_loss" in e]
+    evals = [e for e in result.history() if EVAL_LOSS in e]
     summary = {
-        "eval_loss_before": evals[0]["eval_loss"], "eval_loss_after": evals[-1]["eval_loss"],
+        "eval_loss_before": evals[0][EVAL_LOSS], "eval_loss_after": evals[-1][EVAL_LOSS],
         "exact_match_before": before, "exact_match_after": after, "wall_s": time.perf_counter() - started,
     }
     print("\n[raysft] quickstart: SmolLM2-135M-Instruct + LoRA on a generated task")

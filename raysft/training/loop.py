@@ -36,7 +36,8 @@ from raysft.model import (
     load_tokenizer,
     load_tokenizer_and_new_ids,
 )
-from raysft.track import METRICS_FILE, MLFLOW_DIR, Tracker, read_metrics
+from raysft.mlflow_run import MLFLOW_DIR
+from raysft.track import METRICS_FILE, Tracker, read_metrics
 from raysft.training.checkpoint import (
     STAGING_PREFIX,
     better,

@@ -25,7 +25,8 @@ from raysft import storage
 from raysft.config import Config, flatten, global_batch_rows, public_tree, to_yaml
 from raysft.errors import ConfigError
 from raysft.evaluation import GENERATIONS_FILE
-from raysft.track import METRICS_FILE, MLFLOW_DIR, MLFLOW_RUN_FILE
+from raysft.mlflow_run import MLFLOW_DIR, MLFLOW_RUN_FILE
+from raysft.track import METRICS_FILE
 
 CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "config_history.jsonl"

@@ -26,9 +26,11 @@ from raysft.errors import USER_ERRORS, ConfigError, RunError, RunInterrupted
 from raysft.evaluation import GENERATIONS_FILE, GenerationSet
 from raysft import storage
 from raysft.fileio import write_error
-from raysft.track import METRICS_FILE, MLFLOW_DIR, MLFLOW_RUN_FILE, read_metrics, say, train_log_level, verbose
+from raysft.console import say, verbose
+from raysft.mlflow_run import MLFLOW_DIR, MLFLOW_RUN_FILE
+from raysft.track import METRICS_FILE, read_metrics
 from raysft.model import load_tokenizer
-from raysft.ray_session import ensure_ray
+from raysft.ray_session import ensure_ray, set_train_controller_env, train_log_level
 from raysft.training.checkpoint import (
     find_resumable,
     prune_extra_checkpoints,
@@ -138,18 +140,6 @@ def wait_for_worker_resources(cfg: Config, poll_s: float = 5.0) -> None:
     finally:
         if requested:
             request_resources(bundles=[])  # Ray Train's own placement group keeps the nodes from here on
-
-
-# Ray Train's controller takes one `ray.train.report` per worker per poll, and a worker holds at most one unread
-# (the next report blocks): with a report at every logged step, the poll interval is the shortest a logged step
-# can take. Ray's default interval (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s) held every run to one step per 2 s, a
-# 0.1 s GPU step included. At 0.1 s the cap is 10 logged steps/s (raise train.log_every beyond that), and the
-# controller takes 1.7-2.3% of one core instead of 0.7-0.8% (measured, 1 worker; its steps ran no slower).
-# A poll that waits past the interval is only a missed health check, awaited again at the next poll; a worker is
-# declared dead by RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 minutes). Ray passes the variable from the process
-# that builds the TorchTrainer (the driver, or a Tune trial's process) to the controller; a value the user set wins.
-HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-HEALTH_CHECK_INTERVAL_S = 0.1
 
 
 # A storage that cannot take a write: full, over quota, read-only, or not ours to write.
@@ -358,7 +348,7 @@ def _train(cfg: Config, callbacks: list[Any] | None, gate: TrialGate | None, sto
         gate=gate,
         stop_board=stop_board,
     )
-    os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, str(HEALTH_CHECK_INTERVAL_S))  # read when fit() starts the controller
+    set_train_controller_env()
     # Object storage: Ray Train uploads checkpoints and its snapshot through raysft's retrying file system (and
     # tries a checkpoint upload up to 3 times itself: an outage then ends the run after up to 3 x the budget).
     storage_filesystem, storage_path = storage.resolve(location) if is_uri(location) else (None, location)

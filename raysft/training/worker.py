@@ -36,7 +36,7 @@ class LoopInputs:
     resume_from: str | None = None
     """The checkpoint the driver chose for --resume when Ray Train has none to give (local mode)."""
     verbose: bool = False
-    """The driver's console mode (raysft.track.verbose): a worker quiets its libraries unless it is set."""
+    """The driver's console mode (raysft.console.verbose): a worker quiets its libraries unless it is set."""
     generation: GenerationSet | None = None
     """eval.generate's prompts and references (raysft/data/prompts.py), or None."""
     gate: TrialGate | None = None
@@ -84,7 +84,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     inputs: LoopInputs = loop_config["inputs"]
     if inputs.config.scaling.num_workers > 0:  # a Ray Train worker actor; 0 = local mode, in the driver
         hide_unused_bitsandbytes(inputs.config)
-        from raysft.track import quiet_worker  # light: the training stack is not imported yet
+        from raysft.ray_session import quiet_worker  # light: the training stack is not imported yet
 
         quiet_worker(inputs.verbose)
     from raysft.training.loop import train_loop_per_worker as run

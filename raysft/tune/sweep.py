@@ -34,19 +34,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raysft import storage
-from raysft.config import Config, flatten, output_base, set_dotted, validate_section, with_absolute_paths
+from raysft.config import EVAL_LOSS, Config, flatten, output_base, set_dotted, validate_section, with_absolute_paths
 from raysft.errors import ConfigError, RunInterrupted
 from raysft.fileio import write_text_atomically
-from raysft.track import (
-    METRICS_FILE,
-    MLFLOW_DIR,
-    VERBOSE_ENV,
-    MlflowRun,
-    open_mlflow_run,
-    quiet_worker,
-    recorded_mlflow_run,
-    verbose,
-)
+from raysft.console import VERBOSE_ENV, verbose
+from raysft.mlflow_run import MLFLOW_DIR, MlflowRun, open_mlflow_run, recorded_mlflow_run
+from raysft.ray_session import quiet_worker
+from raysft.track import METRICS_FILE
 from raysft.training.interrupt import SweepStopper, new_stop_board, recorded_signals
 from raysft.training.preflight import preflight
 from raysft.training.run_folder import FINAL_DIR, run_location
@@ -147,7 +141,7 @@ def fetch_trials(cfg: SweepConfig) -> None:
 
 def is_evaluation(record: dict[str, Any]) -> bool:
     """Only evaluations go to Tune: Tune requires the sweep metric in every result it gets."""
-    return "eval_loss" in record
+    return EVAL_LOSS in record
 
 
 def tune_result(record: dict[str, Any], eval_every: int | None) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM
 
 from raysft.cli import main as cli_main
 from raysft.config import flatten
-from raysft.track import METRICS_FILE, MLFLOW_DIR, read_metrics
+from raysft.mlflow_run import MLFLOW_DIR
+from raysft.track import METRICS_FILE, read_metrics
 from raysft.training.checkpoint import checkpoint_names, step_dir_name, verify
 from raysft.tune.config import parse_sweep
 from raysft.tune.report import SweepResult
