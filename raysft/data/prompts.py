@@ -7,7 +7,7 @@ prompt is an example's tokens up to its last trained span, i.e. the conversation
 turn with the template's generation prompt (the assistant header is never trained); the reference is that
 span decoded. Re-reading and re-rendering the raw rows would repeat the reader, the format detection and the
 template for the same result, and could drift from it. The price: with `data.train_on_inputs: true` every
-token is trained and no prompt can be told apart, so that combination is refused in raysft/config.py.
+token is trained and no prompt can be told apart, so that combination is refused in raysft/config/rules.py.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 import pyarrow.fs as pafs
 
 from raysft import storage
-from raysft.config import DataConfig, SourceConfig, is_uri
+from raysft.config import DataConfig, SourceConfig, is_uri, uri_scheme
 from raysft.data.formats import detect_format, normalize_row, source_name
 from raysft.errors import DataError
 
@@ -208,7 +208,7 @@ def resolve_files(path: str, file_type: str) -> list[str]:
 
 
 def _resolve_remote(uri: str, file_type: str, suffixes: set[str]) -> list[str]:
-    scheme = uri[: uri.index("://") + 3]
+    scheme = uri_scheme(uri)
     pattern = uri if glob.has_magic(uri) else None
     listed = uri[: uri.index("*")].rsplit("/", 1)[0] if pattern else uri.rstrip("/")
     try:

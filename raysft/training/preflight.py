@@ -1,9 +1,9 @@
 """Everything knowable about a run before Ray starts, checked in the driver and reported together.
 
-The config's own types are checked when it is loaded (raysft/config.py); what needs the file system or
-the model's structure is checked here: folders that must be writable, the model's location, LoRA
-target modules against the model's real module names (built on the meta device: no weights are read),
-and the sequence length against the model's positions. Data rows are checked when they are read
+The config's own types and cross-field rules are checked when it is loaded (raysft/config/); what needs the
+file system or the model's structure is gathered here: folders that must be writable, the model's location, and
+the facts raysft/config/rules.py judges the config by (the model's real module names, built on the meta device:
+no weights are read; its positions). Data rows are checked when they are read
 (raysft/data/), also before Ray starts.
 """
 
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from raysft.config import Config, ModelConfig, default_cache_root, is_uri
+from raysft.config.rules import lora_target_problems, lora_targets, seq_len_problem
 from raysft.errors import ConfigError
 from raysft.evaluation import check_functions
 from raysft.model import check_model_source, model_location
@@ -86,11 +87,6 @@ def _module_names(model_config, trust_remote_code: bool) -> tuple[set[str], set[
     return names, linear
 
 
-def _matches(target: str, names: set[str]) -> bool:
-    # PEFT's rule for a list of names: a module matches when its dotted name is, or ends with, the target.
-    return any(name == target or name.endswith("." + target) for name in names)
-
-
 def _model_problems(cfg: Config) -> list[str]:
     problems = check_model_source(cfg.model, "model.name_or_path")
     if problems:
@@ -98,22 +94,10 @@ def _model_problems(cfg: Config) -> list[str]:
     model_config = _model_config(cfg.model)
     if model_config is None:
         return []
-    positions = getattr(model_config, "max_position_embeddings", None)
-    if positions and cfg.data.max_seq_len > positions:
-        problems.append(
-            f"data.max_seq_len: {cfg.data.max_seq_len} is beyond the {positions} positions the model was built for "
-            "(max_position_embeddings); lower it"
-        )
-    targets = [] if cfg.lora.target_modules == "all-linear" else cfg.lora.target_modules
-    wanted = [("lora.target_modules", t) for t in targets] + [("lora.modules_to_save", m) for m in cfg.lora.modules_to_save or []]
-    if cfg.lora.enabled and wanted:
-        names, linear = _module_names(model_config, cfg.model.trust_remote_code)
-        for key, target in wanted:
-            if not _matches(target, names):
-                problems.append(
-                    f"{key}: '{target}' matches no module of {cfg.model.name_or_path} (its linear layers: "
-                    f"{', '.join(sorted(linear))}; or use target_modules: all-linear)"
-                )
+    if (problem := seq_len_problem(cfg, getattr(model_config, "max_position_embeddings", None))) is not None:
+        problems.append(problem)
+    if lora_targets(cfg):
+        problems += lora_target_problems(cfg, *_module_names(model_config, cfg.model.trust_remote_code))
     return problems
 
 

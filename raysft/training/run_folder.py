@@ -23,6 +23,7 @@ import yaml
 
 from raysft import storage
 from raysft.config import Config, flatten, global_batch_rows, public_tree, to_yaml
+from raysft.config.rules import check_resume_changes, derived_global_batch
 from raysft.errors import ConfigError
 from raysft.evaluation import GENERATIONS_FILE
 from raysft.mlflow_run import MLFLOW_DIR, MLFLOW_RUN_FILE
@@ -38,34 +39,6 @@ RUN_FILES = (CONFIG_FILE, HISTORY_FILE, DATA_STATS_FILE, METRICS_FILE, GENERATIO
              "tensorboard", "wandb", MLFLOW_DIR, MLFLOW_RUN_FILE)
 # What a run leaves once it has trained (as opposed to files of the user's that happen to share a name).
 _TRAINED_MARKS = (METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR)
-
-# Settings a resume may change: they decide how long the run goes on and what it reports, not what a
-# step computes. A dotted prefix allows the whole section.
-RESUMABLE_CHANGES = (
-    "train.max_steps",
-    "train.epochs",
-    "train.eval_every",
-    "train.log_every",
-    "train.checkpoint_every",
-    "train.checkpoints_to_keep",
-    "train.checkpoint_score",
-    "train.final",
-    "train.early_stopping",  # None, or the section's keys below
-    "train.early_stopping.",
-    "train.on_nonfinite",
-    "train.output_dir",  # the run folder was moved: where it is, not what it computes
-    "scaling.num_workers",  # the global batch is fixed when the run starts: only who computes each step changes
-    "train.grad_accum_steps",  # ... and how each worker cuts its share
-    "scaling.max_failures",
-    "scaling.ray_address",
-    "scaling.resource_wait_s",
-    "scaling.stop_grace_s",
-    "data.num_tokenize_workers",
-    "data.cache_dir",
-    "tracking.",
-    "eval.",  # generating answers to score them changes no step
-)
-
 
 def output_path(cfg: Config) -> Path:
     """The run folder, absolute (`~` expanded): the one spelling every check and write uses."""
@@ -95,12 +68,8 @@ def _started_config(location: str) -> dict[str, Any] | None:
                 continue  # a torn last line: the resume it describes never started
             flat.update({key: change["to"] for key, change in changes.items()})
     # Runs started before train.global_batch_size existed derived it from their worker count.
-    flat["train.global_batch_size"] = flat.get("train.global_batch_size") or _derived_global_batch(flat)
+    flat["train.global_batch_size"] = flat.get("train.global_batch_size") or derived_global_batch(flat)
     return flat
-
-
-def _derived_global_batch(flat: dict[str, Any]) -> int:
-    return max(1, flat["scaling.num_workers"]) * flat["train.micro_batch_size"] * flat["train.grad_accum_steps"]
 
 
 def pin_global_batch(cfg: Config) -> Config:
@@ -113,29 +82,12 @@ def pin_global_batch(cfg: Config) -> Config:
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"global_batch_size": rows})})
 
 
-def _allowed(key: str) -> bool:
-    return any(key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUMABLE_CHANGES)
-
-
 def resume_changes(cfg: Config, location: str) -> dict[str, dict[str, Any]]:
     """The settings `cfg` changes against the run at `location`; ConfigError naming each one a resume may not change."""
     before = _started_config(location)
     if before is None:
         return {}
-    after = flatten(public_tree(cfg))
-    changed = {
-        key: {"from": before.get(key), "to": after.get(key)}
-        for key in sorted(set(before) | set(after))
-        if before.get(key) != after.get(key) and key != "train.resume"  # resuming is the mode, not a setting
-    }
-    refused = [key for key in changed if not _allowed(key)]
-    if refused:
-        raise ConfigError(
-            [f"{key}: the run in {location} was started with {changed[key]['from']!r}, not {changed[key]['to']!r}; "
-             "a resume continues the same training, so this cannot change (set it back, or start a new "
-             "train.output_dir)" for key in refused]
-        )
-    return changed
+    return check_resume_changes(before, flatten(public_tree(cfg)), location)
 
 
 def check_run_folder(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -19,10 +19,10 @@ from ray.train import CheckpointConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from raysft.cluster import autoscaler_adds_nodes, gcs_node_types
-from raysft.config import Config, global_batch_rows, is_uri, with_absolute_paths
+from raysft.config import Config, check_batch_fits, is_uri, with_absolute_paths
 from raysft.data.pipeline import PreparedData, prepare_data, stats_json
 from raysft.data.prompts import generation_set
-from raysft.errors import USER_ERRORS, ConfigError, RunError, RunInterrupted
+from raysft.errors import USER_ERRORS, RunError, RunInterrupted
 from raysft.evaluation import GENERATIONS_FILE, GenerationSet
 from raysft import storage
 from raysft.fileio import write_error
@@ -195,18 +195,6 @@ def checkpoint_config(cfg: Config, has_eval: bool) -> CheckpointConfig:
         checkpoint_score_attribute=CHECKPOINT_SCORE_KEY,
         checkpoint_score_order="max" if higher_is_better(cfg) else "min",
     )
-
-
-def check_batch_fits(cfg: Config, num_rows: int) -> None:
-    """One optimizer step needs a global batch of rows; say which keys to lower when the data is smaller."""
-    global_batch = global_batch_rows(cfg)
-    if num_rows < global_batch:
-        raise ConfigError([
-            f"train.global_batch_size: the training data packs into {num_rows} row(s), but one optimizer step needs "
-            f"{global_batch} (train.global_batch_size, by default scaling.num_workers x train.micro_batch_size x "
-            f"train.grad_accum_steps = {max(1, cfg.scaling.num_workers)} x {cfg.train.micro_batch_size} x "
-            f"{cfg.train.grad_accum_steps}); lower those or add data"
-        ])
 
 
 def _resume_point(cfg: Config, fingerprint: str) -> str | None:

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from raysft.config import ConfigError, load_yaml_text, parse_config, set_dotted
+from raysft.config import load_yaml_text, parse_config, set_dotted
+from raysft.errors import ConfigError
 
 # form -> number of arguments (None: a non-empty list of values)
 FORMS: dict[str, int | None] = {

@@ -1,33 +1,27 @@
-"""The typed configuration tree of a train run: YAML in, validated pydantic models out.
+"""The config tree of a train run: pydantic models, one per section, each field's docstring its help text.
 
-(A sweep's config, which holds one of these as its base, is in raysft.tune.config.)
-
-Every section rejects unknown keys. Validation collects *all* problems and raises one
-:class:`ConfigError` naming each dotted key (with a did-you-mean), before any Ray resource starts.
+(A sweep's config, which holds one of these as its base, is in raysft.tune.config.) Every section rejects unknown
+keys; a rule that spans sections is in raysft/config/rules.py, and Config's validator applies it.
 """
 
 from __future__ import annotations
 
-import difflib
-import math
-import os
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_serializer,
     field_validator,
     model_validator,
 )
 
-from raysft.errors import ConfigError
+from raysft.config.metrics import EVAL_PREFIX, LOSS_METRICS
+from raysft.config.paths import is_uri
+from raysft.config.rules import CROSS_FIELD, cross_field_problems
 
 DataFormat = Literal["auto", "prompt_response", "prompt_completion", "alpaca", "messages", "sharegpt", "text"]
 
@@ -353,14 +347,14 @@ class ScalingConfig(Section):
             return value
         span = value["num_workers"]
         if set(span) != {"min", "max"} or not all(isinstance(span[k], int) and span[k] >= 1 for k in span):
-            raise ValueError(f"{_CROSS_FIELD}scaling.num_workers: an elastic range is {{min: M, max: N}} with "
+            raise ValueError(f"{CROSS_FIELD}scaling.num_workers: an elastic range is {{min: M, max: N}} with "
                              f"1 <= M <= N (got {span})")
         return {**value, "num_workers": span["max"], "min_workers": span["min"]}
 
     @model_validator(mode="after")
     def _elastic_bounds(self) -> "ScalingConfig":
         if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
-            raise ValueError(f"{_CROSS_FIELD}scaling.min_workers: an elastic run needs 1 <= min_workers "
+            raise ValueError(f"{CROSS_FIELD}scaling.min_workers: an elastic run needs 1 <= min_workers "
                              f"({self.min_workers}) <= num_workers ({self.num_workers})")
         return self
 
@@ -541,33 +535,6 @@ class EvalConfig(Section):
     against the references; e.g. `{num_prompts: 50, max_new_tokens: 200, metrics: [exact_match]}`."""
 
 
-# --- metric names: what a run logs, and which way each evaluation metric is better --------------------------
-
-EVAL_PREFIX = "eval_"
-"""Every evaluation metric's name starts with it (eval_loss, eval_exact_match); a training step's never does."""
-EVAL_LOSS = "eval_loss"
-"""Logged by every evaluation: what marks a metrics record as an evaluation's, and a sweep's default metric."""
-LOSS_METRICS: dict[str, Literal["min", "max"]] = {EVAL_LOSS: "min", "eval_ppl": "min", "eval_token_accuracy": "max"}
-"""The evaluation metrics every evaluation logs, with whether lower (min) or higher (max) is better."""
-HIDDEN_METRICS = {"epoch", "skipped", "num_tokens", "trained_tokens", "tokens_per_s"}
-"""Bookkeeping of a step's record (metrics.jsonl keeps it) that the console's step line does not list by name."""
-
-
-def is_evaluation_metric(name: str) -> bool:
-    return name.startswith(EVAL_PREFIX)
-
-
-def loss_metrics(loss_sum: float, correct: float, tokens: float) -> dict[str, float]:
-    """The LOSS_METRICS of one evaluation from its sums over trained tokens (perplexity capped at e^50).
-
-    Example:
-        >>> loss_metrics(20.0, 6.0, 10.0)
-        {'eval_loss': 2.0, 'eval_ppl': 7.38905609893065, 'eval_token_accuracy': 0.6}
-    """
-    loss = loss_sum / max(tokens, 1.0)
-    return {EVAL_LOSS: loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_token_accuracy": correct / max(tokens, 1.0)}
-
-
 class Config(Section):
     """A whole training run. See examples/*.yaml."""
 
@@ -582,409 +549,6 @@ class Config(Section):
     @model_validator(mode="after")
     def _cross_field_needs(self) -> "Config":
         # Checked here, not on a worker: a GPU-only setting on CPU workers would fail after Ray started.
-        problems = []
-        if not self.scaling.use_gpu and self.train.precision == "fp16":
-            problems.append(
-                "train.precision: fp16 (with its GradScaler) needs CUDA GPUs (scaling.use_gpu: true); "
-                "on CPU use bf16 or fp32"
-            )
-        if not self.scaling.use_gpu and self.model.attn_implementation == "flash_attention_2":
-            problems.append(
-                "model.attn_implementation: flash_attention_2 needs CUDA GPUs (scaling.use_gpu: true) "
-                "and the flash-attn package; on CPU use packed_sdpa (the default) or sdpa"
-            )
-        if self.scaling.strategy == "fsdp":
-            if self.model.quantization == "8bit":
-                problems.append(
-                    "scaling.strategy: fsdp cannot shard bitsandbytes 8-bit weights (their scales are per row, "
-                    "outside the tensor FSDP splits); use model.quantization: 4bit or none, or strategy: ddp"
-                )
-            if self.train.precision == "fp16":
-                problems.append(
-                    "scaling.strategy: fsdp runs bf16 or fp32 (train.precision); fp16's loss scaling would need "
-                    "every shard's overflow check agreed across workers. Use train.precision: bf16"
-                )
-            if self.train.optimizer == "adamw_8bit":
-                problems.append(
-                    "scaling.strategy: fsdp does not work with train.optimizer: adamw_8bit (bitsandbytes' 8-bit "
-                    "states are not sharded tensors); use adamw, or strategy: ddp"
-                )
-        elif self.scaling.fsdp_cpu_offload:
-            problems.append("scaling.fsdp_cpu_offload: only applies with scaling.strategy: fsdp")
-        if not self.lora.enabled:
-            problems += [f"lora.{key}: only applies with lora.enabled: true (a full fine-tune has no adapters)"
-                         for key in ("use_dora", "use_rslora") if getattr(self.lora, key)]
-        elif self.lora.use_dora and self.model.quantization == "4bit" and not self.scaling.use_gpu:
-            problems.append(
-                "lora.use_dora on a 4-bit base (model.quantization: 4bit) needs CUDA GPUs (scaling.use_gpu: true): on CPU "
-                "bitsandbytes repacks 4-bit weights for its own kernels in the first evaluation, after which PEFT's DoRA "
-                "reads them wrongly; on CPU use model.quantization: none with DoRA"
-            )
-        has_eval = bool(self.data.eval or self.data.eval_fraction)
-        if self.train.final == "best" and not (self.train.eval_every and has_eval):
-            problems.append(
-                "train.final: best picks the weights with the best evaluation; set train.eval_every and eval data "
-                "(data.eval or data.eval_fraction), or use final: last"
-            )
-        problems += self._metric_problems(has_eval)
-        if problems:
-            raise ValueError(_CROSS_FIELD + "\n".join(problems))
+        if problems := cross_field_problems(self):
+            raise ValueError(CROSS_FIELD + "\n".join(problems))
         return self
-
-    def _metric_problems(self, has_eval: bool) -> list[str]:
-        problems = []
-        if (unknown := unknown_metric(self, self.train.checkpoint_score)) is not None:
-            problems.append(f"train.checkpoint_score: {unknown}")
-        stopping = self.train.early_stopping
-        if stopping is not None:
-            if not (self.train.eval_every and has_eval):
-                problems.append("train.early_stopping watches evaluations; set train.eval_every and eval data "
-                                "(data.eval or data.eval_fraction), or remove train.early_stopping")
-            if (unknown := unknown_metric(self, stopping.metric)) is not None:
-                problems.append(f"train.early_stopping.metric: {unknown}")
-        if self.eval.generate is not None:
-            if not has_eval:
-                problems.append("eval.generate scores answers to eval prompts; set data.eval or data.eval_fraction")
-            if self.data.train_on_inputs:
-                problems.append("eval.generate finds each prompt as the untrained tokens before the last assistant "
-                                "turn, which data.train_on_inputs: true trains too; set train_on_inputs: false")
-        return problems
-
-
-def metric_mode(cfg: Config, metric: str) -> Literal["min", "max"] | None:
-    """Whether lower ("min") or higher ("max") `metric` is better in a run of `cfg`; None when the run does not
-    log it. A function metric that returns a dict logs eval_<name>_<key>: any such key has the function's mode.
-
-    Example:
-        >>> metric_mode(cfg, "eval_loss"), metric_mode(cfg, "eval_exact_match")  # doctest: +SKIP
-        ('min', 'max')
-    """
-    if metric in LOSS_METRICS:
-        return LOSS_METRICS[metric]
-    specs = cfg.eval.generate.metrics if cfg.eval.generate else []
-    exact = [spec for spec in specs if metric == spec.metric_name]  # before prefixes: eval_exact_match is not eval_exact_*
-    found = exact or [spec for spec in specs if spec.type == "function" and metric.startswith(spec.metric_name + "_")]
-    return ("max" if found[0].higher_is_better else "min") if found else None
-
-
-def unknown_metric(cfg: Config, metric: str, run: str = "this run", generate_key: str = "an eval.generate section"
-                   ) -> str | None:
-    """Why `metric` cannot be watched in a run of `cfg` (it does not log it), naming those it does; None when it can.
-
-    Example:
-        >>> unknown_metric(cfg, "accuracy")  # a run without eval.generate  # doctest: +SKIP
-        "'accuracy' is not an evaluation metric of this run; choose one of eval_loss, eval_ppl, eval_token_accuracy
-        (task metrics such as eval_exact_match come from an eval.generate section)"
-    """
-    if metric_mode(cfg, metric) is not None:
-        return None
-    generated = [m.metric_name for m in cfg.eval.generate.metrics] if cfg.eval.generate else []
-    hint = "" if generated else f" (task metrics such as eval_exact_match come from {generate_key})"
-    return f"{metric!r} is not an evaluation metric of {run}; choose one of {', '.join([*LOSS_METRICS, *generated])}{hint}"
-
-
-# Marks a cross-field validator's message: one or more "dotted.key: problem" lines, reported as they are.
-_CROSS_FIELD = "cross-field:"
-
-
-def default_cache_root() -> Path:
-    """Where raysft caches models and tokenized data: ``$RAYSFT_CACHE`` or ``~/.cache/raysft``."""
-    return Path(os.environ.get("RAYSFT_CACHE", "~/.cache/raysft")).expanduser()
-
-
-def _dotted(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc)
-
-
-def _section_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
-    """The model class that owns the last key of `loc` (for did-you-mean)."""
-    section: Any = root
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = section.model_fields.get(part) if isinstance(section, type) and issubclass(section, BaseModel) else None
-        if field is None:
-            return None
-        annotation = field.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        nested = [c for c in candidates for c in [c, *getattr(c, "__args__", ())] if isinstance(c, type) and issubclass(c, BaseModel)]
-        if not nested:
-            return None
-        section = nested[0]
-    return section if isinstance(section, type) and issubclass(section, BaseModel) else None
-
-
-# Names users bring from transformers/TRL/PEFT/Axolotl configs, mapped to ours.
-_FAMILIAR_NAMES = {
-    "learning_rate": "lr",
-    "rank": "r",
-    "lora_r": "r",
-    "lora_alpha": "alpha",
-    "lora_dropout": "dropout",
-    "per_device_train_batch_size": "micro_batch_size",
-    "gradient_accumulation_steps": "grad_accum_steps",
-    "num_train_epochs": "epochs",
-    "max_length": "max_seq_len",
-    "sequence_len": "max_seq_len",
-    "lr_scheduler_type": "lr_schedule",
-    "model_name_or_path": "name_or_path",
-    "neftune_noise_alpha": "neftune_alpha",
-}
-
-
-def _closest(key: str, valid: list[str]) -> str | None:
-    familiar = _FAMILIAR_NAMES.get(key)
-    if familiar in valid:
-        return familiar
-    # Below difflib's default cutoff (0.6): a typo in a short key (`rnk` for `r`, 0.5) still finds it.
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return close[0] if close else None
-
-
-def _describe(error: Any, root: type[BaseModel]) -> str:
-    loc = tuple(error["loc"])
-    key = _dotted(loc)
-    if error["type"] == "extra_forbidden":
-        section = _section_at(loc, root)
-        suggestion = ""
-        if section is not None:
-            close = _closest(str(loc[-1]), list(section.model_fields))
-            suggestion = f"; did you mean '{_dotted(loc[:-1] + (close,))}'?" if close else ""
-            suggestion += f" (valid keys: {', '.join(section.model_fields)})"
-        return f"{key}: unknown key{suggestion}"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if error["type"] == "value_error":  # our own validators: the message already says what was given
-        return message.removeprefix(_CROSS_FIELD) if message.startswith(_CROSS_FIELD) else f"{key or '<root>'}: {message}"
-    given = error.get("input")
-    shown = "" if isinstance(given, dict) else f" (got {given!r})"
-    return f"{key or '<root>'}: {message}{shown}"
-
-
-def validate_section(root: type[SectionT], raw: dict[str, Any], source: str | None = None) -> SectionT:
-    """Validate a mapping against a config model; raise one ConfigError listing every problem."""
-    try:
-        return root.model_validate(raw)
-    except ValidationError as err:
-        described = [_describe(e, root) for e in err.errors()]
-        raise ConfigError([line for text in described for line in text.split("\n")], source) from None
-
-
-def parse_config(raw: dict[str, Any], source: str | None = None) -> Config:
-    """Validate a train config mapping; raise one ConfigError listing every problem."""
-    return validate_section(Config, raw, source)
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` (no dot) as a string; learning rates are written that way, so read it as a float."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def load_yaml_text(text: str) -> Any:
-    """Parse YAML safely, reading exponent numbers such as 1e-4 as floats."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-
-
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    """Set `raw[a][b][c] = value` for key "a.b.c", creating sections on the way.
-
-    A number indexes a list: "data.train.0.path" is the first training source's path. A section given as one
-    mapping where a list is also accepted (`data.train: {path: ...}`) is its list's item 0.
-    """
-    node: Any = raw
-    parts = key.split(".")
-    for depth, part in enumerate(parts):
-        where = ".".join(parts[:depth])
-        last = depth == len(parts) - 1
-        if isinstance(node, list):
-            index = _list_index(node, part, where, key)
-            if last:
-                node[index] = value
-                return
-            node = node[index]
-            continue
-        if not isinstance(node, dict):
-            raise ConfigError([f"{key}: '{where}' is not a section (it holds {node!r})"])
-        if last:
-            node[part] = value
-            return
-        child = node.setdefault(part, {})
-        if isinstance(child, dict) and parts[depth + 1].isdigit() and parts[depth + 1] not in child:
-            child = node[part] = [child]  # one mapping standing for a list of one (e.g. a single source)
-        node = child
-
-
-def _list_index(items: list[Any], part: str, where: str, key: str) -> int:
-    """`part` as an index into the list at `where`; ConfigError when it is no number or out of range."""
-    if not part.isdigit():
-        raise ConfigError([f"{key}: '{where}' is a list; index its items by number, e.g. {where}.0.{part}"])
-    if int(part) >= len(items):
-        raise ConfigError([
-            f"{key}: index {part} is out of range: '{where}' holds {len(items)} item(s), numbered from 0; "
-            f"to add items, set the whole list (--set '{where}=[...]')"
-        ])
-    return int(part)
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `dotted.key=value` overrides; values are parsed as YAML (so 1e-4, true, [8, 16] work)."""
-    problems = []
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            problems.append(f"--set {item!r}: expected dotted.key=value")
-            continue
-        try:
-            value = load_yaml_text(text) if text.strip() else None
-        except yaml.YAMLError as err:
-            problems.append(
-                f"--set {key.strip()}: the value {text!r} is not valid YAML ({getattr(err, 'problem', None) or err}); "
-                "close its brackets or quotes, or quote the whole value to give it as text"
-            )
-            continue
-        try:
-            set_dotted(raw, key.strip(), value)
-        except ConfigError as err:
-            problems.extend(f"--set {problem}" for problem in err.problems)
-    if problems:
-        raise ConfigError(problems)
-    return raw
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, naming the file and line on a syntax error."""
-    path = Path(path)
-    try:
-        raw = load_yaml_text(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError([f"file not found: {path}"]) from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError([f"{where}: invalid YAML: {getattr(err, 'problem', err)}"]) from None
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{path}: expected a mapping at the top level"])
-    return raw
-
-
-def resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
-    # Paths in a YAML are relative to the YAML's folder, so configs work from any working directory.
-    for section in ("train", "eval"):
-        sources = raw.get("data", {}).get(section) if isinstance(raw.get("data"), dict) else None
-        for src in [sources] if isinstance(sources, dict) else sources or []:
-            if isinstance(src, dict) and isinstance(src.get("path"), str) and not Path(src["path"]).is_absolute():
-                candidate = base / src["path"]
-                if candidate.exists() or any(base.glob(src["path"])):
-                    src["path"] = str(candidate)
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load a train config YAML, apply `--set` overrides, and validate.
-
-    Example:
-        >>> cfg = load_config("examples/gsm8k_lora.yaml", ["train.lr=1e-4"])  # doctest: +SKIP
-    """
-    raw = read_yaml(path)
-    resolve_data_paths(raw, Path(path).parent)
-    return parse_config(apply_overrides(raw, overrides or []), str(path))
-
-
-def global_batch_rows(cfg: "Config") -> int:
-    """Rows per optimizer step: `train.global_batch_size`, else its default from the current worker count."""
-    train = cfg.train
-    return train.global_batch_size or max(1, cfg.scaling.num_workers) * train.micro_batch_size * train.grad_accum_steps
-
-
-def is_uri(location: str) -> bool:
-    """True for `s3://...`, `gs://...` and other URIs (a Windows drive letter is not one)."""
-    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", location) is not None
-
-
-def _absolute(location: str, base: Path | None = None) -> str:
-    if is_uri(location):
-        return location
-    path = Path(location).expanduser()
-    return str(Path(os.path.abspath(path if base is None else base / path)))
-
-
-def output_base() -> Path:
-    """The folder relative output locations (train.output_dir, a sweep's output_dir, data.cache_dir, ...) resolve
-    against: the working directory, except in the driver of a Ray job that runs in Ray's temporary copy of its
-    working_dir (`ray job submit --working-dir .`, `raysft submit`), which Ray deletes with the session: there, the
-    home folder of the node that runs the driver, so `runs/x` is `~/runs/x` on the head node and outlives the job.
-
-    Example:
-        >>> output_base()  # in a shell: the working directory  # doctest: +SKIP
-        PosixPath('/home/me/raysft')
-    """
-    cwd = Path.cwd()
-    in_job_copy = _RAY_JOB_DRIVER_VARIABLE in os.environ and "runtime_resources" in cwd.parts
-    return Path.home() if in_job_copy else cwd
-
-
-# Ray's job supervisor sets it in every job driver's environment (ray._private.runtime_env.constants).
-_RAY_JOB_DRIVER_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-
-
-def with_absolute_paths(cfg: Config) -> Config:
-    """`cfg` with every local path made absolute, once, in the driver: data and model paths against the current
-    directory, output locations against :func:`output_base`.
-
-    Ray Tune runs each trial in a working directory of its own and Ray Train workers may run on
-    other nodes, so a relative path means something else there: it must never leave the driver.
-    Hub ids (a model or dataset name that is not an existing path) are left as they are.
-    """
-    raw = cfg.model_dump()  # Python values, not JSON: a metric function given as a callable stays one
-    if Path(raw["model"]["name_or_path"]).expanduser().exists():
-        raw["model"]["name_or_path"] = _absolute(raw["model"]["name_or_path"])
-    for source in [*raw["data"]["train"], *(raw["data"]["eval"] or [])]:
-        if source["path"] is not None:
-            source["path"] = _absolute(source["path"])
-        if source["hf_dataset"] is not None and Path(source["hf_dataset"]).expanduser().exists():
-            source["hf_dataset"] = _absolute(source["hf_dataset"])
-    for section, key in (("data", "cache_dir"), ("train", "output_dir"), ("scaling", "storage_path"),
-                         ("tracking", "mlflow_dir")):
-        if raw[section][key] is not None:
-            raw[section][key] = _absolute(raw[section][key], output_base())
-    return Config.model_validate(raw)
-
-
-def to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML. Inline rows are summarized; it holds no secrets by construction."""
-    data = cfg.model_dump(mode="json")
-    for section in ("train", "eval"):
-        for src in data["data"].get(section) or []:
-            if src.get("rows") is not None:
-                src["rows"] = f"<{len(src['rows'])} inline rows>"
-    return yaml.safe_dump(data, sort_keys=False)
-
-
-def public_tree(cfg: Config) -> dict[str, Any]:
-    """The config as config.yaml holds it (inline rows summarized, no secrets), as plain data."""
-    return yaml.safe_load(to_yaml(cfg))
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": [{"c": 1}]}}` -> `{"a.b.0.c": 1}`: every leaf under its dotted key."""
-    if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, list) and any(isinstance(item, (dict, list)) for item in tree):
-        items = enumerate(tree)
-    else:
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in items:
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
