@@ -94,26 +94,31 @@ def _print_check(checked: CheckedRun, gpu_mem: str) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
+    from raysft.run_folder import TRIAL_ERROR_FILE, TUNE_DIR
     from raysft.tune.config import load_sweep
     from raysft.tune.sweep import sweep
 
     result = sweep(load_sweep(args.config, args.overrides), resume=args.resume)
     _print_sweep_summary(result)
     if result.best is None:
-        raise RunError(f"no trial of the sweep completed; each trial's error is in {result.sweep_dir / 'tune'}/<trial>/error.txt")
+        raise RunError(f"no trial of the sweep completed; each trial's error is in "
+                       f"{result.sweep_dir / TUNE_DIR}/<trial>/{TRIAL_ERROR_FILE}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    from raysft.run_folder import SWEEP_FILE, TRIALS_DIR, TUNE_DIR, local_copy
     from raysft.tune.report import write_report
 
     # A sweep on object storage (base.scaling.storage_path/<name>) is read into a local copy, reported there.
-    _print_sweep_summary(write_report(_from_storage(args.sweep_dir, "sweep_dir", ("sweep.yaml", "trials", "tune"))))
+    _print_sweep_summary(write_report(local_copy(args.sweep_dir, "sweep_dir", (SWEEP_FILE, TRIALS_DIR, TUNE_DIR))))
 
 
 def _print_sweep_summary(result: SweepResult) -> None:
-    print((result.sweep_dir / "results.csv").read_text(), end="")
+    from raysft.run_folder import REPORT_PAGE, RESULTS_FILE
+
+    print((result.sweep_dir / RESULTS_FILE).read_text(), end="")
     best = f"best: {result.best.name} -> {result.best_dir}" if result.best else "best: none (no trial completed)"
-    print(f"[sweep] {best}; report in {result.sweep_dir / 'report.md'}")
+    print(f"[sweep] {best}; report in {result.sweep_dir / REPORT_PAGE}")
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -131,31 +136,18 @@ def cmd_data(args: argparse.Namespace) -> None:
             print(marked_example(example["input_ids"], example["labels"], tokenizer))
 
 
-def _from_storage(location: str, key: str, names: tuple[str, ...] = ()) -> str:
-    """A run or adapter on object storage (s3://, gs://) downloaded to a local folder; a path as it is."""
-    from raysft import storage
-
-    if not is_uri(location):
-        return location
-    try:
-        found = storage.exists(location)
-    except (ValueError, OSError) as err:
-        raise ConfigError([f"{key}: {location}: cannot read it ({' '.join(str(err).split())[:300]})"]) from None
-    if not found:
-        raise ConfigError([f"{key}: {location} does not exist (or the credentials in the environment cannot read it)"])
-    return str(storage.local_copy(location, names))
-
-
 def _run_of_adapter(adapter: str) -> str | None:
     """The run folder an adapter was trained in (RUN for RUN/final), when it holds the run's config.yaml."""
+    from raysft.run_folder import CONFIG_FILE, local_copy
+
     parent = adapter.rstrip("/").rsplit("/", 1)[0] if is_uri(adapter) else str(Path(adapter).parent)
     if is_uri(adapter):
         try:
-            local = _from_storage(parent, "--adapter", ("config.yaml",))
+            local = str(local_copy(parent, "--adapter", (CONFIG_FILE,)))
         except ConfigError:
             return None
-        return local if (Path(local) / "config.yaml").is_file() else None
-    return parent if (Path(parent) / "config.yaml").is_file() else None
+        return local if (Path(local) / CONFIG_FILE).is_file() else None
+    return parent if (Path(parent) / CONFIG_FILE).is_file() else None
 
 
 def _generate_model(args: argparse.Namespace) -> tuple[ModelConfig, str]:
@@ -176,9 +168,10 @@ def _generate_model(args: argparse.Namespace) -> tuple[ModelConfig, str]:
 def cmd_generate(args: argparse.Namespace) -> None:
     from raysft.infer import chat_generate, check_adapter, load_for_inference
     from raysft.model import check_model_source
+    from raysft.run_folder import local_copy
 
     model_cfg, model_key = _generate_model(args)
-    adapter = _from_storage(args.adapter, "--adapter") if args.adapter is not None else None
+    adapter = str(local_copy(args.adapter, "--adapter")) if args.adapter is not None else None
     # The same checks load_for_inference makes, here so that the errors name the flags.
     problems = check_model_source(model_cfg, model_key, "--trust-remote-code")
     problems += check_adapter(adapter, "--adapter") if adapter is not None else []
@@ -191,6 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from raysft.infer import merge_adapter
+    from raysft.run_folder import CONFIG_FILE, FINAL_DIR, local_copy
 
     if args.merge_to is not None and args.merge is not None:
         raise ConfigError(["--merge: give the folder once, with --merge-to (--merge is its old spelling)"])
@@ -199,7 +193,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     target = args.merge_to if args.merge_to is not None else args.merge
     if target is None:
         raise ConfigError(["--merge-to: give the folder to write the merged model to (new or empty)"])
-    run_dir = _from_storage(args.run_dir, "run_dir", ("config.yaml", "final"))
+    run_dir = local_copy(args.run_dir, "run_dir", (CONFIG_FILE, FINAL_DIR))
     print(f"[raysft] merged model written to {merge_adapter(run_dir, target, overwrite=args.overwrite)}")
 
 

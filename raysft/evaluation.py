@@ -21,10 +21,6 @@ from raysft.config import GenerateMetricConfig
 from raysft.errors import ConfigError, RunError
 
 
-GENERATIONS_FILE = "generations.jsonl"
-"""In the run folder: every evaluation's prompts, references and generated answers, one line per prompt (rank 0)."""
-
-
 @dataclass(frozen=True)
 class GenerationSet:
     """What every worker generates from at each evaluation: token ids of the first `eval.generate.num_prompts`

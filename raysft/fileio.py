@@ -5,20 +5,30 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from raysft.errors import RunError
 
 
-def write_bytes_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` in one rename (readers see the old file or the new one, never a mix)."""
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Replace `path` with what `write(staging)` writes to a staging name beside it, in one rename (readers see
+    the old file or the new one, never a mix). For writers that take a path, e.g. a matplotlib figure's savefig
+    (give it the format: the staging name's suffix is not the target's)."""
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        staging.write_bytes(data)
+        write(staging)
         os.replace(staging, path)
     except OSError as err:
         staging.unlink(missing_ok=True)
         raise write_error(path, err) from err
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` in one rename (readers see the old file or the new one, never a mix)."""
+    write_atomically(path, lambda staging: staging.write_bytes(data))
 
 
 def write_text_atomically(path: Path, text: str) -> None:
@@ -40,6 +50,18 @@ def replace_dir_atomically(staging: Path, target: Path) -> None:
     os.replace(target, old)
     os.replace(staging, target)
     shutil.rmtree(old)
+
+
+def place_dir_atomically(built: Path, target: Path) -> bool:
+    """Put the finished folder `built` at `target` by one rename unless a folder is there already (another process
+    built the same thing first: its copy is kept, `built` is left to its caller). True when `built` was placed."""
+    try:
+        os.rename(built, target)
+    except OSError:
+        if not target.exists():
+            raise
+        return False
+    return True
 
 
 def write_error(path: Path, err: BaseException) -> RunError:

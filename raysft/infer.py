@@ -13,10 +13,11 @@ import torch
 from peft import PeftModel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from raysft.config import Config, ModelConfig, parse_config, read_yaml
+from raysft.config import Config, ModelConfig, absolute_path, parse_config, read_yaml
 from raysft.errors import ConfigError
 from raysft.fileio import replace_dir_atomically
 from raysft.model import check_model_source, load_model, load_tokenizer
+from raysft.run_folder import CONFIG_FILE, FINAL_DIR, SWEEP_FILE
 
 EXPORT_MARKER = "raysft_export.json"
 """Written into every export folder: the proof that `--overwrite` may replace that folder."""
@@ -31,8 +32,8 @@ def check_adapter(adapter: str | Path, key: str = "adapter") -> list[str]:
         return [f"{key}: {str(adapter)!r} is a file; give the folder holding adapter_config.json, e.g. RUN/final"]
     if (path / "adapter_config.json").is_file():
         return []
-    if (path / "final" / "adapter_config.json").is_file():
-        hint = f"; the run's adapter is {path / 'final'}"
+    if (path / FINAL_DIR / "adapter_config.json").is_file():
+        hint = f"; the run's adapter is {path / FINAL_DIR}"
     elif (path / "config.json").is_file():
         hint = "; it holds a whole model (a full fine-tune?): pass it as the model, with no adapter"
     else:
@@ -147,24 +148,24 @@ def run_config(run_dir: str | Path) -> Config:
 
     config.yaml summarizes inline rows instead of keeping them (see raysft.config.to_yaml); what reads a run back
     needs its model and adapter settings, not its data, so such a source reads back with no rows."""
-    raw = read_yaml(Path(run_dir) / "config.yaml")
+    raw = read_yaml(Path(run_dir) / CONFIG_FILE)
     for split in ("train", "eval"):
         for source in (raw.get("data") or {}).get(split) or []:
             if isinstance(source, dict) and isinstance(source.get("rows"), str):
                 source["rows"] = []
-    return parse_config(raw, str(Path(run_dir) / "config.yaml"))
+    return parse_config(raw, str(Path(run_dir) / CONFIG_FILE))
 
 
 def _run_dir_problem(run_dir: Path) -> str | None:
-    if (run_dir / "config.yaml").is_file() and (run_dir / "final").is_dir():
+    if (run_dir / CONFIG_FILE).is_file() and (run_dir / FINAL_DIR).is_dir():
         return None
     if not run_dir.exists():
         why = "does not exist"
     elif not run_dir.is_dir():
         why = "is a file, not a train run folder"
-    elif (run_dir / "sweep.yaml").is_file():
+    elif (run_dir / SWEEP_FILE).is_file():
         why = "is a sweep folder; export one of its trials, e.g. RUN_DIR/trials/<name> (`raysft report` names the best)"
-    elif (run_dir / "config.yaml").is_file():
+    elif (run_dir / CONFIG_FILE).is_file():
         why = "has no final/: its training has not finished (continue it with `raysft train CONFIG --resume`)"
     else:
         why = "is not a train run folder (expected config.yaml and final/ inside)"
@@ -201,6 +202,7 @@ def _merged_dir_problem(merged_dir: Path, overwrite: bool) -> str | None:
 def check_export(run_dir: Path, merged_dir: Path, overwrite: bool) -> list[str]:
     """Problems with exporting `run_dir` into `merged_dir` ([] when fine), found before anything is loaded."""
     problems = [p for p in (_run_dir_problem(run_dir),) if p]
+    # Symlinks followed here only: the question is whether both name the same folder on disk.
     run, merged = run_dir.resolve(), merged_dir.resolve()
     if merged == run or run in merged.parents or merged in run.parents:
         # Replacing the folder would take the run's checkpoints and adapter with it, whatever the flags.
@@ -228,7 +230,7 @@ def merge_adapter(run_dir: str | Path, merged_dir: str | Path, overwrite: bool =
         raise ConfigError([f"run_dir {run_dir}: is a full fine-tune (lora.enabled: false); its final/ is already "
                            "a plain transformers model: load or copy it as it is"])
     model_cfg = cfg.model.model_copy(update={"quantization": "none", "gradient_checkpointing": False})
-    model, tokenizer = load_for_inference(model_cfg, run_dir / "final")
+    model, tokenizer = load_for_inference(model_cfg, run_dir / FINAL_DIR)
     merged: PreTrainedModel = model.merge_and_unload() if isinstance(model, PeftModel) else model
     merged_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = merged_dir.with_name(f".{merged_dir.name}.{os.getpid()}.staging")
@@ -237,8 +239,8 @@ def merge_adapter(run_dir: str | Path, merged_dir: str | Path, overwrite: bool =
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         record = {
-            "run_dir": str(run_dir.resolve()),
-            "adapter": str((run_dir / "final").resolve()),
+            "run_dir": str(absolute_path(run_dir)),
+            "adapter": str(absolute_path(run_dir / FINAL_DIR)),
             "base_model": cfg.model.name_or_path,
             "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "files": sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if not p.is_dir()),

@@ -18,14 +18,10 @@ from typing import Any
 from raysft import storage
 from raysft.config import TrackingConfig
 from raysft.errors import RunError
+from raysft.run_folder import MLFLOW_RUN_FILE
 
 log = logging.getLogger(__name__)
 
-MLFLOW_DIR = "mlflow"
-"""In a run or sweep folder: the local MLflow store (mlflow.db, artifacts/), when it is the default."""
-MLFLOW_RUN_FILE = "mlflow_run.json"
-"""In a run or sweep folder: the id of its MLflow run, what a resume and a worker restart continue. Beside the
-store, not in it: an object-storage run's store is a copy synced from rank 0's node, the id is written at once."""
 
 
 def mlflow_store(tracking: TrackingConfig, default_dir: Path) -> tuple[str, Path | None]:

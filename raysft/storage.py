@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from raysft.config import is_uri
+from raysft.config import absolute_path, is_uri
 from raysft.errors import RunError
 from raysft.fileio import write_bytes_atomically
 
@@ -134,7 +133,7 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     if is_uri(location):
         fs, path = pafs.FileSystem.from_uri(location)
         return retrying(fs), path
-    return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+    return pafs.LocalFileSystem(), str(absolute_path(location))
 
 
 def join(location: str, *parts: str) -> str:
@@ -208,23 +207,6 @@ def remove(location: str) -> None:
             fs.delete_dir(path)
     elif kind == pafs.FileType.File:
         fs.delete_file(path)
-
-
-def local_copy(location: str, names: tuple[str, ...] = ()) -> Path:
-    """`location` as a local folder: the folder itself for a path; for a URI a fresh download into raysft's
-    cache (only the entries `names` inside it, when given), so `export`/`generate` read runs from storage."""
-    if not is_uri(location):
-        return Path(location)
-    from raysft.config import default_cache_root
-
-    local = default_cache_root() / "downloads" / hashlib.sha256(location.encode()).hexdigest()[:16]
-    shutil.rmtree(local, ignore_errors=True)
-    local.mkdir(parents=True)
-    for name in names or ("",):
-        source = join(location, name) if name else location
-        if exists(source):
-            download(source, local / name if name else local)
-    return local
 
 
 PROBE_NAME = ".raysft-write-probe"

@@ -13,12 +13,10 @@ from typing import Any
 from raysft.config import Config, flatten, is_evaluation_metric, public_tree
 from raysft.console import StepClock, eval_line, say, step_line
 from raysft.fileio import write_error
-from raysft.mlflow_run import MLFLOW_DIR, MlflowRun, open_mlflow_run
+from raysft.mlflow_run import MlflowRun, open_mlflow_run
+from raysft.run_folder import METRICS_FILE, MLFLOW_DIR, TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
-
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Every record of a metrics.jsonl ([] when there is none yet).
@@ -62,7 +60,7 @@ class Tracker:
         if cfg.tracking.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            self.tensorboard = SummaryWriter(log_dir=str(output_dir / TENSORBOARD_DIR))
         if cfg.tracking.wandb:
             import wandb
 

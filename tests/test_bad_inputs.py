@@ -26,7 +26,7 @@ import raysft
 
 from raysft.config import ModelConfig
 from raysft.model import check_model_source
-from raysft.training.run_folder import CONFIG_FILE, HISTORY_FILE
+from raysft.run_folder import CONFIG_FILE, HISTORY_FILE
 from tests.runs import REPO, assert_refused, cli, losses, snapshot, tiny_config
 
 

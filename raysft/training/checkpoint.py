@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -52,8 +51,9 @@ from torch.distributed.checkpoint.state_dict import (
 from raysft import storage
 from raysft.config import Config, is_uri, metric_mode
 from raysft.errors import RunError
-from raysft.fileio import write_error
+from raysft.fileio import replace_dir_atomically, write_error
 from raysft.model import trainable_state_dict
+from raysft.run_folder import DAMAGED_PREFIX, RAY_SNAPSHOT, STAGING_PREFIX, is_step_dir, step_dir_name
 from raysft.training.fsdp import is_sharded
 
 if TYPE_CHECKING:
@@ -61,8 +61,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_STEP_DIR = re.compile(r"^step_(\d{6,})$")
-STAGING_PREFIX = ".staging_"
 MANIFEST = "manifest.json"
 SHARDED_DIR = "sharded"
 # The trained parameters only: a LoRA run's frozen base is reloaded from the model, never checkpointed.
@@ -74,10 +72,6 @@ _LOAD_TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 def _manifest_name(rank: int) -> str:
     return MANIFEST if rank == 0 else f"manifest_rank_{rank:05d}.json"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
 
 
 def _sha256(path: Path) -> str:
@@ -155,8 +149,7 @@ def persist_checkpoint(folder: Path, root: str, name: str, keep: int | None, hig
         staging = Path(root) / f"{STAGING_PREFIX}{name}"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(folder, staging)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+        replace_dir_atomically(staging, Path(target))
     if keep is not None:
         for old in checkpoints_to_prune(root, keep, higher_first):
             storage.remove(storage.join(root, old))
@@ -225,7 +218,7 @@ def prune_extra_checkpoints(root: str, keep: int | None, higher_first: bool) -> 
 
 def checkpoint_names(root: str) -> list[str]:
     """Checkpoint folder names under `root` (a path or a URI), oldest first, verified or not."""
-    return sorted(name for name in storage.list_dir(root) if _STEP_DIR.match(name))
+    return sorted(name for name in storage.list_dir(root) if is_step_dir(name))
 
 
 def find_resumable(root: str) -> tuple[str | None, dict[str, str]]:
@@ -246,12 +239,6 @@ def find_resumable(root: str) -> tuple[str | None, dict[str, str]]:
             return location, damaged
         damaged[name] = why
     return None, damaged
-
-
-# Ray Train's record of a run's checkpoints (<run>/checkpoints/): which exist, their metrics, the latest. Ray gives
-# the latest back to the workers of a resumed run and refuses to start when one it lists is missing.
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
-DAMAGED_PREFIX = "damaged_"
 
 
 def set_aside(root: str, names: list[str]) -> dict[str, str]:

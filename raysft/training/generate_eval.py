@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from raysft.config import Config
 from raysft.errors import RunError
-from raysft.evaluation import GENERATIONS_FILE, GenerationSet, score_generations
+from raysft.evaluation import GenerationSet, score_generations
+from raysft.run_folder import GENERATIONS_FILE
 from raysft.fileio import write_error
 from raysft.infer import generate_batch, length_batches
 from raysft.model import TokenLoss, load_tokenizer

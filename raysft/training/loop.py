@@ -26,7 +26,6 @@ from torch import nn
 from raysft import storage
 from raysft.config import Config, global_batch_rows, is_uri
 from raysft.data.stream import PackedRows, chunks_to_keep
-from raysft.evaluation import GENERATIONS_FILE
 from raysft.fileio import replace_dir_atomically, write_error, write_text_atomically
 from raysft.model import (
     TokenLoss,
@@ -36,10 +35,18 @@ from raysft.model import (
     load_tokenizer,
     load_tokenizer_and_new_ids,
 )
-from raysft.mlflow_run import MLFLOW_DIR
-from raysft.track import METRICS_FILE, Tracker, read_metrics
-from raysft.training.checkpoint import (
+from raysft.run_folder import (
+    FINAL_DIR,
+    GENERATIONS_FILE,
+    METRICS_FILE,
+    MLFLOW_DIR,
+    RANK0_FILES,
     STAGING_PREFIX,
+    checkpoint_root,
+    step_dir_name,
+)
+from raysft.track import Tracker, read_metrics
+from raysft.training.checkpoint import (
     better,
     higher_is_better,
     is_scored,
@@ -47,7 +54,6 @@ from raysft.training.checkpoint import (
     remove_staging,
     restore,
     save_checkpoint,
-    step_dir_name,
 )
 from raysft.training.fsdp import all_finite, gathered_state_dict, is_sharded, shard
 from raysft.training.generate_eval import GenerationEval
@@ -104,10 +110,6 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
     write_text_atomically(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
-# What rank 0 writes in its working folder, copied to object storage with each checkpoint and at the end.
-RANK0_FILES = (METRICS_FILE, GENERATIONS_FILE, "tensorboard", MLFLOW_DIR)
-
-
 def _working_folder(location: str) -> Path:
     """Where rank 0 writes metrics.jsonl, TensorBoard events and a local MLflow store: the run folder itself when
     it is a path, else a scratch folder on this node, copied to object storage at each checkpoint and at the end."""
@@ -130,7 +132,7 @@ def _save_final(model: nn.Module, cfg: Config, location: str, state_dict: dict[s
     """final/: the adapter (or model) and tokenizer, replaced whole; on object storage uploaded file by file.
     `state_dict`: the gathered weights of a sharded model (else the model's own are saved)."""
     staging_parent = Path(location) if not is_uri(location) else Path(tempfile.mkdtemp(prefix="raysft-final-"))
-    staging = staging_parent / f"{STAGING_PREFIX}final"
+    staging = staging_parent / f"{STAGING_PREFIX}{FINAL_DIR}"
     try:
         shutil.rmtree(staging, ignore_errors=True)
         options: dict[str, Any] = {"state_dict": state_dict} if state_dict else {}
@@ -141,10 +143,10 @@ def _save_final(model: nn.Module, cfg: Config, location: str, state_dict: dict[s
         model.save_pretrained(staging, safe_serialization=True, **options)
         load_tokenizer(cfg.model).save_pretrained(staging)
         if is_uri(location):
-            storage.remove(storage.join(location, "final"))
-            storage.upload(staging, storage.join(location, "final"))
+            storage.remove(storage.join(location, FINAL_DIR))
+            storage.upload(staging, storage.join(location, FINAL_DIR))
         else:
-            replace_dir_atomically(staging, Path(location) / "final")
+            replace_dir_atomically(staging, Path(location) / FINAL_DIR)
     except (OSError, RuntimeError) as err:
         raise write_error(staging, err) from err
     finally:
@@ -211,7 +213,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if storage.exists(storage.join(location, name)):
                     storage.download(storage.join(location, name), working / name)
         else:
-            remove_staging(Path(location) / "checkpoints")
+            remove_staging(Path(checkpoint_root(location)))
             remove_staging(working)
         for name in (METRICS_FILE, GENERATIONS_FILE):  # before the tracker opens metrics.jsonl for appending
             _truncate_metrics(working / name, start_step)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,11 @@ from raysft.config import Config, check_batch_fits, is_uri, with_absolute_paths
 from raysft.data.pipeline import PreparedData, prepare_data, stats_json
 from raysft.data.prompts import generation_set
 from raysft.errors import USER_ERRORS, RunError, RunInterrupted
-from raysft.evaluation import GENERATIONS_FILE, GenerationSet
+from raysft.evaluation import GenerationSet
 from raysft import storage
 from raysft.fileio import write_error
 from raysft.console import say, verbose
-from raysft.mlflow_run import MLFLOW_DIR, MLFLOW_RUN_FILE
-from raysft.track import METRICS_FILE, read_metrics
+from raysft.track import read_metrics
 from raysft.model import load_tokenizer
 from raysft.ray_session import ensure_ray, set_train_controller_env, train_log_level
 from raysft.training.checkpoint import (
@@ -37,21 +35,22 @@ from raysft.training.checkpoint import (
     read_state,
     repair_ray_snapshot,
     set_aside,
-    step_dir_name,
 )
 from raysft.training.checkpoint import CHECKPOINT_SCORE_KEY, higher_is_better, is_scored
 from raysft.training.interrupt import new_stop_board, run_until_signalled
 from raysft.training.preflight import preflight
-from raysft.training.run_folder import (
+from raysft.run_folder import (
     CHECKPOINTS_DIR,
-    CONFIG_FILE,
     DATA_STATS_FILE,
     FINAL_DIR,
+    METRICS_FILE,
     check_run_folder,
     checkpoint_root,
+    copy_results_home,
     output_path,
     pin_global_batch,
     run_location,
+    step_dir_name,
     write_run_config,
 )
 from raysft.training.worker import LoopInputs, train_loop_per_worker
@@ -157,7 +156,7 @@ def _failure_as_user_error(err: ray.train.TrainingFailedError, cfg: Config) -> E
             if isinstance(cause, USER_ERRORS):
                 return cause
             if isinstance(cause, OSError) and cause.errno in STORAGE_WRITE_ERRORS:
-                return write_error(Path(checkpoint_root(cfg)), cause)
+                return write_error(Path(checkpoint_root(run_location(cfg))), cause)
             if storage.is_transient(cause):
                 return storage_outage(cfg, cause)
             cause = cause.__cause__ or cause.__context__
@@ -172,7 +171,8 @@ def storage_outage(cfg: Config, err: BaseException) -> RunError:
     longer = f"set {storage.RETRY_ENV} higher to ride out longer outages"
     if not cfg.scaling.storage_path:  # the data's storage (sources or data.cache_dir): nothing to resume
         return RunError(f"data: {waited}. Run again once it answers; {longer}")
-    location, root = run_location(cfg), checkpoint_root(cfg)
+    location = run_location(cfg)
+    root = checkpoint_root(location)
     try:
         with storage.retry_budget(0):
             newest = find_resumable(root)[0]
@@ -203,7 +203,7 @@ def _resume_point(cfg: Config, fingerprint: str) -> str | None:
     Ray Train's record of the run, which would otherwise hand the newest one back to the workers."""
     if not cfg.train.resume:
         return None
-    root = checkpoint_root(cfg)
+    root = checkpoint_root(run_location(cfg))
     newest, damaged = find_resumable(root)
     for name, where in set_aside(root, list(damaged)).items():
         kept = f"kept as {where}" if where != storage.join(root, name) else "left in place"
@@ -221,21 +221,9 @@ def _resume_point(cfg: Config, fingerprint: str) -> str | None:
     return newest
 
 
-def _copy_results_home(cfg: Config) -> None:
-    """With a storage path, the driver's train.output_dir gets the run's results when it ends."""
-    location, home = run_location(cfg), output_path(cfg)
-    if location == str(home):
-        return
-    for name in (CONFIG_FILE, DATA_STATS_FILE, METRICS_FILE, GENERATIONS_FILE, FINAL_DIR, MLFLOW_DIR, MLFLOW_RUN_FILE):
-        if storage.exists(storage.join(location, name)):
-            if (home / name).is_dir():
-                shutil.rmtree(home / name)
-            storage.download(storage.join(location, name), home / name)
-
-
 def prune_checkpoints(cfg: Config) -> list[str]:
     """Remove the checkpoints a stopped run left beyond train.checkpoints_to_keep (see prune_extra_checkpoints)."""
-    return prune_extra_checkpoints(checkpoint_root(cfg), cfg.train.checkpoints_to_keep, higher_is_better(cfg))
+    return prune_extra_checkpoints(checkpoint_root(run_location(cfg)), cfg.train.checkpoints_to_keep, higher_is_better(cfg))
 
 
 def _interrupted(cfg: Config, signum: int | None, stopped_at: int | None) -> RunInterrupted:
@@ -245,7 +233,7 @@ def _interrupted(cfg: Config, signum: int | None, stopped_at: int | None) -> Run
               "newest checkpoint")
     else:
         at = f"stopped at step {stopped_at}" + (f" (checkpoint {step_dir_name(stopped_at)})" if stopped_at else "")
-        _copy_results_home(cfg)
+        copy_results_home(cfg)
     prune_checkpoints(cfg)
     return RunInterrupted(f"interrupted: the run in {run_location(cfg)} {at}", signum, stopped=stopped_at is not None)
 
@@ -369,5 +357,5 @@ def _train(cfg: Config, callbacks: list[Any] | None, gate: TrialGate | None, sto
         raise _interrupted(cfg, outcome.signum, stopped_at)
     result = outcome.result
     assert result is not None  # a run that returned without being stopped
-    _copy_results_home(cfg)
+    copy_results_home(cfg)
     return RunResult(output_path(cfg), output_path(cfg) / FINAL_DIR, dict(result.metrics or {}))

@@ -50,9 +50,9 @@ class LoopInputs:
 
     @property
     def checkpoint_root(self) -> str:
-        from raysft import storage  # pyarrow.fs: not needed where LoopInputs is only unpickled
+        from raysft.run_folder import checkpoint_root  # pyarrow.fs: not needed where LoopInputs is only unpickled
 
-        return storage.join(self.run_location, "checkpoints")
+        return checkpoint_root(self.run_location)
 
 
 def uses_bitsandbytes(cfg: Config) -> bool:

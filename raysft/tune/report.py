@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,23 @@ from typing import Any
 
 import yaml
 
+from raysft.config import absolute_path
 from raysft.errors import RunError
-from raysft.fileio import replace_dir_atomically, write_text_atomically
+from raysft.fileio import replace_dir_atomically, write_atomically, write_text_atomically
+from raysft.run_folder import (
+    BEST_DIR,
+    CONFIG_FILE,
+    FINAL_DIR,
+    METRICS_FILE,
+    REPORT_PAGE,
+    REPORT_PLOT,
+    RESULTS_FILE,
+    SWEEP_FILE,
+    TRIAL_ERROR_FILE,
+    TRIAL_FILE,
+    TRIALS_DIR,
+    TUNE_DIR,
+)
 from raysft.track import read_metrics
 from raysft.tune.space import parse_domain
 
@@ -62,18 +76,18 @@ class SweepResult:
 
     @property
     def best_dir(self) -> Path:
-        return self.sweep_dir / "best"
+        return self.sweep_dir / BEST_DIR
 
 
 def _read_trial(trial_dir: Path, sweep_dir: Path, metric: str) -> TrialSummary:
-    info = json.loads((trial_dir / "trial.json").read_text())
-    metrics_file = trial_dir / "metrics.jsonl"
+    info = json.loads((trial_dir / TRIAL_FILE).read_text())
+    metrics_file = trial_dir / METRICS_FILE
     records = read_metrics(metrics_file)  # a trial killed mid-append leaves a torn last line
-    if (trial_dir / "final").is_dir():
+    if (trial_dir / FINAL_DIR).is_dir():
         status = "completed"
     elif "interrupted" in info:  # written by the stopped sweep, dropped when --resume restarts the trial
         status = "interrupted"
-    elif (sweep_dir / "tune" / trial_dir.name / "error.txt").exists():
+    elif (sweep_dir / TUNE_DIR / trial_dir.name / TRIAL_ERROR_FILE).exists():
         status = "error"
     else:
         status = "stopped_early"
@@ -90,16 +104,16 @@ def _read_trial(trial_dir: Path, sweep_dir: Path, metric: str) -> TrialSummary:
 
 
 def _check_sweep_dir(sweep_dir: Path) -> None:
-    if (sweep_dir / "sweep.yaml").is_file():
+    if (sweep_dir / SWEEP_FILE).is_file():
         return
     if not sweep_dir.exists():
         why = "does not exist"
     elif not sweep_dir.is_dir():
         why = "is a file"
-    elif (sweep_dir / "trial.json").is_file():
-        why = f"is one trial of a sweep; report on the sweep folder {sweep_dir.resolve().parent.parent}"
-    elif (sweep_dir / "config.yaml").is_file() and (sweep_dir / "metrics.jsonl").is_file():
-        why = f"looks like a train run, not a sweep; its metrics are in {sweep_dir / 'metrics.jsonl'}"
+    elif (sweep_dir / TRIAL_FILE).is_file():
+        why = f"is one trial of a sweep; report on the sweep folder {absolute_path(sweep_dir).parent.parent}"
+    elif (sweep_dir / CONFIG_FILE).is_file() and (sweep_dir / METRICS_FILE).is_file():
+        why = f"looks like a train run, not a sweep; its metrics are in {sweep_dir / METRICS_FILE}"
     else:
         why = "holds no sweep.yaml"
     raise RunError(f"{sweep_dir} is not a sweep folder: it {why}. `raysft report` reads the output_dir of `raysft sweep`.")
@@ -108,11 +122,11 @@ def _check_sweep_dir(sweep_dir: Path) -> None:
 def summarize(sweep_dir: str | Path) -> SweepResult:
     """Read every trial of the sweep in `sweep_dir` and pick the best completed one by its final metric."""
     _check_sweep_dir(Path(sweep_dir).expanduser())  # before resolving: errors show the path as given
-    sweep_dir = Path(sweep_dir).expanduser().resolve()
-    settings = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
+    sweep_dir = absolute_path(sweep_dir)
+    settings = yaml.safe_load((sweep_dir / SWEEP_FILE).read_text())
     metric, mode = settings["metric"], settings["mode"]
     trials = [
-        _read_trial(path.parent, sweep_dir, metric) for path in sorted((sweep_dir / "trials").glob("*/trial.json"))
+        _read_trial(path.parent, sweep_dir, metric) for path in sorted((sweep_dir / TRIALS_DIR).glob(f"*/{TRIAL_FILE}"))
     ]
     # Only a completed trial has a final adapter, and its last evaluation is of exactly that adapter.
     finished = [t for t in trials if t.status == "completed" and t.last is not None]
@@ -134,11 +148,11 @@ def _copy_best(result: SweepResult) -> None:
     """best/ = the best trial's final adapter + its config and metrics; replaced whole, never half-written."""
     if result.best is None:
         return
-    trial_dir = result.sweep_dir / "trials" / result.best.name
+    trial_dir = result.sweep_dir / TRIALS_DIR / result.best.name
     staging = result.sweep_dir / ".best.tmp"
     shutil.rmtree(staging, ignore_errors=True)  # what a killed report left; raysft's own name
-    shutil.copytree(trial_dir / "final", staging)
-    for name in ("config.yaml", "metrics.jsonl", "trial.json"):
+    shutil.copytree(trial_dir / FINAL_DIR, staging)
+    for name in (CONFIG_FILE, METRICS_FILE, TRIAL_FILE):
         shutil.copy2(trial_dir / name, staging / name)
     replace_dir_atomically(staging, result.best_dir)
 
@@ -173,10 +187,8 @@ def _plot(result: SweepResult, space: dict[str, Any], path: Path) -> None:
             ax.set_xticks(range(len(labels)), labels)
         ax.set(title=f"best {result.metric} vs {key}", xlabel=key, ylabel=result.metric)
     fig.tight_layout()
-    staging = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(staging, dpi=100)
+    write_atomically(path, lambda staging: fig.savefig(staging, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(staging, path)
 
 
 def _markdown(result: SweepResult, keys: list[str]) -> str:
@@ -208,10 +220,10 @@ def write_report(sweep_dir: str | Path) -> SweepResult:
         >>> write_report("runs/sweeps/lora_rank_lr").best  # doctest: +SKIP
     """
     result = summarize(sweep_dir)
-    space = yaml.safe_load((result.sweep_dir / "sweep.yaml").read_text())["space"]
+    space = yaml.safe_load((result.sweep_dir / SWEEP_FILE).read_text())["space"]
     keys = list(space)
-    write_text_atomically(result.sweep_dir / "results.csv", results_csv(result, keys))
+    write_text_atomically(result.sweep_dir / RESULTS_FILE, results_csv(result, keys))
     _copy_best(result)
-    _plot(result, space, result.sweep_dir / "report.png")
-    write_text_atomically(result.sweep_dir / "report.md", _markdown(result, keys))
+    _plot(result, space, result.sweep_dir / REPORT_PLOT)
+    write_text_atomically(result.sweep_dir / REPORT_PAGE, _markdown(result, keys))
     return result

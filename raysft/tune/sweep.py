@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -34,16 +33,16 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raysft import storage
-from raysft.config import EVAL_LOSS, Config, flatten, output_base, set_dotted, validate_section, with_absolute_paths
+from raysft.config import EVAL_LOSS, Config, absolute_path, flatten, output_base, set_dotted, validate_section, with_absolute_paths
 from raysft.errors import ConfigError, RunInterrupted
 from raysft.fileio import write_text_atomically
 from raysft.console import VERBOSE_ENV, verbose
-from raysft.mlflow_run import MLFLOW_DIR, MlflowRun, open_mlflow_run, recorded_mlflow_run
+from raysft.mlflow_run import MlflowRun, open_mlflow_run, recorded_mlflow_run
 from raysft.ray_session import quiet_worker
-from raysft.track import METRICS_FILE
 from raysft.training.interrupt import SweepStopper, new_stop_board, recorded_signals
 from raysft.training.preflight import preflight
-from raysft.training.run_folder import FINAL_DIR, run_location
+from raysft import run_folder
+from raysft.run_folder import FINAL_DIR, METRICS_FILE, MLFLOW_DIR, SWEEP_FILE, TRIAL_FILE, TRIALS_DIR, TUNE_DIR, run_location
 from raysft.data.pipeline import prepare_data
 from raysft.ray_session import ensure_ray
 from raysft.training.trainer import scaling_config, train, wait_for_worker_resources
@@ -52,8 +51,6 @@ from raysft.training.decisions import TrialGate, board_name, eval_round, open_bo
 from raysft.tune.report import SweepResult, write_report
 from raysft.tune.space import Domain, to_param_space
 
-SWEEP_FILE = "sweep.yaml"
-TRIAL_FILE = "trial.json"
 # Tune needs a non-empty resource request per trial. The driver function only coordinates (its Ray
 # Train workers hold the CPUs/GPUs), so it reserves a little memory and no CPU: a CPU here would be
 # a CPU the trial's own workers could not get.
@@ -94,12 +91,12 @@ def trial_config(cfg: SweepConfig, params: dict[str, Any], name: str, mlflow_par
     raw = copy.deepcopy(cfg.base.model_dump(mode="json"))
     for key, value in params.items():
         set_dotted(raw, key, value)
-    raw["train"]["output_dir"] = str(Path(str(cfg.output_dir)) / "trials" / name)  # absolute: see sweep()
+    raw["train"]["output_dir"] = str(Path(str(cfg.output_dir)) / TRIALS_DIR / name)  # absolute: see sweep()
     # A trial restarted by --resume continues from its own newest checkpoint (a fresh one finds none).
     raw["train"]["resume"] = True
     root = sweep_storage(cfg)
     if root is not None:  # the trial's run lives in the sweep's storage; trials/<name> gets its results
-        raw["scaling"]["storage_path"] = storage.join(root, "trials", name)
+        raw["scaling"]["storage_path"] = storage.join(root, TRIALS_DIR, name)
     # The sweep prints one table for all trials; per-step lines of every trial would bury it.
     raw["tracking"]["console"] = False
     raw["tracking"]["wandb_group"] = raw["tracking"].get("wandb_group") or cfg.name
@@ -124,19 +121,8 @@ def sweep_home(cfg: SweepConfig) -> str:
 
 def fetch_trials(cfg: SweepConfig) -> None:
     """Copy every trial's results (and Tune's error files) from the sweep's storage to the local sweep folder."""
-    root, sweep_dir = sweep_storage(cfg), Path(str(cfg.output_dir))
-    if root is None:
-        return
-    for name in storage.list_dir(storage.join(root, "trials")):
-        remote, local = storage.join(root, "trials", name), sweep_dir / "trials" / name
-        for entry in (TRIAL_FILE, "config.yaml", "metrics.jsonl", "final"):
-            if storage.exists(storage.join(remote, entry)):
-                if (local / entry).is_dir():
-                    shutil.rmtree(local / entry)
-                storage.download(storage.join(remote, entry), local / entry)
-        error = storage.join(root, "tune", name, "error.txt")
-        if storage.exists(error):
-            storage.download(error, sweep_dir / "tune" / name / "error.txt")
+    if (root := sweep_storage(cfg)) is not None:
+        run_folder.fetch_trials(root, Path(str(cfg.output_dir)))
 
 
 def is_evaluation(record: dict[str, Any]) -> bool:
@@ -359,7 +345,7 @@ def end_sweep_mlflow_run(run: MlflowRun, cfg: SweepConfig, home: str, result: Sw
     """End the runs of trials that did not finish (stopped early: KILLED, failed: FAILED), tag the sweep's run
     with the best trial and its metric, and end it."""
     for trial in result.trials:
-        child = recorded_mlflow_run(storage.join(home, "trials", trial.name))
+        child = recorded_mlflow_run(storage.join(home, TRIALS_DIR, trial.name))
         if child is not None and trial.status != "completed":
             run.client.set_terminated(child, MLFLOW_STATUS[trial.status])
     if result.best is not None and result.best.last is not None:
@@ -399,7 +385,7 @@ def mark_interrupted(home: str, names: list[str]) -> None:
     """Record in each trial's trial.json that a stopped sweep interrupted it (its run resumes on --resume, which
     rewrites trial.json without the mark)."""
     for name in names:
-        trial_file = storage.join(home, "trials", name, TRIAL_FILE)
+        trial_file = storage.join(home, TRIALS_DIR, name, TRIAL_FILE)
         if storage.exists(trial_file):
             info = json.loads(storage.read_bytes(trial_file))
             storage.write_bytes(trial_file, json.dumps({**info, "interrupted": time.time()}, indent=2).encode())
@@ -415,11 +401,11 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     """
     # Every path is resolved here, once: each trial runs in a working directory Tune chose, where a
     # relative output folder or data path would point somewhere else (and the results would be lost).
-    sweep_dir = (output_base() / Path(str(cfg.output_dir)).expanduser()).resolve()  # an absolute one stays as it is
+    sweep_dir = absolute_path(str(cfg.output_dir), output_base())  # an absolute one stays as it is
     cfg = cfg.model_copy(update={"output_dir": str(sweep_dir), "base": with_absolute_paths(cfg.base)})
     home = sweep_home(cfg)
     where = "base.scaling.storage_path" if sweep_storage(cfg) else "output_dir"
-    tune_dir = storage.join(home, "tune")
+    tune_dir = storage.join(home, TUNE_DIR)
     preflight(cfg.base.model_copy(update={"train": cfg.base.train.model_copy(update={"output_dir": str(sweep_dir)})}))
     if (problem := _mlflow_problem(cfg)) is not None:
         raise ConfigError([problem])
@@ -468,7 +454,7 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
                 trial_dirname_creator=trial_name,
             ),
             run_config=tune.RunConfig(
-                name="tune",
+                name=TUNE_DIR,
                 storage_path=home,
                 callbacks=[LiveTable(cfg.metric, list(domains))],
                 verbose=0,

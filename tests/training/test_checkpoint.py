@@ -11,10 +11,9 @@ import torch
 from torch import nn
 
 from raysft.errors import RunError
+from raysft.run_folder import RAY_SNAPSHOT, STAGING_PREFIX, step_dir_name
 from raysft.training.checkpoint import (
     MANIFEST,
-    RAY_SNAPSHOT,
-    STAGING_PREFIX,
     checkpoint_names,
     checkpoints_to_prune,
     find_resumable,
@@ -23,7 +22,6 @@ from raysft.training.checkpoint import (
     prune_extra_checkpoints,
     remove_staging,
     set_aside,
-    step_dir_name,
     verify,
     write_checkpoint,
 )

@@ -14,7 +14,8 @@ import psutil
 import pytest
 
 from raysft.track import read_metrics
-from raysft.training.checkpoint import checkpoint_names, step_dir_name, verify
+from raysft.run_folder import step_dir_name
+from raysft.training.checkpoint import checkpoint_names, verify
 from tests.runs import REPO, logged_step, losses, start_then_signal_when
 from tests.training.test_faults import raysft_command, write_config
 

@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM
 
 from raysft.cli import main as cli_main
 from raysft.config import flatten
-from raysft.mlflow_run import MLFLOW_DIR
-from raysft.track import METRICS_FILE, read_metrics
-from raysft.training.checkpoint import checkpoint_names, step_dir_name, verify
+from raysft.run_folder import METRICS_FILE, MLFLOW_DIR, step_dir_name
+from raysft.track import read_metrics
+from raysft.training.checkpoint import checkpoint_names, verify
 from raysft.tune.config import parse_sweep
 from raysft.tune.report import SweepResult
 from raysft.tune.sweep import sweep
