@@ -169,8 +169,8 @@ def test_readme_keeps_the_fresh_machine_commands_first() -> None:
 LAYERS = [
     ("raysft.errors", "raysft.labels", "raysft.ops", "raysft.training.step", "raysft.cluster"),
     ("raysft.config", "raysft.fileio", "raysft.chat_template"),
-    ("raysft.storage", "raysft.run_folder", "raysft.console", "raysft.track", "raysft.mlflow_run", "raysft.model", "raysft.evaluation", "raysft.infer", "raysft.plan",
-     "raysft.starter", "raysft.ray_session"),
+    ("raysft.storage", "raysft.run_folder", "raysft.console", "raysft.ray_session", "raysft.track", "raysft.mlflow_run",
+     "raysft.model", "raysft.evaluation", "raysft.infer", "raysft.plan", "raysft.starter"),
     ("raysft.data",),
     ("raysft.training",),
     ("raysft.tune",),
