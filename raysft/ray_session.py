@@ -101,6 +101,75 @@ def cluster_to_join(address: str | None) -> tuple[str | None, str]:
     return (given if given and _is_loopback(given) else joined), source
 
 
+def _is_loopback(address: str) -> bool:
+    return address.rpartition(":")[0].strip("[]") in (LOOPBACK, "localhost", "::1")
+
+
+def _start_local_ray() -> None:
+    global _started
+    import ray
+
+    address, replaced = f"{LOOPBACK}:{_free_loopback_port()}", os.environ.get("RAY_ADDRESS")  # "local", or unset
+    try:
+        with _loopback_only(address):
+            ray.init(address="local", dashboard_host=LOOPBACK, log_to_driver=True, configure_logging=verbose())
+    except BaseException:
+        _restore("RAY_ADDRESS", replaced)
+        raise
+    _started = (address, replaced)
+
+
+@contextlib.contextmanager
+def _loopback_only(address: str) -> Iterator[None]:
+    """While a local Ray starts: its node address 127.0.0.1, its GCS at `address`, RAY_ADDRESS naming it (kept
+    afterwards, for the driver's own State API calls); see the module docstring for why each is needed."""
+    saved = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ.update(RAY_GCS_SERVER_PORT=address.rsplit(":", 1)[1], RAY_ADDRESS=address)
+    try:
+        with _node_on_loopback():
+            yield
+    finally:
+        _restore("RAY_GCS_SERVER_PORT", saved)
+
+
+@contextlib.contextmanager
+def _node_on_loopback() -> Iterator[None]:
+    """While Ray starts or connects: this node's address is 127.0.0.1 (Ray's processes started meanwhile inherit it)."""
+    from ray._private import ray_constants
+
+    saved, cluster_mode = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import: this process imported Ray before the variable was set
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+        _restore("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", saved)
+
+
+def _forget_stopped_local_ray() -> None:
+    """A local Ray this process started and then shut down leaves its RAY_ADDRESS behind: not a cluster to join."""
+    global _started
+    if _started is not None and os.environ.get("RAY_ADDRESS") == _started[0]:
+        _restore("RAY_ADDRESS", _started[1])
+    _started = None
+
+
+def _restore(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        return int(probe.getsockname()[1])
+
+
+# --- Ray environment knobs ------------------------------------------------------------------------------------
+
 # Ray Train's controller takes one `ray.train.report` per worker per poll, and a worker holds at most one unread
 # (the next report blocks): with a report at every logged step, the poll interval is the shortest a logged step
 # can take. Ray's default interval (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s) held every run to one step per 2 s, a
@@ -119,6 +188,7 @@ def set_train_controller_env() -> None:
 
 
 # --- Ray's output on raysft's console ------------------------------------------------------------------------
+
 
 def quiet_worker(verbose_run: bool) -> None:
     """In a process that runs one run (or trial) and exits with it, a Ray Train worker: no progress bars, whose
@@ -224,70 +294,3 @@ def without_reported_tracebacks(lines: list[str]) -> list[str]:
         kept.append(lines[index])
         index += 1
     return kept
-
-
-def _is_loopback(address: str) -> bool:
-    return address.rpartition(":")[0].strip("[]") in (LOOPBACK, "localhost", "::1")
-
-
-def _start_local_ray() -> None:
-    global _started
-    import ray
-
-    address, replaced = f"{LOOPBACK}:{_free_loopback_port()}", os.environ.get("RAY_ADDRESS")  # "local", or unset
-    try:
-        with _loopback_only(address):
-            ray.init(address="local", dashboard_host=LOOPBACK, log_to_driver=True, configure_logging=verbose())
-    except BaseException:
-        _restore("RAY_ADDRESS", replaced)
-        raise
-    _started = (address, replaced)
-
-
-@contextlib.contextmanager
-def _loopback_only(address: str) -> Iterator[None]:
-    """While a local Ray starts: its node address 127.0.0.1, its GCS at `address`, RAY_ADDRESS naming it (kept
-    afterwards, for the driver's own State API calls); see the module docstring for why each is needed."""
-    saved = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ.update(RAY_GCS_SERVER_PORT=address.rsplit(":", 1)[1], RAY_ADDRESS=address)
-    try:
-        with _node_on_loopback():
-            yield
-    finally:
-        _restore("RAY_GCS_SERVER_PORT", saved)
-
-
-@contextlib.contextmanager
-def _node_on_loopback() -> Iterator[None]:
-    """While Ray starts or connects: this node's address is 127.0.0.1 (Ray's processes started meanwhile inherit it)."""
-    from ray._private import ray_constants
-
-    saved, cluster_mode = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import: this process imported Ray before the variable was set
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
-        _restore("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", saved)
-
-
-def _forget_stopped_local_ray() -> None:
-    """A local Ray this process started and then shut down leaves its RAY_ADDRESS behind: not a cluster to join."""
-    global _started
-    if _started is not None and os.environ.get("RAY_ADDRESS") == _started[0]:
-        _restore("RAY_ADDRESS", _started[1])
-    _started = None
-
-
-def _restore(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-
-
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        return int(probe.getsockname()[1])

@@ -18,6 +18,7 @@ from raysft.run_folder import METRICS_FILE, MLFLOW_DIR, TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
 
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Every record of a metrics.jsonl ([] when there is none yet).
 
