@@ -31,7 +31,16 @@ from typing import Any
 import yaml
 
 from raysft import storage
-from raysft.config import Config, absolute_path, default_cache_root, flatten, global_batch_rows, is_uri, public_tree, to_yaml
+from raysft.config import (
+    Config,
+    absolute_path,
+    default_cache_root,
+    flatten,
+    global_batch_rows,
+    is_uri,
+    public_tree,
+    to_yaml,
+)
 from raysft.config.rules import check_resume_changes, derived_global_batch
 from raysft.errors import ConfigError
 

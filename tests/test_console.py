@@ -1,4 +1,5 @@
-"""The console's lines and tables (raysft/console.py). No Ray: the real runs' console is checked in tests/test_cli.py."""
+"""The console's lines and tables (raysft/console.py). No Ray: the real runs' console is checked in
+tests/test_cli.py."""
 
 from __future__ import annotations
 

@@ -41,7 +41,8 @@ def test_results_go_home_and_rank0_files_go_up_one_entry_at_a_time(s3_here: dict
     (working / FINAL_DIR).mkdir(parents=True)
     (working / FINAL_DIR / "adapter.safetensors").write_bytes(b"new")
     (working / METRICS_FILE).write_text('{"step": 1}\n')
-    assert copy_entries(working, run, (CONFIG_FILE, METRICS_FILE, FINAL_DIR)) == [METRICS_FILE, FINAL_DIR]  # none missing
+    # What the source lacks (config.yaml here) is no error: only what is there is copied.
+    assert copy_entries(working, run, (CONFIG_FILE, METRICS_FILE, FINAL_DIR)) == [METRICS_FILE, FINAL_DIR]
 
     home = tmp_path / "home"
     (home / FINAL_DIR).mkdir(parents=True)

@@ -59,8 +59,8 @@ __all__ = [
     "EVAL_LOSS", "EVAL_PREFIX", "HIDDEN_METRICS", "LOSS_METRICS", "Config", "DataConfig", "DataFormat",
     "EarlyStoppingConfig", "EvalConfig", "GenerateConfig", "GenerateMetricConfig", "GenerateMetricType",
     "LoraConfig", "ModelConfig", "Normalizer", "ScalingConfig", "Section", "SectionT", "SourceConfig",
-    "TrackingConfig", "TrainConfig", "absolute_path", "apply_overrides", "check_batch_fits", "default_cache_root", "flatten",
-    "global_batch_rows", "is_evaluation_metric", "is_uri", "load_config", "load_yaml_text", "loss_metrics",
-    "metric_mode", "output_base", "parse_config", "public_tree", "read_yaml", "resolve_data_paths", "set_dotted",
-    "to_yaml", "unknown_metric", "uri_scheme", "validate_section", "with_absolute_paths",
+    "TrackingConfig", "TrainConfig", "absolute_path", "apply_overrides", "check_batch_fits", "default_cache_root",
+    "flatten", "global_batch_rows", "is_evaluation_metric", "is_uri", "load_config", "load_yaml_text",
+    "loss_metrics", "metric_mode", "output_base", "parse_config", "public_tree", "read_yaml", "resolve_data_paths",
+    "set_dotted", "to_yaml", "unknown_metric", "uri_scheme", "validate_section", "with_absolute_paths",
 ]  # fmt: skip

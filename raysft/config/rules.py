@@ -129,7 +129,8 @@ def lora_targets(cfg: Config) -> list[tuple[str, str]]:
     if not cfg.lora.enabled:
         return []
     targets = [] if cfg.lora.target_modules == "all-linear" else cfg.lora.target_modules
-    return [("lora.target_modules", t) for t in targets] + [("lora.modules_to_save", m) for m in cfg.lora.modules_to_save or []]
+    saved = cfg.lora.modules_to_save or []
+    return [("lora.target_modules", t) for t in targets] + [("lora.modules_to_save", m) for m in saved]
 
 
 def lora_target_problems(cfg: Config, names: set[str], linear: set[str]) -> list[str]:

@@ -223,7 +223,8 @@ def _resume_point(cfg: Config, fingerprint: str) -> str | None:
 
 def prune_checkpoints(cfg: Config) -> list[str]:
     """Remove the checkpoints a stopped run left beyond train.checkpoints_to_keep (see prune_extra_checkpoints)."""
-    return prune_extra_checkpoints(checkpoint_root(run_location(cfg)), cfg.train.checkpoints_to_keep, higher_is_better(cfg))
+    root = checkpoint_root(run_location(cfg))
+    return prune_extra_checkpoints(root, cfg.train.checkpoints_to_keep, higher_is_better(cfg))
 
 
 def _interrupted(cfg: Config, signum: int | None, stopped_at: int | None) -> RunInterrupted:

@@ -33,7 +33,16 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raysft import storage
-from raysft.config import EVAL_LOSS, Config, absolute_path, flatten, output_base, set_dotted, validate_section, with_absolute_paths
+from raysft.config import (
+    EVAL_LOSS,
+    Config,
+    absolute_path,
+    flatten,
+    output_base,
+    set_dotted,
+    validate_section,
+    with_absolute_paths,
+)
 from raysft.errors import ConfigError, RunInterrupted
 from raysft.fileio import write_text_atomically
 from raysft.console import VERBOSE_ENV, verbose
@@ -42,7 +51,16 @@ from raysft.ray_session import quiet_worker
 from raysft.training.interrupt import SweepStopper, new_stop_board, recorded_signals
 from raysft.training.preflight import preflight
 from raysft import run_folder
-from raysft.run_folder import FINAL_DIR, METRICS_FILE, MLFLOW_DIR, SWEEP_FILE, TRIAL_FILE, TRIALS_DIR, TUNE_DIR, run_location
+from raysft.run_folder import (
+    FINAL_DIR,
+    METRICS_FILE,
+    MLFLOW_DIR,
+    SWEEP_FILE,
+    TRIAL_FILE,
+    TRIALS_DIR,
+    TUNE_DIR,
+    run_location,
+)
 from raysft.data.pipeline import prepare_data
 from raysft.ray_session import ensure_ray
 from raysft.training.trainer import scaling_config, train, wait_for_worker_resources

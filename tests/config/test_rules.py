@@ -56,7 +56,8 @@ def test_early_stopping_and_checkpoint_score_name_an_evaluation_metric() -> None
 
 
 def test_the_data_must_hold_one_global_batch() -> None:
-    cfg = parse_config({**MINIMAL, "train": {"micro_batch_size": 2, "grad_accum_steps": 3}, "scaling": {"num_workers": 2}})
+    cfg = parse_config({**MINIMAL, "train": {"micro_batch_size": 2, "grad_accum_steps": 3},
+                        "scaling": {"num_workers": 2}})
     check_batch_fits(cfg, 12)  # 2 workers x 2 rows x 3 micro-batches: exactly one step
     with pytest.raises(ConfigError) as err:
         check_batch_fits(cfg, 11)
