@@ -473,6 +473,9 @@ def run_raysft_gsm8k(
         num_workers=num_workers, cpus_per_worker=cpus_per_worker,
     )
     cfg = raysft.parse_config(raw)
+    from raysft.training.startup import mark  # a no-op unless RAYSFT_STARTUP_TRACE is set (ray_overhead.py sets it)
+
+    mark("raysft.train called")
     t0 = time.perf_counter()
     if warm_only:
         raysft.prepare_data(cfg)

@@ -57,7 +57,7 @@ from raysft.model import trainable_state_dict
 from raysft.training.fsdp import is_sharded
 
 if TYPE_CHECKING:
-    from raysft.training.worker import LoopInputs
+    from raysft.training.inputs import LoopInputs
 
 log = logging.getLogger(__name__)
 

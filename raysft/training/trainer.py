@@ -40,6 +40,7 @@ from raysft.training.checkpoint import (
 from raysft.training.checkpoint import CHECKPOINT_SCORE_KEY, higher_is_better, is_scored
 from raysft.training.interrupt import new_stop_board, run_until_signalled
 from raysft.training.preflight import preflight
+from raysft.training.startup import mark
 from raysft.training.run_folder import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -332,7 +333,9 @@ def train(cfg: Config, callbacks: list[Any] | None = None, gate: TrialGate | Non
 
 
 def _train(cfg: Config, callbacks: list[Any] | None, gate: TrialGate | None, stop_board: Any) -> RunResult:
+    mark("train")
     checked = check(cfg)
+    mark("checked")
     cfg, resume_changes, prepared = checked.config, checked.resume_changes, checked.prepared
     generation, resume_from = checked.generation, checked.resume_from
     if cfg.train.resume and (pruned := prune_checkpoints(cfg)):
@@ -379,6 +382,7 @@ def _train(cfg: Config, callbacks: list[Any] | None, gate: TrialGate | None, sto
         # No Ray Datasets here: each worker reads the packed table's rows its steps need
         # (raysft/data/stream.py), in an order fixed by (seed, epoch, step).
     )
+    mark("fit")
     try:
         outcome = run_until_signalled(trainer.fit, stop_board, cfg.scaling.stop_grace_s)
         stopped_at = ray.get(stop_board.stopped_at.remote(location)) if outcome.stopped else None
