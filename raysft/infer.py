@@ -16,7 +16,9 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from raysft.config import Config, ModelConfig, parse_config, read_yaml
 from raysft.errors import ConfigError
 from raysft.fileio import replace_dir_atomically
-from raysft.model import check_model_source, load_model, load_tokenizer
+from raysft.model import load_model
+from raysft.model_source import check_model_source
+from raysft.tokenizer import load_tokenizer
 
 EXPORT_MARKER = "raysft_export.json"
 """Written into every export folder: the proof that `--overwrite` may replace that folder."""

@@ -169,8 +169,8 @@ def test_readme_keeps_the_fresh_machine_commands_first() -> None:
 LAYERS = [
     ("raysft.errors", "raysft.labels", "raysft.ops", "raysft.training.step", "raysft.cluster"),
     ("raysft.config", "raysft.fileio", "raysft.chat_template"),
-    ("raysft.storage", "raysft.track", "raysft.model", "raysft.evaluation", "raysft.infer", "raysft.plan",
-     "raysft.starter", "raysft.ray_session"),
+    ("raysft.storage", "raysft.track", "raysft.model", "raysft.model_source", "raysft.tokenizer", "raysft.evaluation",
+     "raysft.infer", "raysft.plan", "raysft.starter", "raysft.ray_session"),
     ("raysft.data",),
     ("raysft.training",),
     ("raysft.tune",),

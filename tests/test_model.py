@@ -25,16 +25,8 @@ from raysft.data.pipeline import cache_key
 from raysft.infer import chat_generate, load_for_inference, merge_adapter
 from raysft.labels import trained_targets
 from raysft.data.packing import collate
-from raysft.model import (
-    CHATML_TEMPLATE,
-    TokenLoss,
-    add_neftune_noise,
-    apply_lora,
-    causal_lm,
-    load_model,
-    load_tokenizer,
-    load_tokenizer_and_new_ids,
-)
+from raysft.model import TokenLoss, add_neftune_noise, apply_lora, causal_lm, load_model
+from raysft.tokenizer import CHATML_TEMPLATE, load_tokenizer, load_tokenizer_and_new_ids
 from raysft.training.recipe import save_final
 from raysft.training.optim import build_optimizer
 from raysft.training.step import train_step

@@ -53,7 +53,6 @@ from raysft import storage
 from raysft.config import Config, is_uri, metric_mode
 from raysft.errors import RunError
 from raysft.fileio import write_error
-from raysft.model import trainable_state_dict
 from raysft.training.fsdp import is_sharded
 
 if TYPE_CHECKING:
@@ -428,6 +427,8 @@ def save_checkpoint(
                 write_sharded_checkpoint(folder, model, optimizer, rng_states, {"step": step, **state}, rank,
                                          dist.get_world_size())
             elif rank == 0:
+                from raysft.model import trainable_state_dict  # worker side: the driver never loads the model stack
+
                 write_checkpoint(folder, trainable_state_dict(model), optimizer, rng_states, {"step": step, **state})
             if local_mode:
                 persist_checkpoint(folder, inputs.checkpoint_root, name, inputs.config.train.checkpoints_to_keep,

@@ -20,7 +20,7 @@ from torch import nn
 from raysft.config import Config, ModelConfig, default_cache_root, is_uri
 from raysft.errors import ConfigError
 from raysft.evaluation import check_functions
-from raysft.model import check_model_source, model_location
+from raysft.model_source import check_model_source, model_location
 from raysft.storage import storage_problem
 
 log = logging.getLogger(__name__)

@@ -104,7 +104,7 @@ class SFTRecipe:
 
     def __init__(self, inputs: LoopInputs, tokenizer: PreTrainedTokenizerBase, new_token_ids: list[int]):
         """`tokenizer`: the one the data were tokenized with (model.add_special_tokens included), loaded once per
-        process and passed on; `new_token_ids`: the tokens it added (raysft.model.load_tokenizer_and_new_ids),
+        process and passed on; `new_token_ids`: the tokens it added (raysft.tokenizer.load_tokenizer_and_new_ids),
         whose embedding rows are made and trained."""
         self.inputs, self.cfg, self.location = inputs, inputs.config, inputs.run_location
         self.tokenizer, self.new_token_ids = tokenizer, new_token_ids

@@ -12,7 +12,6 @@ from typing import Any
 
 import ray
 import ray.train
-import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig as RayScalingConfig
 from ray.autoscaler.sdk import request_resources
 from ray.train import CheckpointConfig, LoggingConfig
@@ -27,7 +26,7 @@ from raysft.evaluation import GENERATIONS_FILE, GenerationSet
 from raysft import storage
 from raysft.fileio import write_error
 from raysft.track import METRICS_FILE, MLFLOW_DIR, MLFLOW_RUN_FILE, read_metrics, say, train_log_level, verbose
-from raysft.model import load_tokenizer
+from raysft.tokenizer import load_tokenizer
 from raysft.ray_session import ensure_ray
 from raysft.training.checkpoint import (
     find_resumable,
@@ -106,6 +105,8 @@ def wait_for_worker_resources(cfg: Config, poll_s: float = 5.0) -> None:
     autoscaler the answer is known at once; with one, nodes may come: wait `scaling.resource_wait_s`.
     """
     if cfg.scaling.num_workers == 0:  # local mode: the loop runs in this process, on this machine's devices
+        import torch
+
         if cfg.scaling.use_gpu and not torch.cuda.is_available():
             raise RunError("scaling.use_gpu: true, but this machine has no CUDA GPU and scaling.num_workers: 0 runs "
                            "the loop here; set num_workers >= 1 to run on the cluster's GPU nodes, or use_gpu: false")

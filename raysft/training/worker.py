@@ -53,7 +53,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         from raysft.track import quiet_worker  # light: the training stack is not imported yet
 
         quiet_worker(inputs.verbose)
-    from raysft.model import load_tokenizer_and_new_ids
+    from raysft.tokenizer import load_tokenizer_and_new_ids
     from raysft.training.recipe import run
 
     mark("training stack imported")

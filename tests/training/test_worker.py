@@ -1,4 +1,5 @@
-"""The driver -> worker hand-off stays light, and a worker imports only the optional stacks its run uses."""
+"""The driver -> worker hand-off stays light, a Ray run's driver imports no model stack, and a worker imports only
+the optional stacks its run uses."""
 
 from __future__ import annotations
 
@@ -39,3 +40,11 @@ def test_bitsandbytes_stays_out_of_a_worker_that_does_not_quantize() -> None:
     assert _run(code, pickle.dumps(plain)) == "True False"
     qlora = parse_config(_config(quantization="4bit"))
     assert _run(code, pickle.dumps(qlora)) == "False True"
+
+
+def test_a_ray_runs_driver_imports_no_model_stack() -> None:
+    # The driver of a Ray run (and every sweep trial's) loads a tokenizer and checks the model, nothing more: peft
+    # (which imports bitsandbytes and torch._inductor) is the workers' alone, seconds of every run's start.
+    code = ("import sys; import raysft.training.trainer, raysft.tune.sweep, raysft.tokenizer, raysft.model_source; "
+            "print(sorted(m for m in ('peft', 'bitsandbytes', 'raysft.model') if m in sys.modules))")
+    assert _run(code, b"") == "[]"
