@@ -86,6 +86,8 @@ class TrainState:
     """The step of this run's newest checkpoint (the restored one's at first; 0: none)."""
     stopped_at: int | None = None
     """The step at which the driver asked the run to stop, if it did."""
+    step_trained_tokens: int = 0
+    """The trained tokens of the latest step's global batch (all workers): its loss's normalizer, logged."""
     interval_start: float = 0.0
     """perf_counter() at the previous logged step: tokens/s is measured over the steps since."""
     interval_tokens: int = 0
@@ -101,6 +103,23 @@ class TrainState:
 class SFTRecipe:
     """Supervised fine-tuning on one Ray Train worker (or in the driver, in local mode); every rank runs the same
     steps, and collective ones (evaluation, checkpoints, stops) at the same places."""
+
+    # Built by setup() and restore(), in this order.
+    schedule: BatchSchedule
+    train_rows: PackedRows
+    eval_rows: PackedRows | None
+    num_steps: int
+    model: nn.Module
+    loss_module: TokenLoss
+    sharded: bool
+    generation: GenerationEval | None
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    forward: nn.Module
+    """What a step calls: the loss module, DDP-wrapped on more than one worker."""
+    stop_check: StopCheck
+    """The driver's stop board, as fit() hears it."""
 
     def __init__(self, inputs: LoopInputs, tokenizer: PreTrainedTokenizerBase, new_token_ids: list[int]):
         """`tokenizer`: the one the data were tokenized with (model.add_special_tokens included), loaded once per
@@ -173,7 +192,7 @@ class SFTRecipe:
         """
         saved, resumed = restore(self.inputs, self.model, self.optimizer, self.scaler, self.rank)
         self.state = TrainState.from_checkpoint(saved, self.cfg)
-        self.forward: nn.Module = self.loss_module
+        self.forward = self.loss_module
         if self.world > 1 and not self.sharded:
             self.forward = ray.train.torch.prepare_model(self.loss_module, move_to_device=False)
         if self.rank == 0:
@@ -223,8 +242,7 @@ class SFTRecipe:
             self._report(state.last_eval, 0)
         self.loss_module.train()
         state.interval_start, state.interval_tokens = time.perf_counter(), 0  # after the first eval: not counted
-        stop_check = StopCheck(self.inputs.stop_board)
-        self.stop_check = stop_check
+        self.stop_check = stop_check = StopCheck(self.inputs.stop_board)
         first = state.step
         for step in range(first, self.num_steps):
             if stop_check.requested(self.world, self.device):  # SIGINT/SIGTERM on the driver (interrupt.py)
@@ -261,8 +279,7 @@ class SFTRecipe:
         real_tokens = rows.real_tokens(step_rows)
         self.state.seen_tokens += real_tokens
         self.state.interval_tokens += real_tokens
-        self.state.step = step + 1
-        self.step_trained = step_trained
+        self.state.step, self.state.step_trained_tokens = step + 1, step_trained
         return result
 
     def _after_step(self, result: StepResult) -> FitEnd | None:
@@ -306,7 +323,7 @@ class SFTRecipe:
         metrics = dict(
             loss=result.loss, lr=self.optimizer.param_groups[0]["lr"], grad_norm=result.grad_norm,
             epoch=self.schedule.epoch(state.step), tokens_per_s=state.interval_tokens / max(elapsed, 1e-9),
-            num_tokens=state.seen_tokens, trained_tokens=self.step_trained, skipped=0.0 if result.applied else 1.0,
+            num_tokens=state.seen_tokens, trained_tokens=state.step_trained_tokens, skipped=0.0 if result.applied else 1.0,
         )
         state.interval_start, state.interval_tokens = time.perf_counter(), 0
         return metrics
