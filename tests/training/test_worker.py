@@ -3,6 +3,7 @@ the optional stacks its run uses."""
 
 from __future__ import annotations
 
+import ast
 import pickle
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import sys
 from raysft.config import parse_config
 from raysft.data.cache import CachedTable
 from raysft.training.worker import LoopInputs
+from tests.runs import REPO
 
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes")
 
@@ -48,3 +50,31 @@ def test_a_ray_runs_driver_imports_no_model_stack() -> None:
     code = ("import sys; import raysft.training.trainer, raysft.tune.sweep, raysft.tokenizer, raysft.model_source; "
             "print(sorted(m for m in ('peft', 'bitsandbytes', 'raysft.model') if m in sys.modules))")
     assert _run(code, b"") == "[]"
+
+
+def _training_imports() -> dict[str, set[str]]:
+    """Which raysft.training modules each one imports (inside functions too; not what only type checkers see)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted((REPO / "raysft" / "training").glob("*.py")):
+        module = f"raysft.training.{path.stem}"
+        tree = ast.parse(path.read_text())
+        type_only = {id(node) for guard in ast.walk(tree) if isinstance(guard, ast.If)
+                     and getattr(guard.test, "id", None) == "TYPE_CHECKING" for node in ast.walk(guard)}
+        graph[module] = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                         and id(node) not in type_only and (node.module or "").startswith("raysft.training.")}
+    return graph
+
+
+def test_the_training_modules_import_no_circle() -> None:
+    graph, circles = _training_imports(), []
+
+    def visit(module: str, path: list[str]) -> None:
+        for target in sorted(graph.get(module, ())):
+            if target in path:
+                circles.append(path[path.index(target):] + [target])
+            else:
+                visit(target, path + [target])
+
+    for module in graph:
+        visit(module, [module])
+    assert not circles, circles
