@@ -13,7 +13,8 @@ all-linear, packing on, --steps optimizer steps) through `raysft.train` two ways
 Both use the same tokenized cache, warmed by a first child, so tokenization is not in either time. Reported: wall
 time of `raysft.train(cfg)` (after ray.init; includes data loading, packing, Train start-up, model load, the
 steps and saving the adapter), the median step time, and their ratios ray-1w / local (target <= 1.20). The
-time of `ray.init` (private local cluster) is reported separately.
+time of `ray.init` (private local cluster, with its dashboard as raysft's own local Ray has it) is reported
+separately.
 
 Start-up stages: each child sets RAYSFT_STARTUP_TRACE (raysft/training/startup.py) before it starts Ray, so the
 driver and Ray Train's worker append timestamped marks to one file; the table gives the seconds between marks
@@ -107,7 +108,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         os.environ[TRACE_ENV] = str(trace)  # before Ray starts: its workers inherit it
     result = C.run_raysft_gsm8k(
         spec, packing=True, num_workers=spec["num_workers"], cpus_per_worker=spec["cpus_per_worker"],
-        ray_cpus=spec["cpus"], warm_only=spec["warm_only"],
+        ray_cpus=spec["cpus"], warm_only=spec["warm_only"], include_dashboard=True,
     )
     if not spec["warm_only"]:
         result["stages"] = startup_stages(trace)
