@@ -178,12 +178,17 @@ def run_child(script: str, spec: dict[str, Any], workdir: Path, label: str, reus
     return result
 
 
-def start_local_ray(num_cpus: int) -> float:
-    """Start a private local Ray (never attach to another user's cluster); return the seconds it took."""
+def start_local_ray(num_cpus: int, include_dashboard: bool = False) -> float:
+    """Start a private local Ray (never attach to another user's cluster); return the seconds it took.
+
+    `include_dashboard`: as raysft's own local Ray (raysft/ray_session.py) has it. Ray Train's placement-group
+    cleaner asks the dashboard's state API whether the controller lives, and Ray 2.60 takes an answer without the
+    actor for "dead" and removes the running worker group's placement group (seen once without a dashboard).
+    """
     import ray
 
     start = time.perf_counter()
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard, log_to_driver=False,
              configure_logging=False)
     return time.perf_counter() - start
 
@@ -456,7 +461,8 @@ def child_main(args: Any, runners: dict[str, Callable[[dict[str, Any]], dict[str
 
 
 def run_raysft_gsm8k(
-    spec: dict[str, Any], *, packing: bool, num_workers: int, cpus_per_worker: int, ray_cpus: int, warm_only: bool = False
+    spec: dict[str, Any], *, packing: bool, num_workers: int, cpus_per_worker: int, ray_cpus: int, warm_only: bool = False,
+    include_dashboard: bool = False,
 ) -> dict[str, Any]:
     """Child-process side of every raysft run: the spec's GSM8K rows through `raysft.train` on a private Ray.
 
@@ -465,7 +471,7 @@ def run_raysft_gsm8k(
     import raysft
 
     shutil.rmtree(spec["output_dir"], ignore_errors=True)  # a half-finished earlier attempt of this run
-    ray_init_s = start_local_ray(ray_cpus)
+    ray_init_s = start_local_ray(ray_cpus, include_dashboard)
     raw = raysft_config(
         model_dir=spec["model_dir"], train_source=gsm8k_source(Path(spec["data_dir"]), spec["rows"]),
         output_dir=Path(spec["output_dir"]), cache_dir=Path(spec["cache_dir"]), max_seq_len=spec["max_len"],
@@ -473,6 +479,9 @@ def run_raysft_gsm8k(
         num_workers=num_workers, cpus_per_worker=cpus_per_worker,
     )
     cfg = raysft.parse_config(raw)
+    from raysft.training.startup import mark  # a no-op unless RAYSFT_STARTUP_TRACE is set (ray_overhead.py sets it)
+
+    mark("raysft.train called")
     t0 = time.perf_counter()
     if warm_only:
         raysft.prepare_data(cfg)

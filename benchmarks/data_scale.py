@@ -163,7 +163,7 @@ def run_peer(spec: dict[str, Any]) -> dict[str, Any]:
     from raysft.config import SourceConfig
     from raysft.data.formats import normalize_row
     from raysft.data.tokenize import tokenize_example
-    from raysft.model import load_tokenizer
+    from raysft.tokenizer import load_tokenizer
     from raysft.config import ModelConfig
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=spec["model_dir"]))
@@ -200,7 +200,7 @@ def window_efficiency(data_dir: Path, model_dir: str, max_len: int) -> list[list
     from raysft.data.pipeline import PACK_WINDOW
     from raysft.data.sources import load_examples
     from raysft.data.tokenize import tokenize_example
-    from raysft.model import load_tokenizer
+    from raysft.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=model_dir))
     rows = []

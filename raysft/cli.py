@@ -123,7 +123,7 @@ def _print_sweep_summary(result: SweepResult) -> None:
 
 def cmd_data(args: argparse.Namespace) -> None:
     from raysft.data.pipeline import first_examples, prepare_data, stats_json
-    from raysft.model import load_tokenizer
+    from raysft.tokenizer import load_tokenizer
     from raysft.console import stats_table
 
     cfg = with_absolute_paths(_load(args))
@@ -167,7 +167,7 @@ def _generate_model(args: argparse.Namespace) -> tuple[ModelConfig, str]:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from raysft.infer import chat_generate, check_adapter, load_for_inference
-    from raysft.model import check_model_source
+    from raysft.model_source import check_model_source
     from raysft.run_folder import local_copy
 
     model_cfg, model_key = _generate_model(args)

@@ -1,6 +1,6 @@
 """Task metrics of generated answers (`eval.generate`): the built-in scorers, user functions, and the prompts
 that cross from the driver to the workers. Pure Python (no torch): tested alone, and light enough for
-raysft.training.worker, which Ray's controller imports.
+raysft.training.inputs, which Ray's controller imports.
 
 Where the prompts come from is raysft.data.prompts; generating the answers on the workers is
 raysft.training.generate_eval; the greedy, batched generation itself is raysft.infer's, shared with

@@ -16,8 +16,10 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from raysft.config import Config, ModelConfig, absolute_path, parse_config, read_yaml
 from raysft.errors import ConfigError
 from raysft.fileio import replace_dir_atomically
-from raysft.model import check_model_source, load_model, load_tokenizer
+from raysft.model import load_model
+from raysft.model_source import check_model_source
 from raysft.run_folder import CONFIG_FILE, FINAL_DIR, SWEEP_FILE
+from raysft.tokenizer import load_tokenizer
 
 EXPORT_MARKER = "raysft_export.json"
 """Written into every export folder: the proof that `--overwrite` may replace that folder."""

@@ -1,32 +1,27 @@
-"""Model loading: HF folder / hub id / GGUF, bitsandbytes quantization, LoRA, gradient checkpointing."""
+"""Model loading: HF folder / hub id / GGUF, bitsandbytes quantization, LoRA, gradient checkpointing.
+
+The tokenizer (raysft/tokenizer.py) and where a model is and what its source holds (raysft/model_source.py) live in
+light modules of their own, so that a Ray run's driver loads a tokenizer and checks a model without importing this
+stack (peft, bitsandbytes, the model code).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import transformers
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.helpers import disable_input_dtype_casting
 from peft.utils.other import TrainableTokensWrapper
-from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
-from raysft.chat_template import check_chat_template
 from raysft.config import LoraConfig, ModelConfig
 from raysft.labels import trained_targets
+from raysft.model_source import model_location
 from raysft.ops import PACKED_SDPA, PackedLayout, linear_cross_entropy, register_packed_sdpa
 
 log = logging.getLogger(__name__)
@@ -35,126 +30,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 
-# Raw strings: Jinja itself must see the '\n' escapes, as in the templates shipped with models. Plain turns render
-# as ChatML always has; tools, tool calls and tool results as Hermes / Qwen2.5 write them (the tool schemas in the
-# system turn, each call as JSON in <tool_call> tags inside the assistant turn, results as 'tool' turns); reasoning
-# in <think> tags ahead of the reply, as Qwen3 writes it (read under the names other renderers than transformers
-# may pass it with, too: the template is saved with the run and may be served elsewhere).
-CHATML_TEMPLATE = (
-    r"{%- if tools -%}"
-    r"{{- '<|im_start|>system\n' -}}"
-    r"{%- if messages and messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\n\n' -}}{%- endif -%}"
-    r"{{- '# Tools\n\nYou may call one or more functions. Their signatures are within <tools></tools>:\n<tools>' -}}"
-    r"{%- for tool in tools -%}{{- '\n' + (tool | tojson) -}}{%- endfor -%}"
-    r"{{- '\n</tools>\n\nFor each call, reply with a JSON object holding the function name and arguments within "
-    r"<tool_call></tool_call> tags:\n<tool_call>\n' -}}"
-    r"""{{- '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' -}}"""
-    r"{%- endif -%}"
-    r"{%- for message in messages -%}"
-    r"{%- if not (tools and loop.first and message['role'] == 'system') -%}"
-    r"{{- '<|im_start|>' + message['role'] + '\n' -}}"
-    r"{%- set reasoning = message.reasoning_content or message.reasoning or message.thinking -%}"
-    r"{%- if message['role'] == 'assistant' and reasoning -%}"
-    r"{{- '<think>\n' + reasoning + '\n</think>\n\n' -}}"
-    r"{%- endif -%}"
-    r"{{- message['content'] -}}"
-    r"{%- if message['role'] == 'assistant' and message.tool_calls -%}"
-    r"{%- for call in message.tool_calls -%}"
-    r"{%- set function = call.function if call.function is defined else call -%}"
-    r"{%- if message['content'] or not loop.first -%}{{- '\n' -}}{%- endif -%}"
-    r"""{{- '<tool_call>\n{"name": ' + (function.name | tojson) + ', "arguments": ' -}}"""
-    r"{%- if function.arguments is string -%}{{- function.arguments -}}"
-    r"{%- else -%}{{- function.arguments | tojson -}}{%- endif -%}"
-    r"{{- '}\n</tool_call>' -}}"
-    r"{%- endfor -%}"
-    r"{%- endif -%}"
-    r"{{- '<|im_end|>\n' -}}"
-    r"{%- endif -%}"
-    r"{%- endfor -%}"
-    r"{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
-)
-
-CHATML_MARKERS = ("<|im_start|>", "<|im_end|>")
-"""The control tokens CHATML_TEMPLATE writes: added to a tokenizer that lacks them when the template is the fallback."""
-
 # Seed of the rows that resizing the embeddings adds: the same on every worker and at every load, so runs repeat.
 _RESIZE_SEED = 0
-
-
-def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, template: str | None) -> bool:
-    """Give `tokenizer` a chat template: a Jinja string always wins; ``"chatml"`` or None only fill a gap.
-
-    Returns whether raysft's ChatML fallback was put in (so its markers may need adding as tokens).
-
-    Example:
-        >>> ensure_chat_template(tokenizer, "chatml")  # doctest: +SKIP
-        False
-    """
-    if template is not None and template != "chatml":
-        tokenizer.chat_template = template
-        return False
-    if tokenizer.chat_template:
-        return False
-    if template is None:
-        log.warning(
-            "The tokenizer %s has no chat template; using ChatML. Set model.chat_template to choose another.",
-            tokenizer.name_or_path or type(tokenizer).__name__,
-        )
-    tokenizer.chat_template = CHATML_TEMPLATE
-    return True
-
-
-def model_location(cfg: ModelConfig) -> tuple[str, dict[str, object]]:
-    """Folder/id to load from and the keyword arguments shared by model and tokenizer."""
-    location, gguf_file = cfg.name_or_path, cfg.gguf_file
-    if location.endswith(".gguf") and gguf_file is None:
-        location, gguf_file = str(Path(location).parent), Path(location).name
-    kwargs: dict[str, object] = {"trust_remote_code": cfg.trust_remote_code}
-    if cfg.revision:
-        kwargs["revision"] = cfg.revision
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    return location, kwargs
-
-
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The model's tokenizer with a chat template (the configured fallback if it ships none) and
-    `model.add_special_tokens` added (by default: the ChatML markers, when the fallback needs them)."""
-    return load_tokenizer_and_new_ids(cfg)[0]
-
-
-def load_tokenizer_and_new_ids(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, list[int]]:
-    """:func:`load_tokenizer`, and the ids of the tokens it added that the tokenizer did not hold before: the
-    embedding rows that training must create (:func:`load_model`'s `num_tokens`) and train (:func:`apply_lora`).
-
-    Example:
-        >>> tokenizer, new_ids = load_tokenizer_and_new_ids(ModelConfig(name_or_path="base-model-dir"))  # doctest: +SKIP
-    """
-    location, kwargs = model_location(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    chatml_fallback = ensure_chat_template(tokenizer, cfg.chat_template)
-    own = cfg.chat_template in (None, "chatml")  # raysft's ChatML fills a gap only: then the tokenizer's is used
-    check_chat_template(tokenizer, f"the chat template of the tokenizer in {location}" if own else "the template")
-    wanted = cfg.add_special_tokens
-    if wanted is None:  # the default: what the fallback template writes
-        wanted = list(CHATML_MARKERS) if chatml_fallback else []
-    special = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
-    missing = [token for token in wanted if token not in special]
-    new_ids: list[int] = []
-    if missing:
-        known = tokenizer.get_vocab()
-        # Special: never split, written only by the template (data spelling them stays text unless
-        # data.parse_special_tokens), skipped when decoding generated text.
-        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
-        new_ids = sorted(tokenizer.convert_tokens_to_ids(token) for token in missing if token not in known)
-        log.warning(
-            "Added %s to the tokenizer of %s as special tokens%s.", ", ".join(missing), cfg.name_or_path,
-            f": {len(new_ids)} new embedding row(s), initialized to the mean of the others and trained" if new_ids else "",
-        )
-    if tokenizer.pad_token_id is None:
-        # Padding positions never reach the loss (labels IGNORE_INDEX), so any id works; EOS is the usual choice.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, new_ids
 
 
 def resize_embeddings(model: PreTrainedModel, num_tokens: int) -> None:
@@ -217,7 +94,7 @@ def load_model(
 def apply_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int, new_token_ids: Sequence[int] = ()) -> nn.Module:
     """Wrap `model` with LoRA adapters (or leave every weight trainable for a full fine-tune).
 
-    `new_token_ids` (:func:`load_tokenizer_and_new_ids`) are rows of the input embeddings and output head that
+    `new_token_ids` (:func:`raysft.tokenizer.load_tokenizer_and_new_ids`) are rows of the input embeddings and output head that
     did not exist before this run. With LoRA only those rows of the two matrices are trained (PEFT's trainable
     tokens, saved in the adapter; an untied head's rows too), the rest stays frozen.
     """
@@ -444,130 +321,3 @@ def _is_plain_token_head(head: nn.Module) -> bool:
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the parameters being trained (the adapter for LoRA), detached on CPU."""
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def check_model_source(
-    cfg: ModelConfig, key: str = "model.name_or_path", trust_key: str = "model.trust_remote_code"
-) -> list[str]:
-    """Problems with where `cfg` says the model is ([] when fine), found before anything is loaded.
-
-    A local path must exist and hold a model that loads (:func:`check_model_folder`); a hub id ('owner/name',
-    or a legacy bare name like 'gpt2') cannot be checked offline, so it passes. `trust_key` is how the user
-    turns on `trust_remote_code` (named in the advice).
-
-    Example:
-        >>> check_model_source(ModelConfig(name_or_path="./no/such/dir"))  # doctest: +ELLIPSIS
-        ["model.name_or_path: './no/such/dir' does not exist ..."]
-    """
-    name = cfg.name_or_path
-    path = Path(name)
-    if not path.exists():
-        parts = name.split("/")
-        could_be_hub_id = len(parts) <= 2 and "\\" not in name and all(p and p not in (".", "..") for p in parts)
-        # Anything that cannot be a hub id is a path the user meant, so its absence is the problem.
-        if path.is_absolute() or name.startswith(("./", "../", "~")) or name.endswith(".gguf") or not could_be_hub_id:
-            # raysft passes the name to transformers as written, so a '~' is never expanded.
-            tilde = "; '~' is not expanded, write the full path" if name.startswith("~") else ""
-            return [f"{key}: {name!r} does not exist (looked for {path.absolute()}{tilde}); "
-                    "give an existing model folder, a .gguf file, or a hub id like 'owner/name'"]
-        return []
-    if path.is_file():
-        if name.endswith(".gguf"):
-            return []
-        return [f"{key}: {name!r} is a file; give a model folder (with config.json), a .gguf file, or a hub id"]
-    if cfg.gguf_file is not None:
-        if not (path / cfg.gguf_file).is_file():
-            return [f"{key}: the GGUF file {cfg.gguf_file!r} (gguf_file) is not inside the folder {name!r}"]
-        return []
-    if (path / "config.json").is_file():
-        return check_model_folder(path, cfg.trust_remote_code, key, trust_key)
-    ggufs = sorted(p.name for p in path.glob("*.gguf"))
-    if ggufs:
-        # transformers loads a GGUF only when told which file; it never picks one from a folder.
-        return [f"{key}: {name!r} holds no config.json but GGUF file(s) {', '.join(ggufs)}; "
-                "point at the .gguf file itself or set gguf_file"]
-    return [f"{key}: {name!r} is not a model folder (no config.json and no .gguf file inside)"]
-
-
-def check_model_folder(
-    folder: Path, trust_remote_code: bool, key: str = "model.name_or_path", trust_key: str = "model.trust_remote_code"
-) -> list[str]:
-    """Problems a model folder (one with config.json) would raise only once loaded on a worker: a config.json that
-    is no JSON, an architecture that needs code shipped with the model while `trust_remote_code` is off, and
-    damaged weights. Reads config.json and the safetensors headers only.
-
-    Example:
-        >>> check_model_folder(Path("model-with-a-truncated-download"), trust_remote_code=False)  # doctest: +SKIP
-        ["model.name_or_path: .../model.safetensors is not a complete safetensors file (...); ..."]
-    """
-    config_file = folder / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        return [f"{key}: {config_file} cannot be read as JSON ({err}); copy or download the model again"]
-    if not isinstance(config, dict):
-        return [f"{key}: {config_file} holds no JSON object; copy or download the model again"]
-    problems = [] if trust_remote_code else _remote_code_problems(config, folder, key, trust_key)
-    return problems + [f"{key}: {problem}" for problem in weights_problems(folder)]
-
-
-def _remote_code_problems(config: dict[str, Any], folder: Path, key: str, trust_key: str) -> list[str]:
-    """Why transformers could load this model only by running code shipped with it ([] when its own code loads it).
-
-    transformers uses its own class whenever it knows the model_type as a causal LM, auto_map or not; it runs the
-    checkpoint's code only for what it does not know (see AutoConfig / AutoModelForCausalLM.from_pretrained).
-    """
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    model_type = config.get("model_type")
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return []
-    remote = (config.get("auto_map") or {}).get("AutoModelForCausalLM") if isinstance(config.get("auto_map"), dict) else None
-    if model_type in CONFIG_MAPPING_NAMES and remote is None:
-        return [f"{key}: {folder} holds a {model_type!r} model, which is not a causal language model (transformers has "
-                "no AutoModelForCausalLM class for it); raysft fine-tunes causal LMs: give one of those"]
-    known = (f"its model_type {model_type!r} is not one transformers {transformers.__version__} knows"
-             if model_type else "its config.json names no model_type")
-    shipped = f", and config.json's auto_map points at code shipped with it ({remote})" if remote else ""
-    return [
-        f"{key}: {folder} needs Python code shipped with the model to load: {known}{shipped}. raysft runs no such "
-        f"code unless {trust_key} is on (it is off: the code would run with your permissions on every node). Use a "
-        "model transformers supports natively (a newer transformers may: pip install -U transformers), or, if you "
-        f"have read that code and trust its author, turn on {trust_key}"
-    ]
-
-
-def weights_problems(folder: Path) -> list[str]:
-    """Each safetensors weights file of `folder` that transformers would load and that is missing, unreadable or
-    cut short (its header's tensors do not cover the file exactly), named with what to do. Reads headers only.
-
-    Example:
-        >>> weights_problems(Path("model-dir"))  # a download that stopped half-way  # doctest: +SKIP
-        ['model-dir/model.safetensors is not a complete safetensors file (...); ...']
-    """
-    index_file = folder / "model.safetensors.index.json"
-    if index_file.is_file():
-        try:
-            shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
-            return [f"{index_file} is not a readable shard index ({type(err).__name__}: {err}); copy or download the "
-                    "model again"]
-        files = [folder / shard for shard in shards]
-    else:
-        files = [folder / "model.safetensors"] if (folder / "model.safetensors").exists() else []
-    problems = []
-    for file in files:
-        if not file.is_file():
-            problems.append(f"{file} is missing (listed in {index_file.name}); copy or download the model again")
-            continue
-        try:
-            with safe_open(str(file), "pt"):  # parses the header and checks its tensors cover the file exactly
-                pass
-        except (SafetensorError, OSError) as err:
-            problems.append(
-                f"{file} is not a complete safetensors file ({err}; {file.stat().st_size:,} bytes): a download or "
-                "copy was most likely cut short. Download or copy the model again (the file's size must match its "
-                "source's), then rerun the same command"
-            )
-    return problems

@@ -25,7 +25,7 @@ import yaml
 import raysft
 
 from raysft.config import ModelConfig
-from raysft.model import check_model_source
+from raysft.model_source import check_model_source
 from raysft.run_folder import CONFIG_FILE, HISTORY_FILE
 from tests.runs import REPO, assert_refused, cli, losses, snapshot, tiny_config
 

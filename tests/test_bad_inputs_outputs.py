@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import raysft
 from raysft.config import ModelConfig
 from raysft.infer import EXPORT_MARKER, chat_generate, load_for_inference
-from raysft.model import check_model_source, load_tokenizer, weights_problems
+from raysft.model_source import check_model_source, weights_problems
+from raysft.tokenizer import load_tokenizer
 from tests.runs import assert_refused, cli, snapshot, tiny_config
 
 # Distinctive, so a prompt rendered with the base model's template (ChatML) cannot pass for it.

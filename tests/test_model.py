@@ -25,17 +25,9 @@ from raysft.data.pipeline import cache_key
 from raysft.infer import chat_generate, load_for_inference, merge_adapter
 from raysft.labels import trained_targets
 from raysft.data.packing import collate
-from raysft.model import (
-    CHATML_TEMPLATE,
-    TokenLoss,
-    add_neftune_noise,
-    apply_lora,
-    causal_lm,
-    load_model,
-    load_tokenizer,
-    load_tokenizer_and_new_ids,
-)
-from raysft.training.loop import _save_final
+from raysft.model import TokenLoss, add_neftune_noise, apply_lora, causal_lm, load_model
+from raysft.tokenizer import CHATML_TEMPLATE, load_tokenizer, load_tokenizer_and_new_ids
+from raysft.training.recipe import save_final
 from raysft.training.optim import build_optimizer
 from raysft.training.step import train_step
 from tests.runs import tiny_config
@@ -371,7 +363,7 @@ def train_on(model: nn.Module, batch: dict[str, torch.Tensor], steps: int, lr: f
 def test_saved_adapter_and_tokenizer_load_generate_and_merge_as_trained(
     tiny_base_model_dir: Path, tmp_path: Path
 ) -> None:
-    """final/ as the training loop writes it (its own _save_final), read back by `raysft generate`'s loader
+    """final/ as the training loop writes it (its own save_final), read back by `raysft generate`'s loader
     and by `raysft export --merge`: the same logits as the model in training, the new tokens single tokens."""
     cfg = tiny_config(tiny_base_model_dir, tmp_path / "run", ["lora.r=4", "lora.alpha=8"])
     tokenizer, new_ids = load_tokenizer_and_new_ids(cfg.model)
@@ -381,7 +373,7 @@ def test_saved_adapter_and_tokenizer_load_generate_and_merge_as_trained(
     expected = logits(model.eval(), batch)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text(to_yaml(cfg))
-    _save_final(model, cfg, str(tmp_path / "run"), None)
+    save_final(model, tokenizer, str(tmp_path / "run"), None)
 
     final = tmp_path / "run" / "final"
     saved = load_file(str(final / "adapter_model.safetensors"))

@@ -19,7 +19,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from raysft.model import CHATML_TEMPLATE
+from raysft.tokenizer import CHATML_TEMPLATE
 
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<pad>"]
 BASE_SPECIAL_TOKENS = ["<|endoftext|>", "<pad>"]

@@ -550,7 +550,7 @@ def prepare_data(cfg: Config) -> PreparedData:
         >>> prepared.num_rows("train"), prepared.stats.packing_efficiency["train"]  # doctest: +SKIP
         (41, 0.97)
     """
-    from raysft.model import load_tokenizer
+    from raysft.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     root = cache_root(cfg.data)

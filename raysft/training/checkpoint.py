@@ -52,12 +52,11 @@ from raysft import storage
 from raysft.config import Config, is_uri, metric_mode
 from raysft.errors import RunError
 from raysft.fileio import replace_dir_atomically, write_error
-from raysft.model import trainable_state_dict
 from raysft.run_folder import DAMAGED_PREFIX, RAY_SNAPSHOT, STAGING_PREFIX, is_step_dir, step_dir_name
 from raysft.training.fsdp import is_sharded
 
 if TYPE_CHECKING:
-    from raysft.training.worker import LoopInputs
+    from raysft.training.inputs import LoopInputs
 
 log = logging.getLogger(__name__)
 
@@ -415,6 +414,8 @@ def save_checkpoint(
                 write_sharded_checkpoint(folder, model, optimizer, rng_states, {"step": step, **state}, rank,
                                          dist.get_world_size())
             elif rank == 0:
+                from raysft.model import trainable_state_dict  # worker side: the driver never loads the model stack
+
                 write_checkpoint(folder, trainable_state_dict(model), optimizer, rng_states, {"step": step, **state})
             if local_mode:
                 persist_checkpoint(folder, inputs.checkpoint_root, name, inputs.config.train.checkpoints_to_keep,

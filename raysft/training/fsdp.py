@@ -12,6 +12,8 @@ token-weighted loss needs no change: N FSDP workers == N DDP workers == one work
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -25,8 +27,10 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 
 from raysft.config import Config
-from raysft.model import TokenLoss, decoder_layers
 from raysft.training.step import all_reduce_sum
+
+if TYPE_CHECKING:  # the driver imports this module (through checkpoints) without the model stack
+    from raysft.model import TokenLoss
 
 _COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -37,6 +41,8 @@ def shard(loss_module: TokenLoss, cfg: Config) -> TokenLoss:
     Precision follows `train.precision`: parameters are gathered in the autocast dtype (half the traffic of
     fp32) and gradients reduced in fp32; fp32 runs gather fp32.
     """
+    from raysft.model import decoder_layers
+
     compute = _COMPUTE_DTYPES.get(cfg.train.precision)
     precision = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
     offload = CPUOffloadPolicy() if cfg.scaling.fsdp_cpu_offload else OffloadPolicy()

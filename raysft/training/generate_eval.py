@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from transformers import PreTrainedTokenizerBase
 
 from raysft.config import Config
 from raysft.errors import RunError
@@ -28,7 +29,7 @@ from raysft.evaluation import GenerationSet, score_generations
 from raysft.run_folder import GENERATIONS_FILE
 from raysft.fileio import write_error
 from raysft.infer import generate_batch, length_batches
-from raysft.model import TokenLoss, load_tokenizer
+from raysft.model import TokenLoss
 from raysft.training.step import autocast
 
 
@@ -40,12 +41,12 @@ class GenerationEval:
     """Generates and scores the answers to a run's `eval.generate` prompts; one instance per worker."""
 
     def __init__(self, examples: GenerationSet, cfg: Config, rank: int, world: int, device: torch.device,
-                 sharded: bool):
+                 sharded: bool, tokenizer: PreTrainedTokenizerBase):
         assert cfg.eval.generate is not None, "eval.generate is not set"
         self.examples, self.settings = examples, cfg.eval.generate
         self.precision, self.device = cfg.train.precision, device
         self.rank, self.world, self.sharded = rank, world, sharded
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = tokenizer  # the worker's own, loaded once (raysft/training/worker.py)
         self.batches = length_batches([len(prompt) for prompt in examples.prompts], self.settings.batch_size)
 
     def _my_batches(self) -> list[list[int] | None]:

@@ -21,7 +21,7 @@ from raysft.config import Config, ModelConfig, default_cache_root, is_uri
 from raysft.config.rules import lora_target_problems, lora_targets, seq_len_problem
 from raysft.errors import ConfigError
 from raysft.evaluation import check_functions
-from raysft.model import check_model_source, model_location
+from raysft.model_source import check_model_source, model_location
 from raysft.storage import storage_problem
 
 log = logging.getLogger(__name__)

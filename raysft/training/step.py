@@ -1,7 +1,7 @@
 """Which rows each optimizer step trains on, and the step itself: the part of the loop that needs no Ray.
 
 Both are plain numpy/torch, so the benchmarks and the GPU check (benchmarks/gpu_check.py) run the loop's own
-schedule and step without a Ray session; :mod:`raysft.training.loop` wires them to Ray Train.
+schedule and step without a Ray session; :mod:`raysft.training.recipe` wires them to Ray Train.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ from typing import Any
 
 import ray
 import ray.train
-import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig as RayScalingConfig
 from ray.autoscaler.sdk import request_resources
 from ray.train import CheckpointConfig, LoggingConfig
@@ -27,7 +26,7 @@ from raysft import storage
 from raysft.fileio import write_error
 from raysft.console import say, verbose
 from raysft.track import read_metrics
-from raysft.model import load_tokenizer
+from raysft.tokenizer import load_tokenizer
 from raysft.ray_session import ensure_ray, set_train_controller_env, train_log_level
 from raysft.training.checkpoint import (
     find_resumable,
@@ -39,6 +38,7 @@ from raysft.training.checkpoint import (
 from raysft.training.checkpoint import CHECKPOINT_SCORE_KEY, higher_is_better, is_scored
 from raysft.training.interrupt import new_stop_board, run_until_signalled
 from raysft.training.preflight import preflight
+from raysft.training.startup import mark
 from raysft.run_folder import (
     CHECKPOINTS_DIR,
     DATA_STATS_FILE,
@@ -106,6 +106,8 @@ def wait_for_worker_resources(cfg: Config, poll_s: float = 5.0) -> None:
     autoscaler the answer is known at once; with one, nodes may come: wait `scaling.resource_wait_s`.
     """
     if cfg.scaling.num_workers == 0:  # local mode: the loop runs in this process, on this machine's devices
+        import torch
+
         if cfg.scaling.use_gpu and not torch.cuda.is_available():
             raise RunError("scaling.use_gpu: true, but this machine has no CUDA GPU and scaling.num_workers: 0 runs "
                            "the loop here; set num_workers >= 1 to run on the cluster's GPU nodes, or use_gpu: false")
@@ -299,7 +301,9 @@ def train(cfg: Config, callbacks: list[Any] | None = None, gate: TrialGate | Non
 
 
 def _train(cfg: Config, callbacks: list[Any] | None, gate: TrialGate | None, stop_board: Any) -> RunResult:
+    mark("train")
     checked = check(cfg)
+    mark("checked")
     cfg, resume_changes, prepared = checked.config, checked.resume_changes, checked.prepared
     generation, resume_from = checked.generation, checked.resume_from
     if cfg.train.resume and (pruned := prune_checkpoints(cfg)):
@@ -346,6 +350,7 @@ def _train(cfg: Config, callbacks: list[Any] | None, gate: TrialGate | None, sto
         # No Ray Datasets here: each worker reads the packed table's rows its steps need
         # (raysft/data/stream.py), in an order fixed by (seed, epoch, step).
     )
+    mark("fit")
     try:
         outcome = run_until_signalled(trainer.fit, stop_board, cfg.scaling.stop_grace_s)
         stopped_at = ray.get(stop_board.stopped_at.remote(location)) if outcome.stopped else None

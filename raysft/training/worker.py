@@ -1,58 +1,22 @@
-"""What crosses from the driver to the Ray Train workers, and the worker's entry point.
+"""The Ray Train entry point, `train_loop_per_worker`: the one function every worker (and the driver, in local
+mode) runs. It runs the recipe (raysft/training/recipe.py).
 
-This module is deliberately light (the config, nothing of torch, transformers or peft): Ray Train's
-controller actor unpickles the train loop config, so wherever `LoopInputs` lives is imported there.
-When it lived in loop.py the controller imported the whole training stack (torch, transformers,
-peft, bitsandbytes) before it could start the worker group: 6.7 s on the critical path of every run
-and every sweep trial on the 2-core benchmark machine, and a few hundred MB of controller memory.
-The training stack is imported by the worker only, inside `train_loop_per_worker`.
+This module is deliberately light (the config, nothing of torch, transformers or peft) because the driver and
+Ray Train's controller import it to pickle and unpickle the function; the training stack is imported by the
+worker only, inside `train_loop_per_worker`, after deciding which optional parts it needs. What the driver
+hands over is `LoopInputs` (raysft/training/inputs.py), re-exported here.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 from raysft.config import Config
-from raysft.data.cache import CachedTable
-from raysft.evaluation import GenerationSet
-from raysft.training.decisions import TrialGate
+from raysft.training.inputs import LoopInputs
+from raysft.training.startup import mark, mark_process_start
 
-
-@dataclass(frozen=True)
-class LoopInputs:
-    """What the driver hands every worker: the checked config and what it prepared for the run."""
-
-    config: Config
-    run_location: str
-    """Where the run lives (a local path or a URI): checkpoints/, metrics.jsonl, final/ (run_folder.py)."""
-    data_fingerprint: str
-    """Key of the packed rows; a checkpoint made on other data is never resumed."""
-    pad_token_id: int
-    train_data: CachedTable
-    """The packed training rows (a Parquet table on the cache location, read by every worker)."""
-    eval_data: CachedTable | None = None
-    resume_from: str | None = None
-    """The checkpoint the driver chose for --resume when Ray Train has none to give (local mode)."""
-    verbose: bool = False
-    """The driver's console mode (raysft.console.verbose): a worker quiets its libraries unless it is set."""
-    generation: GenerationSet | None = None
-    """eval.generate's prompts and references (raysft/data/prompts.py), or None."""
-    gate: TrialGate | None = None
-    """A sweep trial's line to its scheduler, heard after every evaluation (None outside a stopping sweep)."""
-    stop_board: Any = None
-    """The driver's stop board (raysft/training/interrupt.py): asks the workers to checkpoint and stop."""
-
-    @property
-    def has_eval(self) -> bool:
-        return self.eval_data is not None
-
-    @property
-    def checkpoint_root(self) -> str:
-        from raysft.run_folder import checkpoint_root  # pyarrow.fs: not needed where LoopInputs is only unpickled
-
-        return checkpoint_root(self.run_location)
+__all__ = ["LoopInputs", "hide_unused_bitsandbytes", "train_loop_per_worker", "uses_bitsandbytes"]
 
 
 def uses_bitsandbytes(cfg: Config) -> bool:
@@ -79,14 +43,21 @@ def hide_unused_bitsandbytes(cfg: Config) -> bool:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point (`loop_config["inputs"]` is the driver's LoopInputs): the training stack is
-    imported here, in the worker, after deciding which optional parts it needs."""
+    """Ray Train entry point (`loop_config["inputs"]` is the driver's LoopInputs): the worker's optional stacks
+    chosen, the training stack imported, the tokenizer loaded once for the whole recipe, the recipe run."""
     inputs: LoopInputs = loop_config["inputs"]
     if inputs.config.scaling.num_workers > 0:  # a Ray Train worker actor; 0 = local mode, in the driver
+        mark_process_start()
+        mark("train_loop_per_worker")
         hide_unused_bitsandbytes(inputs.config)
         from raysft.ray_session import quiet_worker  # light: the training stack is not imported yet
 
         quiet_worker(inputs.verbose)
-    from raysft.training.loop import train_loop_per_worker as run
+    from raysft.tokenizer import load_tokenizer_and_new_ids
+    from raysft.training.recipe import run
 
-    run(loop_config)
+    mark("training stack imported")
+    # The tokenizer the data were tokenized with (model.add_special_tokens included), loaded once per process.
+    tokenizer, new_token_ids = load_tokenizer_and_new_ids(inputs.config.model)
+    mark("tokenizer loaded")
+    run(inputs, tokenizer, new_token_ids)

@@ -21,7 +21,7 @@ from raysft.data.pipeline import prepare_data
 from raysft.data.sources import load_examples
 from raysft.data.stream import PackedRows
 from raysft.data.tokenize import tokenize_example
-from raysft.model import load_tokenizer
+from raysft.tokenizer import load_tokenizer
 from raysft.training.step import EpochOrder
 from tests.runs import REPO, SHARED_DATA, tiny_config
 

@@ -25,7 +25,7 @@ from raysft.errors import DataError
 from raysft.data.sources import load_examples
 from raysft.labels import IGNORE_INDEX, count_trained, trained_targets
 from raysft.data.tokenize import TokenizeRows, tokenize_example
-from raysft.model import CHATML_TEMPLATE, ensure_chat_template
+from raysft.tokenizer import CHATML_TEMPLATE, ensure_chat_template
 
 SHAREGPT_ROW = {
     "conversations": [

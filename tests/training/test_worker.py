@@ -1,7 +1,9 @@
-"""The driver -> worker hand-off stays light, and a worker imports only the optional stacks its run uses."""
+"""The driver -> worker hand-off stays light, a Ray run's driver imports no model stack, and a worker imports only
+the optional stacks its run uses."""
 
 from __future__ import annotations
 
+import ast
 import pickle
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import sys
 from raysft.config import parse_config
 from raysft.data.cache import CachedTable
 from raysft.training.worker import LoopInputs
+from tests.runs import REPO
 
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes")
 
@@ -39,3 +42,39 @@ def test_bitsandbytes_stays_out_of_a_worker_that_does_not_quantize() -> None:
     assert _run(code, pickle.dumps(plain)) == "True False"
     qlora = parse_config(_config(quantization="4bit"))
     assert _run(code, pickle.dumps(qlora)) == "False True"
+
+
+def test_a_ray_runs_driver_imports_no_model_stack() -> None:
+    # The driver of a Ray run (and every sweep trial's) loads a tokenizer and checks the model, nothing more: peft
+    # (which imports bitsandbytes and torch._inductor) is the workers' alone, seconds of every run's start.
+    code = ("import sys; import raysft.training.trainer, raysft.tune.sweep, raysft.tokenizer, raysft.model_source; "
+            "print(sorted(m for m in ('peft', 'bitsandbytes', 'raysft.model') if m in sys.modules))")
+    assert _run(code, b"") == "[]"
+
+
+def _training_imports() -> dict[str, set[str]]:
+    """Which raysft.training modules each one imports (inside functions too; not what only type checkers see)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted((REPO / "raysft" / "training").glob("*.py")):
+        module = f"raysft.training.{path.stem}"
+        tree = ast.parse(path.read_text())
+        type_only = {id(node) for guard in ast.walk(tree) if isinstance(guard, ast.If)
+                     and getattr(guard.test, "id", None) == "TYPE_CHECKING" for node in ast.walk(guard)}
+        graph[module] = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                         and id(node) not in type_only and (node.module or "").startswith("raysft.training.")}
+    return graph
+
+
+def test_the_training_modules_import_no_circle() -> None:
+    graph, circles = _training_imports(), []
+
+    def visit(module: str, path: list[str]) -> None:
+        for target in sorted(graph.get(module, ())):
+            if target in path:
+                circles.append(path[path.index(target):] + [target])
+            else:
+                visit(target, path + [target])
+
+    for module in graph:
+        visit(module, [module])
+    assert not circles, circles
