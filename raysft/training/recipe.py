@@ -34,7 +34,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from raysft import storage
-from raysft.config import Config, global_batch_rows, is_uri
+from raysft.config import Config, global_batch_rows, is_uri, loss_metrics
 from raysft.data.stream import PackedRows, chunks_to_keep
 from raysft.fileio import replace_dir_atomically, write_error, write_text_atomically
 from raysft.model import TokenLoss, add_neftune_noise, apply_lora, load_model
@@ -46,6 +46,7 @@ from raysft.run_folder import (
     RANK0_FILES,
     STAGING_PREFIX,
     checkpoint_root,
+    copy_entries,
     step_dir_name,
 )
 from raysft.track import Tracker, read_metrics
@@ -209,9 +210,7 @@ class SFTRecipe:
         if is_uri(location):  # a fresh node: continue the run's metrics (and MLflow store) from storage
             shutil.rmtree(working, ignore_errors=True)
             working.mkdir(parents=True)
-            for name in (METRICS_FILE, GENERATIONS_FILE, MLFLOW_DIR):
-                if storage.exists(storage.join(location, name)):
-                    storage.download(storage.join(location, name), working / name)
+            copy_entries(location, working, (METRICS_FILE, GENERATIONS_FILE, MLFLOW_DIR))
         else:
             remove_staging(Path(checkpoint_root(location)))
             remove_staging(working)
@@ -356,8 +355,8 @@ class SFTRecipe:
         """Every rank: checkpoint the current step with `metrics` (rank 0's metrics files synced first, so the
         checkpoint and the metrics up to it land together)."""
         state, cfg = self.state, self.cfg
-        if self.tracker is not None:
-            _sync_run_files(self.working, self.location)
+        if self.tracker is not None and is_uri(self.location):  # a path run writes its files there directly
+            copy_entries(self.working, self.location, RANK0_FILES)
         score = state.last_eval.get(cfg.train.checkpoint_score) if is_scored(cfg, self.inputs.has_eval) else None
         if score is not None and better(score, state.best and state.best["score"], higher_is_better(cfg)):
             state.best = {"score": score, "step": state.step}
@@ -428,7 +427,8 @@ class SFTRecipe:
             self.eval_rows.close()
         if self.tracker is not None:
             self.tracker.close(mlflow_status)
-            _sync_run_files(self.working, self.location)
+            if is_uri(self.location):
+                copy_entries(self.working, self.location, RANK0_FILES)
 
 
 def run(inputs: LoopInputs, tokenizer: PreTrainedTokenizerBase, new_token_ids: list[int]) -> None:
@@ -464,8 +464,7 @@ def evaluate_loss(
     tokens = rows.trained_tokens(mine)
     loss_sum, correct, tokens = all_reduce_sum([loss_sum, correct, tokens], device)
     loss_module.train()
-    eval_loss = loss_sum / max(tokens, 1.0)
-    return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)), "eval_token_accuracy": correct / max(tokens, 1.0)}
+    return loss_metrics(loss_sum, correct, tokens)
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:
@@ -485,16 +484,6 @@ def _working_folder(location: str) -> Path:
     if not is_uri(location):
         return Path(location)
     return Path(tempfile.gettempdir()) / "raysft-runs" / hashlib.sha256(location.encode()).hexdigest()[:16]
-
-
-def _sync_run_files(working: Path, location: str) -> None:
-    """Copy rank 0's metrics, TensorBoard events and local MLflow store to object storage (a path run writes
-    there directly)."""
-    if not is_uri(location):
-        return
-    for name in RANK0_FILES:
-        if (working / name).exists():
-            storage.upload(working / name, storage.join(location, name))
 
 
 def save_final(model: nn.Module, tokenizer: PreTrainedTokenizerBase, location: str,
