@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 import raysft.ops
 from raysft.config import LoraConfig, ModelConfig
 from raysft.data.packing import collate, pack_examples
-from raysft.model import TokenLoss, apply_lora, load_model
+from raysft.model import TokenLoss, apply_lora, decoder_layers, load_model
 from raysft.ops import PackedLayout, linear_cross_entropy, packed_segments
 from tests.data.test_packing import _tokenized_examples
 from tests.tiny import TINY_ARCHS
@@ -174,3 +174,52 @@ def test_token_loss_with_a_wrapped_head_equals_the_linear_path(
     assert grads.keys() == linear_grads.keys() and grads
     for name, grad in grads.items():
         torch.testing.assert_close(grad, linear_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _packed_batch(lengths: list[int], row_tokens: int, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    examples = [{"input_ids": torch.randint(3, 500, (n,), generator=generator).tolist(),
+                 "labels": torch.randint(3, 500, (n,), generator=generator).tolist()} for n in lengths]
+    return collate(pack_examples(examples, row_tokens), pad_token_id=0)
+
+
+def test_a_compiled_decoder_layer_traces_packed_attention_in_one_graph(tiny_model_dir: Path) -> None:
+    """train.compile: packed attention is part of each layer's graph (no graph break around it), its numbers are the
+    eager per-example loop's, and batches packed differently reuse the graphs instead of compiling new ones."""
+    from torch._dynamo.utils import counters
+
+    model = apply_lora(load_model(ModelConfig(name_or_path=str(tiny_model_dir)), torch.device("cpu")),
+                       LoraConfig(r=4, dropout=0.0), seed=0)
+    loss_module = TokenLoss(model)
+    batch = _packed_batch([5, 9, 13, 7, 3, 11], 24, seed=0)
+    assert max(len(spans) for spans in packed_segments(batch["position_ids"])) > 2  # examples and padding per row
+
+    layer = decoder_layers(model)[0]
+    inputs: dict[str, object] = {}
+    hook = layer.register_forward_pre_hook(lambda _, args, kwargs: inputs.update(args=args, kwargs=dict(kwargs)),
+                                           with_kwargs=True)
+    loss_module.compiled = True  # the layout as compiled layers get it
+    eager_loss, _ = loss_module(**batch)
+    hook.remove()
+    explained = torch._dynamo.explain(layer.forward)(*inputs["args"], **inputs["kwargs"])
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+    eager_loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    eager_grads = [p.grad.clone() for p in trained]
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    for each in decoder_layers(model):  # as compile_layers does; aot_eager traces backward too
+        each.forward = torch.compile(each.forward, backend="aot_eager")
+    graphs_before = counters["stats"]["unique_graphs"]
+    loss, _ = loss_module(**batch)
+    loss.backward()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-5)
+    for grad, eager_grad in zip([p.grad for p in trained], eager_grads, strict=True):
+        torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-6)
+    for seed, lengths in enumerate([[4, 6, 20, 2, 9], [12, 12, 3, 17, 5, 1]], start=1):
+        loss_module(**_packed_batch(lengths, 32, seed))[0].backward()
+    # The first layer's call and the others' (its input does not require grad), then once more each when the sizes
+    # first change (dynamo makes them dynamic) and the last batch reuses those: not one graph per batch.
+    assert counters["stats"]["unique_graphs"] - graphs_before <= 4
+    torch._dynamo.reset()
