@@ -98,8 +98,14 @@ class PackedLayout:
         """
         if self.position_ids.is_cuda:
             self.cumulative_lengths  # noqa: B018 - computed and cached
+            self.varlen  # noqa: B018 - the kernel lookup imports and inspects: not something to trace
         self.longest  # noqa: B018
         return self
+
+    @functools.cached_property
+    def varlen(self) -> tuple[str, VarlenKernel] | None:
+        """:func:`varlen_kernel`, looked up once per batch (outside compiled code when prepared)."""
+        return varlen_kernel()
 
 
 @functools.cache
@@ -187,7 +193,7 @@ def packed_sdpa_attention(
     window = kwargs.get("sliding_window")
     if packed_layout is None or query.shape[2] != key.shape[2] or (window is not None and packed_layout.longest > window):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    kernel = varlen_kernel() if query.is_cuda else None
+    kernel = packed_layout.varlen if query.is_cuda else None
     dtype = _compute_dtype(query)
     # The fused kernels take half precision only and have no dropout; fp32 and dropout take the loop.
     if kernel is not None and dtype in _HALF_DTYPES and query.shape[-1] <= 256 and not (dropout and module.training):
