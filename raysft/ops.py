@@ -97,9 +97,10 @@ class PackedLayout:
             3
         """
         if self.position_ids.is_cuda:
-            self.cumulative_lengths  # noqa: B018 - computed and cached
+            _, longest = self.cumulative_lengths
+            self.__dict__["longest"] = longest  # the same number (padding spans count as examples): no second sync
             self.varlen  # noqa: B018 - the kernel lookup imports and inspects: not something to trace
-        self.longest  # noqa: B018
+        self.longest  # noqa: B018 - computed and cached
         return self
 
     @functools.cached_property
