@@ -15,7 +15,8 @@ Variants (each with its own time budget; DIR/gpu_ray_check.json is rewritten aft
 short still leaves what it measured):
 
 1. ``train_1.7b``: `raysft train` of the SmolLM2-1.7B shape, LoRA r16 all-linear, bf16, `train.compile`, one GPU
-   worker, packed rows of 2048 tokens, `eval.generate` at the end (generation on the GPU). Trained tokens/s and
+   worker, packed rows of 2048 tokens (8 per step where the planner fits them, else 4), `eval.generate` at the end
+   (generation on the GPU). Trained tokens/s and
    MFU at steady state (compile warm-up and the last, smaller step left out), against gpu_check's in-process
    compiled step over the same examples, in the same call (``inprocess_1.7b``).
 2. ``restart``: a run whose Ray Train worker is SIGKILLed once a checkpoint is stored; Ray Train restarts it
@@ -90,7 +91,7 @@ class Sizes:
     big_seq: int = 4096
     lengths: tuple[int, int] = (100, 600)
     rows_per_step: int = 4
-    main_steps: int = 30
+    main_steps: int = 24
     warmup_steps: int = 4
     restart_steps: int = 24
     restart_checkpoint: int = 6
@@ -495,20 +496,51 @@ def mfu_fields(check: Check, flops: float, seconds: float) -> dict[str, Any]:
             "mfu_spec": flops / seconds / check.spec_peak if check.spec_peak else None}
 
 
+def planned_peak(check: Check, raw: dict[str, Any]) -> Any:
+    """`raysft plan`'s estimate for the config `raw` on one GPU (its own setting of gradient checkpointing)."""
+    from raysft.config import parse_config
+    from raysft.plan import Setup, plan, read_model_shape
+
+    cfg = parse_config(raw)
+    return plan(read_model_shape(cfg), Setup.from_config(cfg), "ddp", 1, cfg.model.gradient_checkpointing,
+                "cuda" if check.sizes.cuda else "cpu")
+
+
+def most_rows_that_fit(check: Check, make: Callable[[int, bool], dict[str, Any]], rows: tuple[int, ...],
+                       default: tuple[int, bool]) -> tuple[int, bool]:
+    """(rows per step, gradient checkpointing): the most rows `raysft plan` fits in 90% of the GPU, without
+    checkpointing first (it recomputes a third more); `default` on the CPU. More rows per step spread the step's
+    fixed host costs over more tokens (gpu_check.md: the compiled 1.7B step was host-bound at 4 rows)."""
+    if not check.sizes.cuda:
+        return default
+    memory = torch.cuda.get_device_properties(0).total_memory
+    for checkpointing in (False, True):
+        for count in rows:
+            if planned_peak(check, make(count, checkpointing)).total <= 0.9 * memory:
+                return count, checkpointing
+    return min(rows), True
+
+
 def variant_train_main(check: Check, report: dict[str, Any]) -> dict[str, Any]:
     """`raysft train` of the main shape, compiled, with eval.generate at the end; then gpu_check's in-process step
     over the same examples."""
     s = check.sizes
     model_dir = save_model(s.main_shape, check.scratch / "models", check.device, check.dtype, s.words)
-    count = int(s.main_steps * s.rows_per_step * s.seq * 0.97 / (sum(s.lengths) / 2))
+    data, evals = check.scratch / "main.jsonl", check.scratch / "main_eval.jsonl"
+
+    def make(rows: int, checkpointing: bool) -> dict[str, Any]:
+        return check.config("train_1.7b", model_dir, data, s.main_steps,
+                            data={"eval": {"path": str(evals)}}, model={"gradient_checkpointing": checkpointing},
+                            train={"compile": s.compile, "micro_batch_size": rows},
+                            eval={"generate": {"num_prompts": 8, "max_new_tokens": 16, "batch_size": 8,
+                                               "metrics": ["exact_match"]}})
+
+    rows, checkpointing = most_rows_that_fit(check, make, (8, 4), (s.rows_per_step, False))
+    raw = make(rows, checkpointing)
+    count = int(s.main_steps * rows * s.seq * 0.97 / (sum(s.lengths) / 2))
     examples = synthetic_examples(count, s.lengths, s.words, seed=0)
-    data = write_jsonl(check.scratch / "main.jsonl", examples)
-    evals = write_jsonl(check.scratch / "main_eval.jsonl", synthetic_examples(8, s.lengths, s.words, seed=1))
-    raw = check.config("train_1.7b", model_dir, data, s.main_steps,
-                       data={"eval": {"path": str(evals)}},
-                       train={"compile": s.compile},
-                       eval={"generate": {"num_prompts": 8, "max_new_tokens": 16, "batch_size": 8,
-                                          "metrics": ["exact_match"]}})
+    write_jsonl(data, examples)
+    write_jsonl(evals, synthetic_examples(8, s.lengths, s.words, seed=1))
     result = check.raysft("train_1.7b", ["train", str(check.write_config("train_1.7b", raw))], check.budget("train_1.7b"))
     run_dir = Path(raw["train"]["output_dir"])
     shape = C.ModelShape.from_dir(model_dir)
@@ -519,19 +551,22 @@ def variant_train_main(check: Check, report: dict[str, Any]) -> dict[str, Any]:
                                "generations_file": generations.exists(),
                                "metrics": {k: v for k, v in (evaluations[-1] if evaluations else {}).items()
                                            if k.startswith("eval_")}}
+    result.update(rows_per_step=rows, gradient_checkpointing=checkpointing,
+                  planner_peak_gib=planned_peak(check, raw).total / 2**30)
     result["passed"] = (result["exit"] == 0 and result.get("steady_steps", 0) > 0 and bool(evaluations)
                         and generations.exists() and (run_dir / "final" / "adapter_model.safetensors").exists())
     report["variants"]["train_1.7b"] = result
     # gpu_check's compiled in-process step over the same examples, in this process (the Ray worker is gone).
     report["variants"]["inprocess_1.7b"] = guarded(
-        "inprocess_1.7b", lambda: inprocess_step(check, model_dir, examples, shape), check)
+        "inprocess_1.7b", lambda: inprocess_step(check, model_dir, examples, shape, rows), check)
     inproc = report["variants"]["inprocess_1.7b"]
     if result.get("trained_tokens_per_s") and inproc.get("trained_tokens_per_s"):
         result["through_ray_over_inprocess"] = result["trained_tokens_per_s"] / inproc["trained_tokens_per_s"]
     return result
 
 
-def inprocess_step(check: Check, model_dir: Path, examples: list[Example], shape: C.ModelShape) -> dict[str, Any]:
+def inprocess_step(check: Check, model_dir: Path, examples: list[Example], shape: C.ModelShape,
+                   rows_per_step: int) -> dict[str, Any]:
     plan = G.Plan(check.device, tiny=not check.sizes.cuda)
     plan.row_tokens, plan.warmup_steps = check.sizes.seq, check.sizes.warmup_steps
     rows = token_examples(examples)
@@ -540,7 +575,7 @@ def inprocess_step(check: Check, model_dir: Path, examples: list[Example], shape
     breaks_before = sum(dynamo_counters["graph_break"].values())
     graphs_before = dynamo_counters["stats"]["unique_graphs"]
     try:
-        v = G.packed_variant(plan, model_dir, rows, check.sizes.rows_per_step, compiled=check.sizes.compile)
+        v = G.packed_variant(plan, model_dir, rows, rows_per_step, compiled=check.sizes.compile)
         # Packed attention traced into each layer's graph: no break; a few graphs for the whole run, not per batch.
         v["graph_breaks"] = sum(dynamo_counters["graph_break"].values()) - breaks_before
         v["compiled_graphs"] = dynamo_counters["stats"]["unique_graphs"] - graphs_before
@@ -649,32 +684,20 @@ def variant_sweep(check: Check, report: dict[str, Any]) -> dict[str, Any]:
 
 def variant_train_8b(check: Check, report: dict[str, Any]) -> dict[str, Any]:
     """The 8B shape at sequence 4096: tok/s, MFU and the planner's peak memory against the measured one."""
-    from raysft.config import parse_config
-    from raysft.plan import Setup, plan, read_model_shape
-
     s = check.sizes
     model_dir = save_model(s.big_shape, check.scratch / "models", check.device, check.dtype, s.words)
-    gpu_bytes = torch.cuda.get_device_properties(0).total_memory if s.cuda else None
 
-    def predicted(rows: int, checkpointing: bool) -> Any:
-        raw = check.config("train_8b", model_dir, check.scratch / "none.jsonl", s.big_steps,
-                           data={"max_seq_len": s.big_seq}, train={"micro_batch_size": rows, "compile": s.compile},
-                           model={"gradient_checkpointing": checkpointing})
-        cfg = parse_config(raw)
-        return raw, plan(read_model_shape(cfg), Setup.from_config(cfg), "ddp", 1, checkpointing,
-                         "cuda" if s.cuda else "cpu")
+    def make(rows: int, checkpointing: bool) -> dict[str, Any]:
+        return check.config("train_8b", model_dir, check.scratch / "big.jsonl", s.big_steps,
+                            data={"max_seq_len": s.big_seq}, train={"micro_batch_size": rows, "compile": s.compile},
+                            model={"gradient_checkpointing": checkpointing})
 
-    # As many rows per step as the planner says fit in 90% of the GPU (more rows: fewer fixed costs per token).
-    choice = (1, False)
-    if gpu_bytes is not None:
-        fitting = [(rows, ckpt) for ckpt in (False, True) for rows in (4, 3, 2, 1)
-                   if predicted(rows, ckpt)[1].total <= 0.9 * gpu_bytes]
-        choice = fitting[0] if fitting else (1, True)
-    rows, checkpointing = choice
-    raw, estimate = predicted(rows, checkpointing)
+    rows, checkpointing = most_rows_that_fit(check, make, (4, 3, 2, 1), (1, False))
+    raw = make(rows, checkpointing)
+    estimate = planned_peak(check, raw)
     lengths = (max(s.lengths[0], s.big_seq // 16), s.big_seq // 2)  # longer examples, as long-context data has
     examples = synthetic_examples(int(s.big_steps * rows * s.big_seq * 0.97 / (sum(lengths) / 2)), lengths, s.words, 6)
-    raw["data"]["train"]["path"] = str(write_jsonl(check.scratch / "big.jsonl", examples))
+    write_jsonl(check.scratch / "big.jsonl", examples)
     with GpuSampler() as sampler:
         result = check.raysft("train_8b", ["train", str(check.write_config("train_8b", raw))], check.budget("train_8b"))
     run_dir = Path(raw["train"]["output_dir"])
