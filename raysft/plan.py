@@ -934,8 +934,8 @@ def format_table(shape: ModelShape, setup: Setup, rows: list[Estimate], gpu_mem:
               f"{_gib(CUDA_OVERHEAD_BYTES)} GiB CUDA context/NCCL (assumed); all grads are alive in backward when "
               "grad_accum_steps > 1, else ddp's buckets. activ: kept for backward, every position trained; temp: "
               "logit chunks, backward's working set, autocast copies, fsdp's gathered root + 2 layers; step: the "
-              "optimizer's scratch (after backward; none for fused AdamW on CUDA). fsdp shards weights, grads and optim 1/N; ddp "
-              "grads at N > 1 include DDP's bucket copy. tight: over 90%."),
+              "optimizer's scratch (after backward; none for fused AdamW on CUDA). fsdp shards weights, grads and "
+              "optim 1/N; ddp grads at N > 1 include DDP's bucket copy. tight: over 90%."),
         *(_wrap(f"note: {note}") for note in notes),
         recommend(rows, gpu_mem),
     ]
