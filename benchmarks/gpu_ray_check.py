@@ -732,6 +732,7 @@ def guarded(name: str, fn: Callable[[], dict[str, Any]], check: Check) -> dict[s
     except Exception:  # noqa: BLE001 - a failing variant is recorded and the check goes on
         result = {"error": traceback.format_exc(), "passed": False}
     result["variant_s"] = time.perf_counter() - started
+    result.setdefault("mfu", None)  # every variant has one: a fraction where it measured training speed on a GPU
     outcome = "error" if "error" in result else {True: "passed", False: "FAILED", None: "skipped"}[result.get("passed")]
     print(f"[gpu_ray_check] {name}: {outcome} ({result['variant_s']:.1f} s)", flush=True)
     return result
