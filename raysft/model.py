@@ -238,6 +238,8 @@ class TokenLoss(nn.Module):
         self.head = lm.get_output_embeddings()
         self.softcap: float | None = getattr(lm.config, "final_logit_softcapping", None)
         self.per_example_attention = lm.config._attn_implementation == PACKED_SDPA
+        self.compiled = False
+        """Whether compile_layers ran: the packed layout is then worked out before the layers (no sync inside)."""
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor
@@ -246,7 +248,10 @@ class TokenLoss(nn.Module):
         # No attention_mask and use_cache=False: transformers builds a block-diagonal causal mask from
         # the restarts in position_ids, so packed examples never attend to each other; packed_sdpa
         # goes further and runs attention on each example's own span (one varlen kernel on CUDA).
-        layout = {"packed_layout": PackedLayout(position_ids)} if self.per_example_attention else {}
+        layout = {}
+        if self.per_example_attention:
+            packed = PackedLayout(position_ids)
+            layout["packed_layout"] = packed.prepare_for_compiled_layers() if self.compiled else packed
         # PEFT casts each LoRA input to the adapter's dtype (fp32 adapters on a bf16 base): under autocast the
         # matmul casts it straight back, so the cast is a full activation copy per adapted linear for nothing
         # (a fifth of a 1.7B LoRA step's GPU time, benchmarks/results/gpu_check_h100.md). Autocast's own cast
@@ -279,7 +284,8 @@ class TokenLoss(nn.Module):
         The layers are instances of one class: dynamo compiles that forward once (twice: the first layer's input
         does not require grad) and every layer reuses the graph with its own parameters as inputs, so compile time
         is one layer's whatever the depth. The forward only, not the module call: the hooks FSDP and gradient
-        checkpointing put around each layer stay eager.
+        checkpointing put around each layer stay eager. Packed attention is traced into the layer's graph (the varlen
+        kernel on CUDA, a block-diagonal mask elsewhere): one graph per layer call, no graph break.
         """
         layers = decoder_layers(self.model)
         if not layers:
@@ -293,6 +299,7 @@ class TokenLoss(nn.Module):
         setattr(dynamo, limit, max(getattr(dynamo, limit), COMPILED_VARIANTS_PER_LAYER))
         for layer in layers:
             layer.forward = torch.compile(layer.forward)
+        self.compiled = True
 
     def generate(self, **kwargs: Any) -> torch.Tensor:
         """The wrapped model's `generate` (eval.generate). Reached through this module because under FSDP it is

@@ -88,6 +88,26 @@ class PackedLayout:
         """Tokens in the longest example (or padding span): positions count up from 0 within each."""
         return int(self.position_ids.max()) + 1
 
+    def prepare_for_compiled_layers(self) -> "PackedLayout":
+        """Work out now, outside compiled code, what the layers read (each needs a host sync, which would break a
+        compiled layer's graph): the varlen kernel's cumulative lengths on CUDA, the longest example. Returns self.
+
+        Example:
+            >>> PackedLayout(torch.tensor([[0, 1, 2, 0, 1]])).prepare_for_compiled_layers().longest
+            3
+        """
+        if self.position_ids.is_cuda:
+            _, longest = self.cumulative_lengths
+            self.__dict__["longest"] = longest  # the same number (padding spans count as examples): no second sync
+            self.varlen  # noqa: B018 - the kernel lookup imports and inspects: not something to trace
+        self.longest  # noqa: B018 - computed and cached
+        return self
+
+    @functools.cached_property
+    def varlen(self) -> tuple[str, VarlenKernel] | None:
+        """:func:`varlen_kernel`, looked up once per batch (outside compiled code when prepared)."""
+        return varlen_kernel()
+
 
 @functools.cache
 def varlen_kernel() -> tuple[str, VarlenKernel] | None:
@@ -154,10 +174,6 @@ def _varlen_attention(
     return out.reshape(batch, width, heads, head_dim)
 
 
-# Eager inside compiled decoder layers (train.compile): the per-example loop specializes on every span length
-# and the varlen kernel on the batch's longest example, so tracing either would recompile for nearly every
-# batch. Dynamo runs this call as it is and compiles the work on each side of it.
-@torch.compiler.disable
 def packed_sdpa_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -178,11 +194,17 @@ def packed_sdpa_attention(
     window = kwargs.get("sliding_window")
     if packed_layout is None or query.shape[2] != key.shape[2] or (window is not None and packed_layout.longest > window):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    kernel = varlen_kernel() if query.is_cuda else None
+    kernel = packed_layout.varlen if query.is_cuda else None
     dtype = _compute_dtype(query)
     # The fused kernels take half precision only and have no dropout; fp32 and dropout take the loop.
     if kernel is not None and dtype in _HALF_DTYPES and query.shape[-1] <= 256 and not (dropout and module.training):
+        # Inside a compiled layer (train.compile) the kernel is a custom op traced into the layer's graph; the layout
+        # was worked out before the layers ran (PackedLayout.prepare_for_compiled_layers), so nothing here syncs.
         return _varlen_attention(query, key, value, packed_layout, kernel[1], dtype, scaling), None
+    if torch.compiler.is_compiling():
+        # The loop below specializes on every span length (a new graph for nearly every batch): compiled layers
+        # take the block-diagonal mask instead, the same attention with no data-dependent shape.
+        return _block_causal_attention(module, query, key, value, packed_layout, dropout, scaling, **kwargs), None
     rows = []
     for row, spans in enumerate(packed_layout.segments):
         pieces = [
@@ -194,6 +216,21 @@ def packed_sdpa_attention(
         ]
         rows.append(torch.cat(pieces, dim=1))
     return torch.cat(rows, dim=0), None
+
+
+def _block_causal_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: PackedLayout,
+    dropout: float, scaling: float | None, **kwargs: Any,
+) -> torch.Tensor:
+    """Each packed example attending to its own earlier positions, as one SDPA call under a block-diagonal causal
+    mask made from ``position_ids`` (tensor operations only, so a compiled layer traces it into its one graph)."""
+    example = (layout.position_ids == 0).cumsum(dim=-1)  # (batch, seq): the example each position belongs to
+    width = example.shape[-1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=query.device).tril()
+    mask = (example[:, :, None] == example[:, None, :]) & causal
+    kwargs.pop("is_causal", None)
+    return sdpa_attention_forward(module, query, key, value, mask[:, None], dropout=dropout, scaling=scaling,
+                                  is_causal=False, **kwargs)[0]
 
 
 def register_packed_sdpa() -> None:

@@ -27,8 +27,8 @@ What is counted, per GPU (P = parameters, P_t = trainable parameters, n = micro_
   and its scaled copy (full fine-tune); under fsdp the all-gathered parameters of the root (embeddings, head,
   final norm) and of two decoder layers (the current one and the prefetched one), and one layer's unsharded
   gradients before reduce-scatter; DoRA's weight norm, recomputed in every forward, at its largest linear.
-- **step**: the optimizer step's scratch, once backward has freed the activations (``torch.optim.AdamW``'s
-  foreach path on CUDA allocates one state-sized tensor for sqrt(exp_avg_sq); on CPU two of one parameter).
+- **step**: the optimizer step's scratch, once backward has freed the activations (none for AdamW on CUDA, which
+  raysft runs fused and in place; on CPU two of one parameter).
 - **overhead**: a fixed 1 GiB for the CUDA context, cuBLAS workspaces and NCCL buffers (measured contexts are
   0.5-0.9 GiB on H100s with torch 2.x); 0 on CPU.
 
@@ -735,11 +735,10 @@ def transient_bytes(shape: ModelShape, setup: Setup, strategy: Strategy, gpus: i
     total += dora_norm_bytes(shape, setup)
     trainable = _trainable_tensors(shape, setup)
     step = 0
-    if setup.optimizer == "adamw":
-        if device == "cuda":  # foreach AdamW: sqrt(exp_avg_sq) of the whole group at once
-            step = _ceil_div(sum(r * c * b for r, c, b in trainable), gpus if strategy == "fsdp" else 1)
-        else:  # single-tensor AdamW on CPU: sqrt(exp_avg_sq) and its quotient, one parameter at a time
-            step = 2 * max(r * c * b for r, c, b in trainable)
+    # On CUDA AdamW is fused (raysft.training.optim.fused_adamw_applies): it updates in place, no scratch.
+    if setup.optimizer == "adamw" and device != "cuda":
+        # single-tensor AdamW on CPU: sqrt(exp_avg_sq) and its quotient, one parameter at a time
+        step = 2 * max(r * c * b for r, c, b in trainable)
     if strategy == "fsdp":
         gather_bytes = 2 if setup.autocast else wb
         if setup.quantized:
@@ -935,8 +934,8 @@ def format_table(shape: ModelShape, setup: Setup, rows: list[Estimate], gpu_mem:
               f"{_gib(CUDA_OVERHEAD_BYTES)} GiB CUDA context/NCCL (assumed); all grads are alive in backward when "
               "grad_accum_steps > 1, else ddp's buckets. activ: kept for backward, every position trained; temp: "
               "logit chunks, backward's working set, autocast copies, fsdp's gathered root + 2 layers; step: the "
-              "optimizer's scratch (foreach AdamW, after backward). fsdp shards weights, grads and optim 1/N; ddp "
-              "grads at N > 1 include DDP's bucket copy. tight: over 90%."),
+              "optimizer's scratch (after backward; none for fused AdamW on CUDA). fsdp shards weights, grads and "
+              "optim 1/N; ddp grads at N > 1 include DDP's bucket copy. tight: over 90%."),
         *(_wrap(f"note: {note}") for note in notes),
         recommend(rows, gpu_mem),
     ]

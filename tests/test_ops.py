@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 import raysft.ops
 from raysft.config import LoraConfig, ModelConfig
 from raysft.data.packing import collate, pack_examples
-from raysft.model import TokenLoss, apply_lora, load_model
+from raysft.model import TokenLoss, apply_lora, decoder_layers, load_model
 from raysft.ops import PackedLayout, linear_cross_entropy, packed_segments
 from tests.data.test_packing import _tokenized_examples
 from tests.tiny import TINY_ARCHS
@@ -174,3 +174,64 @@ def test_token_loss_with_a_wrapped_head_equals_the_linear_path(
     assert grads.keys() == linear_grads.keys() and grads
     for name, grad in grads.items():
         torch.testing.assert_close(grad, linear_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _packed_batch(lengths: list[int], row_tokens: int, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    examples = [{"input_ids": torch.randint(3, 500, (n,), generator=generator).tolist(),
+                 "labels": torch.randint(3, 500, (n,), generator=generator).tolist()} for n in lengths]
+    return collate(pack_examples(examples, row_tokens), pad_token_id=0)
+
+
+def test_a_compiled_decoder_layer_traces_packed_attention_in_one_graph(tiny_model_dir: Path) -> None:
+    """train.compile: packed attention is part of each layer's graph (no graph break around it), its numbers are the
+    eager per-example loop's, and batches packed differently reuse the graphs instead of compiling new ones."""
+    from torch._dynamo.utils import counters
+
+    model = apply_lora(load_model(ModelConfig(name_or_path=str(tiny_model_dir)), torch.device("cpu")),
+                       LoraConfig(r=4, dropout=0.0), seed=0)
+    loss_module = TokenLoss(model)
+    batch = _packed_batch([5, 9, 13, 7, 3, 11], 24, seed=0)
+    assert max(len(spans) for spans in packed_segments(batch["position_ids"])) > 2  # examples and padding per row
+    eager_loss, _ = loss_module(**batch)
+    eager_loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    eager_grads = [p.grad.clone() for p in trained]
+    model.zero_grad(set_to_none=True)
+
+    torch._dynamo.reset()
+    for layer in decoder_layers(model):  # as TokenLoss.compile_layers does, with dynamo's eager backend (no codegen:
+        layer.forward = torch.compile(layer.forward, backend="eager")  # the graphs are dynamo's all the same)
+    loss_module.compiled = True
+    breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+    loss, _ = loss_module(**batch)
+    loss.backward()
+    # One graph for the first layer's call (its input does not require grad), one for the others', no break.
+    assert (sum(counters["graph_break"].values()) - breaks, counters["stats"]["unique_graphs"] - graphs) == (0, 2)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-5)
+    for grad, eager_grad in zip([p.grad for p in trained], eager_grads, strict=True):
+        torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-6)
+    for seed, lengths in enumerate([[4, 6, 20, 2, 9], [12, 12, 3, 17, 5, 1]], start=1):
+        loss_module(**_packed_batch(lengths, 32, seed))
+    # Once more each when the sizes first change (dynamo makes them dynamic); the last batch reuses those graphs.
+    assert counters["stats"]["unique_graphs"] - graphs == 4 and sum(counters["graph_break"].values()) == breaks
+    torch._dynamo.reset()
+
+
+def test_the_varlen_kernel_call_traces_into_one_graph_with_its_backward() -> None:
+    """The CUDA path of compiled layers: torch's varlen attention is a custom op with a shape function, so dynamo
+    traces the call, forward and backward, in one graph (fullgraph) from a layout prepared before the layers. Meta
+    tensors stand for CUDA ones here: the op's shape function runs, no kernel (benchmarks/gpu_check.py runs it)."""
+    found = raysft.ops.varlen_kernel()
+    if found is None or not found[0].startswith("torch."):
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    layout = PackedLayout(torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 5, 0, 1]]))
+    cu_seqlens, longest = layout.cumulative_lengths
+    layout.__dict__["cumulative_lengths"] = (cu_seqlens.to("meta"), longest)  # as prepared on the GPU
+    q, k, v = (torch.randn(2, heads, 8, 16, device="meta", dtype=torch.bfloat16, requires_grad=True)
+               for heads in (8, 2, 2))  # grouped-query attention: 4 query heads per key/value head
+    attend = torch.compile(raysft.ops._varlen_attention, backend="aot_eager", fullgraph=True)
+    out = attend(q, k, v, layout, layout.varlen[1], torch.bfloat16, 0.25)
+    out.sum().backward()
+    assert out.shape == (2, 8, 8, 16) and q.grad.shape == q.shape and k.grad.shape == k.shape
+    torch._dynamo.reset()

@@ -1,11 +1,14 @@
-"""The learning-rate schedule (raysft.training.optim.lr_at): a pure function of the step, so resume needs no state."""
+"""The learning-rate schedule (raysft.training.optim.lr_at): a pure function of the step, so resume needs no state;
+and which AdamW implementation runs where."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
 from raysft.config import TrainConfig
-from raysft.training.optim import lr_at
+from raysft.training.optim import build_optimizer, fused_adamw_applies, lr_at
 
 
 def schedule(lr_schedule: str, warmup: int, total: int, floor: float = 0.0, steps: range | None = None) -> list[float]:
@@ -52,3 +55,13 @@ def test_warmup_as_long_as_the_run_does_not_divide_by_zero() -> None:
     # total_steps == warmup_steps: no decay steps left; the step after warmup is still finite.
     assert schedule("cosine", warmup=3, total=3, steps=range(5)) == pytest.approx([2 / 3, 4 / 3, 2.0, 2.0, 0.0])
     assert schedule("linear", warmup=0, total=0, steps=range(2)) == pytest.approx([2.0, 0.0])
+
+
+def test_adamw_is_fused_only_when_every_parameter_is_on_cuda() -> None:
+    # The fused kernel is what runs on GPUs; CPU parameters (a CPU run, FSDP's CPU offload) keep the default path,
+    # and so does a mix (the fused step takes one device).
+    cpu = [torch.zeros(2, 2, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    assert not fused_adamw_applies(cpu) and not fused_adamw_applies([])
+    assert not fused_adamw_applies([*cpu, torch.zeros(2, device="meta")])
+    optimizer = build_optimizer(nn.Linear(2, 2), TrainConfig(optimizer="adamw"))
+    assert not optimizer.defaults["fused"] and [len(g["params"]) for g in optimizer.param_groups] == [1, 1]
