@@ -60,7 +60,7 @@ from torch._dynamo.utils import counters as dynamo_counters
 import _common as C  # benchmarks/ is on sys.path when this runs as a script
 import gpu_check as G
 from raysft.labels import IGNORE_INDEX
-from raysft.model import CHATML_TEMPLATE
+from raysft.tokenizer import CHATML_TEMPLATE
 
 REPO = Path(__file__).resolve().parents[1]
 LORA_RANK = G.LORA_RANK
