@@ -55,6 +55,7 @@ from raysft.errors import RunError
 from raysft.fileio import write_error
 from raysft.model import trainable_state_dict
 from raysft.training.fsdp import is_sharded
+from raysft.training.optim import set_weight_decay
 
 if TYPE_CHECKING:
     from raysft.training.worker import LoopInputs
@@ -473,6 +474,7 @@ def restore(
         raise RunError(f"checkpoint {checkpoint.path} was made with different data; start a new train.output_dir")
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    set_weight_decay(optimizer, inputs.config.train.weight_decay)  # the run's own, unless PBT mutated it
     return state, Path(checkpoint.path).name
 
 

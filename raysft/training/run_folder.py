@@ -116,17 +116,22 @@ def _allowed(key: str) -> bool:
     return any(key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUMABLE_CHANGES)
 
 
-def resume_changes(cfg: Config, location: str) -> dict[str, dict[str, Any]]:
-    """The settings `cfg` changes against the run at `location`; ConfigError naming each one a resume may not change."""
+def config_changes(cfg: Config, location: str) -> dict[str, dict[str, Any]]:
+    """Every setting `cfg` changes against the config the run at `location` last ran with: {key: {from, to}}."""
     before = _started_config(location)
     if before is None:
         return {}
     after = flatten(public_tree(cfg))
-    changed = {
+    return {
         key: {"from": before.get(key), "to": after.get(key)}
         for key in sorted(set(before) | set(after))
         if before.get(key) != after.get(key) and key != "train.resume"  # resuming is the mode, not a setting
     }
+
+
+def resume_changes(cfg: Config, location: str) -> dict[str, dict[str, Any]]:
+    """The settings `cfg` changes against the run at `location`; ConfigError naming each one a resume may not change."""
+    changed = config_changes(cfg, location)
     refused = [key for key in changed if not _allowed(key)]
     if refused:
         raise ConfigError(
