@@ -208,6 +208,9 @@ def test_pbt_takes_mutations_in_space_syntax_and_samples_them_when_the_space_doe
     scheduler = pbt_scheduler(cfg, "board")
     assert scheduler._perturbation_interval == 1 and scheduler._time_attr == "eval_round"
     assert isinstance(scheduler._hyperparam_mutations["train.lr"], tune.search.sample.Float)
+    assert scheduler.last_round == 4  # max_steps 20 / eval_every 5: the last evaluation is not perturbed
+    pb2 = pbt_scheduler(parse_sweep(pbt_raw({"train.lr": "loguniform [1e-5, 1e-3]"}, name="pb2")), "board")
+    assert pb2._hyperparam_bounds == {"train.lr": [1e-5, 1e-3]}
 
 
 @pytest.mark.parametrize("key", ["lora.r", "lora.target_modules", "data.max_seq_len", "model.name_or_path",
