@@ -121,3 +121,68 @@ def test_killed_pbt_sweep_resumes_and_keeps_its_lineage(tiny_model_dir: Path, tm
     for trial_dir in (sweep_dir / "trials").iterdir():
         steps = [r["step"] for r in read_metrics(trial_dir / "metrics.jsonl") if "loss" in r]
         assert steps == list(range(1, 11)), (trial_dir.name, steps)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_an_exploited_trial_takes_the_donor_checkpoint_as_its_own(
+    where: str, tiny_model_dir: Path, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No Ray: the exploit's file work on a path and on object storage. The donor's checkpoint (the reported one, or
+    its newest verified one once that is pruned) becomes the trial's only checkpoint, byte for byte; Ray Train's
+    record of the trial's own checkpoints goes; the new values are recorded, so the resume check passes."""
+    import torch
+
+    from raysft import storage
+    from raysft.training.checkpoint import RAY_SNAPSHOT, checkpoint_names, persist_checkpoint, write_checkpoint
+    from raysft.training.run_folder import (
+        HISTORY_FILE, pin_global_batch, resume_changes, run_location, write_run_config)
+    from raysft.tune.pbt import adopt_donor_checkpoint
+    from tests.runs import tiny_config
+
+    if where == "s3":
+        for key, value in request.getfixturevalue("s3").items():
+            monkeypatch.setenv(key, value)
+    root = str(tmp_path) if where == "local" else f"s3://raysft-test/pbt-{tmp_path.name}"
+
+    def trial(name: str, lr: float):
+        overrides = [f"train.lr={lr}", "train.resume=true"]
+        if where == "s3":
+            overrides.append(f"scaling.storage_path={root}/trials/{name}")
+        return tiny_config(tiny_model_dir, tmp_path / "trials" / name, overrides)
+
+    def save(cfg: Any, step: int, value: float) -> None:
+        weight = torch.nn.Parameter(torch.full((2, 2), value))
+        folder = tmp_path / f"ckpt-{value}"
+        folder.mkdir()
+        write_checkpoint(folder, {"w": weight.detach()}, torch.optim.AdamW([weight]), [{"cpu": torch.get_rng_state()}],
+                         {"step": step, "data_fingerprint": "f"})
+        persist_checkpoint(folder, storage.join(run_location(cfg), "checkpoints"), f"step_{step:06d}", keep=None)
+
+    donor, before, after = trial("trial_a", 3e-2), trial("trial_b", 1e-6), trial("trial_b", 2.4e-2)
+    for cfg in (donor, before):
+        write_run_config(cfg, {})
+    save(donor, 4, 1.0)
+    save(donor, 6, 2.0)
+    save(before, 2, 3.0)
+    recipient_root = storage.join(run_location(before), "checkpoints")
+    storage.write_bytes(storage.join(recipient_root, RAY_SNAPSHOT), b"{}")
+    pointer = {"trial": "trial_a", "run": run_location(donor), "step": 4, "params": {"train.lr": 3e-2}, "id": "p1"}
+
+    entry = adopt_donor_checkpoint(pointer, after, before={"train.lr": 1e-6}, after={"train.lr": 2.4e-2})
+    assert {k: entry[k] for k in ("cloned", "step", "own_step", "before", "after", "pointer")} == {
+        "cloned": "trial_a", "step": 4, "own_step": 2, "before": {"train.lr": 1e-6}, "after": {"train.lr": 2.4e-2},
+        "pointer": "p1"}
+    assert checkpoint_names(recipient_root) == ["step_000004"]
+    assert not storage.exists(storage.join(recipient_root, RAY_SNAPSHOT))
+    donor_root = storage.join(run_location(donor), "checkpoints")
+    for name in ("trainable.safetensors", "optimizer.pt", "manifest.json"):
+        assert storage.read_bytes(storage.join(recipient_root, "step_000004", name)) == storage.read_bytes(
+            storage.join(donor_root, "step_000004", name))
+    history = storage.read_bytes(storage.join(run_location(after), HISTORY_FILE)).decode().splitlines()
+    assert json.loads(history[-1])["changes"] == {"train.lr": {"from": 1e-6, "to": 2.4e-2}}
+    assert resume_changes(pin_global_batch(after), run_location(after)) == {}  # what `train` checks before resuming
+
+    # The reported checkpoint pruned since (the donor trained on): its newest verified one.
+    storage.remove(storage.join(donor_root, "step_000004"))
+    entry = adopt_donor_checkpoint({**pointer, "id": "p2"}, after, before={"train.lr": 2.4e-2}, after={"train.lr": 2.4e-2})
+    assert (entry["step"], checkpoint_names(recipient_root)) == (6, ["step_000006"])
