@@ -842,9 +842,13 @@ def _gib(nbytes: int) -> str:
 
 def fits(estimate: Estimate, gpu_mem: int) -> str:
     """``yes``, ``tight`` (over 90% of the GPU: allocator fragmentation may tip it over) or ``no``."""
-    if estimate.total > gpu_mem:
+    return _fit(estimate.total, gpu_mem)
+
+
+def _fit(total: int, gpu_mem: int) -> str:
+    if total > gpu_mem:
         return "no"
-    return "tight" if estimate.total > 0.9 * gpu_mem else "yes"
+    return "tight" if total > 0.9 * gpu_mem else "yes"
 
 
 def recommend(rows: list[Estimate], gpu_mem: int) -> str:
@@ -965,7 +969,28 @@ def plan_report(cfg: Config, gpu_mem: str = "80GiB", gpus: str = "1,2,4,8", mode
     refused = fsdp_refusal(cfg)
     rows = plan_table(shape, setup, counts, ("ddp",) if refused else ("ddp", "fsdp"))
     report = format_table(shape, setup, rows, memory)
-    return report if not refused else report + "\n" + _wrap("fsdp rows left out, raysft refuses it for this config: " + refused)
+    if refused:
+        report += "\n" + _wrap("fsdp rows left out, raysft refuses it for this config: " + refused)
+    if cfg.scaling.workers_per_gpu > 1:
+        own = plan(shape, setup, setup.strategy, setup.workers, setup.gradient_checkpointing)
+        report += "\n" + gpu_sharing(own, cfg.scaling.gpus_per_worker or 1.0, cfg.scaling.workers_per_gpu, memory)
+    return report
+
+
+def gpu_sharing(per_worker: Estimate, share: float, packed: int, gpu_mem: int) -> str:
+    """Whether the workers Ray packs on one GPU (`scaling.gpus_per_worker: share` < 1: `packed` of them, e.g. the
+    trials of a sweep) fit its memory together: Ray shares out GPUs by count, not by memory. Each worker is its own
+    process, with its own weights, optimizer state, activations and CUDA context."""
+    together = packed * per_worker.total
+    head = (f"gpu sharing: scaling.gpus_per_worker {share:g} packs up to {packed} workers (e.g. sweep trials) on one "
+            f"GPU: {packed} x {_gib(per_worker.total)} GiB = {_gib(together)} GiB of {_gib(gpu_mem)} GiB")
+    verdict = _fit(together, gpu_mem)
+    if verdict == "yes":
+        return _wrap(f"{head}: fits")
+    most = gpu_mem // per_worker.total if per_worker.total else 0
+    advice = (f"set scaling.gpus_per_worker: {1 / most:.4g} (packs {most})" if most >= 1 else
+              "one worker alone does not fit one GPU")
+    return _wrap(f"{head}: {'tight (over 90%)' if verdict == 'tight' else 'does not fit'}; {advice}")
 
 
 def fsdp_refusal(cfg: Config) -> str | None:

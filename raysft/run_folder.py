@@ -41,7 +41,7 @@ from raysft.config import (
     public_tree,
     to_yaml,
 )
-from raysft.config.rules import check_resume_changes, derived_global_batch
+from raysft.config.rules import changes_between, check_resume_changes, derived_global_batch
 from raysft.errors import ConfigError
 
 # --- what a run folder holds ---------------------------------------------------------------------------------
@@ -103,6 +103,9 @@ TUNE_DIR = "tune"
 TRIAL_ERROR_FILE = "error.txt"
 BEST_DIR = "best"
 RESULTS_FILE = "results.csv"
+LINEAGE_FILE = "lineage.jsonl"
+"""PBT/PB2 sweeps: one line per exploit (which trial continued from which trial's checkpoint, at what step, with
+which values before and after), rebuilt from the trials' trial.json."""
 REPORT_PLOT = "report.png"
 REPORT_PAGE = "report.md"
 TRIAL_RESULT_FILES = (TRIAL_FILE, CONFIG_FILE, METRICS_FILE, FINAL_DIR)
@@ -153,6 +156,12 @@ def pin_global_batch(cfg: Config) -> Config:
     started = _started_config(run_location(cfg)) if cfg.train.resume else None
     rows = started["train.global_batch_size"] if started else global_batch_rows(cfg)
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"global_batch_size": rows})})
+
+
+def config_changes(cfg: Config, location: str) -> dict[str, dict[str, Any]]:
+    """Every setting `cfg` changes against the config the run at `location` last ran with: {key: {from, to}}."""
+    before = _started_config(location)
+    return {} if before is None else changes_between(before, flatten(public_tree(cfg)))
 
 
 def resume_changes(cfg: Config, location: str) -> dict[str, dict[str, Any]]:

@@ -333,3 +333,27 @@ def test_plan_report_fits_100_columns_and_says_why(name: str, capsys: pytest.Cap
         assert "ddp needs" in why and "fit only tightly" in why and "no gradient checkpointing" in why
     else:  # ddp on 1 with checkpointing: why ddp, and what it would need without checkpointing
         assert "ddp gathers nothing" in why and "without gradient checkpointing it needs 255.5 GiB" in why
+
+
+def test_plan_checks_that_the_workers_packed_on_one_gpu_fit_it(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """scaling.gpus_per_worker: 0.25 lets Ray pack 4 workers (e.g. sweep trials) on one GPU; Ray shares out GPUs by
+    count, so the plan says whether 4 of them fit its memory, and which share does when they do not."""
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"model:\n  name_or_path: {tiny_model_dir}\ndata:\n  train:\n    path: x.jsonl\n"
+                      "scaling:\n  use_gpu: true\n  gpus_per_worker: 0.25\n")
+    cfg = load_config(config)
+    own = plan(read_model_shape(cfg), Setup.from_config(cfg), "ddp", 1, False)
+    assert main(["plan", str(config), "--gpus", "1", "--gpu-mem", "80GiB"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert (f"gpu sharing: scaling.gpus_per_worker 0.25 packs up to 4 workers (e.g. sweep trials) on one GPU: 4 x "
+            f"{own.total / 2**30:.1f} GiB = {4 * own.total / 2**30:.1f} GiB of 80.0 GiB: fits") in out
+    # A GPU that holds two of them, not four: the share that fits.
+    two = f"{(2.5 * own.total) / 2**30:.3f}GiB"
+    assert main(["plan", str(config), "--gpus", "1", "--gpu-mem", two]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "does not fit; set scaling.gpus_per_worker: 0.5 (packs 2)" in out
+    # Whole GPUs per worker (or none) pack nothing: no sharing line.
+    assert main(["plan", str(config), "--gpus", "1", "--set", "scaling.gpus_per_worker=1"]) == 0
+    assert "gpu sharing" not in capsys.readouterr().out

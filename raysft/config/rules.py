@@ -179,14 +179,19 @@ def may_change_on_resume(key: str) -> bool:
     return any(key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUMABLE_CHANGES)
 
 
-def check_resume_changes(before: dict[str, Any], after: dict[str, Any], location: str) -> dict[str, dict[str, Any]]:
-    """The settings `after` changes against `before` (both flattened configs: the run at `location` as it last
-    ran, and the resume's); ConfigError naming each one a resume may not change."""
-    changed = {
+def changes_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every setting `after` changes against `before` (both flattened configs): {key: {from, to}}."""
+    return {
         key: {"from": before.get(key), "to": after.get(key)}
         for key in sorted(set(before) | set(after))
         if before.get(key) != after.get(key) and key != "train.resume"  # resuming is the mode, not a setting
     }
+
+
+def check_resume_changes(before: dict[str, Any], after: dict[str, Any], location: str) -> dict[str, dict[str, Any]]:
+    """The settings `after` changes against `before` (both flattened configs: the run at `location` as it last
+    ran, and the resume's); ConfigError naming each one a resume may not change."""
+    changed = changes_between(before, after)
     refused = [key for key in changed if not may_change_on_resume(key)]
     if refused:
         raise ConfigError(

@@ -307,7 +307,12 @@ class ScalingConfig(Section):
     """How often an elastic run checks for capacity to grow back into (Ray Train's
     `elastic_resize_monitor_interval_s`); growing restarts the workers from the newest checkpoint."""
     use_gpu: bool = False
-    """One GPU per worker."""
+    """One GPU per worker (or `gpus_per_worker`)."""
+    gpus_per_worker: float | None = Field(default=None, gt=0)
+    """With `use_gpu: true`, the GPUs each worker takes in Ray's scheduling (default 1; `use_gpu: false` runs on CPUs
+    whatever this says). A fraction lets workers of small models share a GPU: 0.25 packs four sweep trials (or runs)
+    on each GPU. Ray does not divide the GPU's memory: `raysft plan` checks that the workers packed on one GPU fit it
+    together. Above 1, a whole number."""
     resources_per_worker: dict[str, float] | None = None
     """Extra per-worker resources, e.g. {CPU: 4}."""
     max_failures: int | None = Field(default=None, ge=-1)
@@ -357,6 +362,32 @@ class ScalingConfig(Section):
             raise ValueError(f"{CROSS_FIELD}scaling.min_workers: an elastic run needs 1 <= min_workers "
                              f"({self.min_workers}) <= num_workers ({self.num_workers})")
         return self
+
+    @model_validator(mode="after")
+    def _gpu_share(self) -> "ScalingConfig":
+        share = self.gpus_per_worker
+        if share is None:
+            return self
+        if share > 1 and share != int(share):
+            raise ValueError(f"{CROSS_FIELD}scaling.gpus_per_worker: a worker takes a fraction of one GPU or whole "
+                             f"GPUs (got {share:g}); use e.g. 0.5 or 2")
+        if "GPU" in (self.resources_per_worker or {}):
+            raise ValueError(f"{CROSS_FIELD}scaling.resources_per_worker: GPU is set by scaling.gpus_per_worker; "
+                             "remove it from resources_per_worker")
+        return self
+
+    @property
+    def worker_resources(self) -> dict[str, float] | None:
+        """Ray's resources_per_worker: `resources_per_worker` with `gpus_per_worker` as its GPU."""
+        if self.gpus_per_worker is None or not self.use_gpu:
+            return self.resources_per_worker
+        return {**(self.resources_per_worker or {}), "GPU": self.gpus_per_worker}
+
+    @property
+    def workers_per_gpu(self) -> int:
+        """How many workers Ray may pack on one GPU (1 unless `gpus_per_worker` is a fraction)."""
+        share = self.gpus_per_worker or 1.0
+        return max(1, int(1.0 / share + 1e-9)) if share < 1 and self.use_gpu else 1
 
     @property
     def elastic(self) -> bool:

@@ -54,6 +54,7 @@ from raysft.errors import RunError
 from raysft.fileio import replace_dir_atomically, write_error
 from raysft.run_folder import DAMAGED_PREFIX, RAY_SNAPSHOT, STAGING_PREFIX, is_step_dir, step_dir_name
 from raysft.training.fsdp import is_sharded
+from raysft.training.optim import set_weight_decay
 
 if TYPE_CHECKING:
     from raysft.training.inputs import LoopInputs
@@ -461,6 +462,7 @@ def restore(
         raise RunError(f"checkpoint {checkpoint.path} was made with different data; start a new train.output_dir")
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    set_weight_decay(optimizer, inputs.config.train.weight_decay)  # the run's own, unless PBT mutated it
     return state, Path(checkpoint.path).name
 
 

@@ -45,7 +45,20 @@ class DecisionBoard:
 
     def __init__(self) -> None:
         self._decided: dict[tuple[str, int], str] = {}
+        self._paused: set[str] = set()
         self._changed = asyncio.Condition()
+
+    async def pause(self, trial_id: str) -> None:
+        """The scheduler paused the trial (PBT): Tune restarts it later, from a checkpoint."""
+        self._paused.add(trial_id)
+
+    async def paused(self, trial_id: str) -> bool:
+        return trial_id in self._paused
+
+    async def forget(self, trial_id: str) -> None:
+        """A trial (re)starts: a restarted one evaluates rounds again, which its earlier decisions must not answer."""
+        self._decided = {key: value for key, value in self._decided.items() if key[0] != trial_id}
+        self._paused.discard(trial_id)
 
     async def record(self, trial_id: str, round_: int, decision: str) -> None:
         async with self._changed:
@@ -72,6 +85,11 @@ def post_decision(name: str, trial_id: str, round_: int, decision: str) -> None:
     ray.get_actor(name, namespace=NAMESPACE).record.remote(trial_id, round_, decision)
 
 
+def mark_paused(name: str, trial_id: str) -> None:
+    """Record that the scheduler paused the trial (posted after its decision, so in order)."""
+    ray.get_actor(name, namespace=NAMESPACE).pause.remote(trial_id)
+
+
 @dataclass(frozen=True)
 class TrialGate:
     """What a trial's workers need to hear its scheduler: the board's name and the trial's Tune id."""
@@ -86,3 +104,15 @@ class TrialGate:
         except ValueError:
             return CONTINUE
         return ray.get(board.wait.remote(self.trial_id, round_, timeout_s)) or CONTINUE
+
+    def restarted(self) -> None:
+        """The trial starts (again): forget its earlier decisions."""
+        ray.get(ray.get_actor(self.board, namespace=NAMESPACE).forget.remote(self.trial_id))
+
+    def paused(self) -> bool:
+        """Whether the scheduler paused the trial (its workers stopped; Tune restarts it later)."""
+        try:
+            board = ray.get_actor(self.board, namespace=NAMESPACE)
+        except ValueError:
+            return False
+        return ray.get(board.paused.remote(self.trial_id))

@@ -61,3 +61,11 @@ def fused_adamw_applies(params: list[torch.Tensor]) -> bool:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Set the decayed group's weight decay (the 2-D parameters, see build_optimizer): loading an optimizer's state
+    brings back the value it was saved with, and a PBT trial continuing another's checkpoint may run with a new one."""
+    for group in optimizer.param_groups:
+        if any(p.ndim >= 2 for p in group["params"]):
+            group["weight_decay"] = weight_decay

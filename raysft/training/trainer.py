@@ -76,7 +76,7 @@ def scaling_config(cfg: Config) -> RayScalingConfig:
     return RayScalingConfig(
         num_workers=(scaling.min_workers, scaling.num_workers) if scaling.elastic else scaling.num_workers,
         use_gpu=scaling.use_gpu,
-        resources_per_worker=scaling.resources_per_worker,
+        resources_per_worker=scaling.worker_resources,
         elastic_resize_monitor_interval_s=scaling.elastic_resize_interval_s,
     )
 

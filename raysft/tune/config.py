@@ -27,14 +27,28 @@ from raysft.tune.space import Domain, parse_space
 
 
 class SchedulerConfig(Section):
-    name: Literal["asha", "fifo"] = "asha"
-    """asha stops trials that trail at each rung; fifo runs every trial to the end."""
+    name: Literal["asha", "fifo", "pbt", "pb2"] = "asha"
+    """asha stops trials that trail at each rung; fifo runs every trial to the end; pbt (Population Based Training)
+    and pb2 (its Bayesian-optimization variant) restart trailing trials from a leading trial's newest checkpoint
+    with mutated `hyperparam_mutations` values."""
     grace_period: int = Field(default=1, gt=0)
     """Eval rounds every trial runs before ASHA may stop it (an eval round = `train.eval_every` steps)."""
     reduction_factor: float = Field(default=2.0, gt=1.0)
     """At each ASHA rung only the best 1/reduction_factor of trials go on."""
     max_rounds: int | None = Field(default=None, gt=0)
     """Eval rounds of a full trial (ASHA's max_t); default: base max_steps / eval_every."""
+    perturbation_interval: int = Field(default=1, gt=0)
+    """pbt/pb2: eval rounds between a trial's exploit/explore decisions."""
+    hyperparam_mutations: dict[str, Any] | None = None
+    """pbt/pb2: dotted config key -> domain (same syntax as `space`) a trailing trial's value is mutated within, e.g.
+    `train.lr: loguniform [1e-5, 1e-3]`; pb2 takes `uniform`/`loguniform` bounds. Only values a restart can change
+    (the optimizer's and the schedule's) may be mutated."""
+    quantile_fraction: float = Field(default=0.25, gt=0.0, le=0.5)
+    """pbt/pb2: the bottom fraction of trials that clone the top fraction at a perturbation."""
+    resample_probability: float = Field(default=0.25, ge=0.0, le=1.0)
+    """pbt: chance that a mutated value is drawn anew from its domain instead of perturbed (x0.8 / x1.2)."""
+    synch: bool = False
+    """pbt/pb2: perturb all trials together once every one reached the interval (default: each as it reaches it)."""
 
 
 class SweepConfig(Section):
@@ -42,8 +56,9 @@ class SweepConfig(Section):
 
     base: Config
     """The train config every trial starts from: a path to a train YAML, or the config inline."""
-    space: dict[str, Any]
-    """Dotted config key -> search domain, e.g. `lora.r: choice [8, 16, 32]` or `train.lr: {loguniform: [1e-5, 1e-3]}`."""
+    space: dict[str, Any] = Field(default_factory=dict)
+    """Dotted config key -> search domain, e.g. `lora.r: choice [8, 16, 32]` or `train.lr: {loguniform: [1e-5, 1e-3]}`
+    (required, except with a pbt/pb2 scheduler, whose `hyperparam_mutations` domains also give the starting values)."""
     name: str = Field(default="sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Sweep name: the default output folder name and the W&B group. Letters, digits, `_`, `.`, `-`
     (it becomes a folder name, so no `/` and no leading `.`)."""
@@ -134,14 +149,78 @@ def check_sweep(cfg: SweepConfig, source: str | None = None) -> dict[str, Domain
         problems.append("base.scaling.num_workers: a sweep trial runs Ray Train workers; set it to 1 or more")
     if cfg.scheduler.name == "asha" and not train.eval_every:
         problems.append("base.train.eval_every: ASHA compares trials at evaluations; set eval_every (e.g. 10)")
+    if cfg.scheduler.name in ("pbt", "pb2"):
+        problems += pbt_problems(cfg)
     domains: dict[str, Domain] = {}
     try:
-        domains = parse_space(cfg.space, cfg.base.model_dump(mode="json"), cfg.search_alg)
+        if cfg.space or cfg.scheduler.name not in ("pbt", "pb2"):  # PBT may only mutate, from its mutation domains
+            domains = parse_space(cfg.space, cfg.base.model_dump(mode="json"), cfg.search_alg)
     except ConfigError as err:
         problems += err.problems
     if problems:
         raise ConfigError(problems, source)
     return domains
+
+
+# What a trial restarted from another trial's checkpoint may run with differently: the optimizer's and the learning
+# rate schedule's settings (applied from the next step: the schedule is a pure function of the step, and the weight
+# decay is set again after the optimizer state loads) and the regularizers rebuilt with the model. Anything else is
+# fixed by the checkpoint (the adapter's shape, the model, the packed data, the batch) or is not a hyperparameter.
+MUTABLE_MID_RUN = (
+    "train.lr",
+    "train.lr_schedule",
+    "train.warmup_steps",
+    "train.min_lr_ratio",
+    "train.weight_decay",
+    "train.max_grad_norm",
+    "train.neftune_alpha",
+    "lora.dropout",
+)
+PB2_FORMS = ("uniform", "loguniform", "quniform", "qloguniform", "randint", "qrandint")
+
+
+def pbt_problems(cfg: SweepConfig) -> list[str]:
+    """What a pbt/pb2 sweep needs beyond its types, each problem naming its key."""
+    scheduler, train, name = cfg.scheduler, cfg.base.train, cfg.scheduler.name
+    problems = []
+    if not train.eval_every:
+        problems.append(f"base.train.eval_every: {name} compares trials at evaluations; set eval_every (e.g. 10)")
+    elif not train.checkpoint_every or train.eval_every % train.checkpoint_every:
+        problems.append(f"base.train.checkpoint_every: {name} clones a leading trial's checkpoint at an evaluation, so "
+                        f"every evaluation needs one; set checkpoint_every to eval_every ({train.eval_every}) or a "
+                        "divisor of it")
+    if cfg.search_alg == "optuna":
+        problems.append(f"search_alg: {name} takes random or grid search (Tune's PBT cannot follow a searcher's "
+                        "suggestions); use random")
+    mutations = scheduler.hyperparam_mutations or {}
+    if not mutations:
+        problems.append(f"scheduler.hyperparam_mutations: {name} needs at least one `dotted.key: domain` to mutate, "
+                        "e.g. `train.lr: loguniform [1e-5, 1e-3]`")
+    base_raw = cfg.base.model_dump(mode="json")
+    for key, spec in mutations.items():
+        where = f"scheduler.hyperparam_mutations.{key}"
+        if key not in MUTABLE_MID_RUN:
+            problems.append(f"{where}: cannot change mid-run: a trial that continues from another trial's checkpoint "
+                            "keeps its model, adapter shape, data and batch; mutate only " + ", ".join(MUTABLE_MID_RUN))
+            continue
+        try:
+            (domain,) = parse_space({key: spec}, base_raw, "random").values()
+        except ConfigError as err:
+            problems += [problem.replace("space.", "scheduler.hyperparam_mutations.", 1) for problem in err.problems]
+            continue
+        if domain.form == "grid":
+            problems.append(f"{where}: grid is not a mutation; use choice")
+        elif name == "pb2" and domain.form not in PB2_FORMS:
+            problems.append(f"{where}: pb2 mutates within bounds; give `uniform [low, high]` or `loguniform [low, "
+                            f"high]` (got {domain.form})")
+    return problems
+
+
+def mutation_domains(cfg: SweepConfig) -> dict[str, Domain]:
+    """The checked domains of `scheduler.hyperparam_mutations` (none unless the scheduler is pbt or pb2)."""
+    if cfg.scheduler.name not in ("pbt", "pb2"):
+        return {}
+    return parse_space(cfg.scheduler.hyperparam_mutations or {}, cfg.base.model_dump(mode="json"), "random")
 
 
 def sweep_yaml(cfg: SweepConfig) -> str:

@@ -24,6 +24,7 @@ from raysft.run_folder import (
     BEST_DIR,
     CONFIG_FILE,
     FINAL_DIR,
+    LINEAGE_FILE,
     METRICS_FILE,
     REPORT_PAGE,
     REPORT_PLOT,
@@ -54,6 +55,13 @@ class TrialSummary:
     steps: int
     tokens: int
     wall_s: float
+    lineage: tuple[dict[str, Any], ...] = ()
+    """PBT: each time the trial continued from another trial's checkpoint (cloned, step, before, after, ...)."""
+
+    @property
+    def cloned_from(self) -> str:
+        """The lineage in one cell: `trial_00001@20; trial_00003@40` (donor@step)."""
+        return "; ".join(f"{entry['cloned']}@{entry['step']}" for entry in self.lineage)
 
     def best(self, mode: str) -> float | None:
         values = [value for _, value in self.curve]
@@ -100,6 +108,7 @@ def _read_trial(trial_dir: Path, sweep_dir: Path, metric: str) -> TrialSummary:
         steps=max((r["step"] for r in records), default=0),
         tokens=max((int(r["num_tokens"]) for r in records if "num_tokens" in r), default=0),
         wall_s=max(0.0, ended - info["started"]),
+        lineage=tuple(info.get("lineage", ())),
     )
 
 
@@ -135,13 +144,25 @@ def summarize(sweep_dir: str | Path) -> SweepResult:
     return SweepResult(sweep_dir, metric, mode, trials, best)
 
 
-def results_csv(result: SweepResult, keys: list[str]) -> str:
+def results_csv(result: SweepResult, keys: list[str], pbt: bool = False) -> str:
+    """results.csv; a PBT sweep's has a `cloned_from` column (donor@step of each exploit, see lineage.jsonl)."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["trial", "status", *keys, f"best_{result.metric}", f"last_{result.metric}", "steps", "tokens", "wall_s"])
+    lineage = ["cloned_from"] if pbt else []
+    writer.writerow(["trial", "status", *keys, *lineage, f"best_{result.metric}", f"last_{result.metric}", "steps",
+                     "tokens", "wall_s"])
     for t in result.trials:
-        writer.writerow([t.name, t.status, *(t.params.get(k) for k in keys), t.best(result.mode), t.last, t.steps, t.tokens, round(t.wall_s, 1)])
+        cloned = [t.cloned_from] if pbt else []
+        writer.writerow([t.name, t.status, *(t.params.get(k) for k in keys), *cloned, t.best(result.mode), t.last,
+                         t.steps, t.tokens, round(t.wall_s, 1)])
     return out.getvalue()
+
+
+def lineage_lines(result: SweepResult) -> str:
+    """lineage.jsonl: every exploit of the sweep in time order, each naming the trial that continued."""
+    entries = sorted(({"trial": t.name, **entry} for t in result.trials for entry in t.lineage),
+                     key=lambda entry: entry.get("time", 0.0))
+    return "".join(json.dumps(entry) + "\n" for entry in entries)
 
 
 def _copy_best(result: SweepResult) -> None:
@@ -191,7 +212,7 @@ def _plot(result: SweepResult, space: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _markdown(result: SweepResult, keys: list[str]) -> str:
+def _markdown(result: SweepResult, keys: list[str], pbt: bool = False) -> str:
     def show(value: float | None) -> str:
         return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
@@ -203,11 +224,13 @@ def _markdown(result: SweepResult, keys: list[str]) -> str:
         lines.append(f"Best ({result.mode} {result.metric}): **{result.best.name}** with {params}: "
                      f"{result.metric} {show(result.best.last)}; adapter and config in `best/`.")
     lines += ["", "![report](report.png)", ""]
-    lines.append("| trial | status | " + " | ".join(keys) + f" | best {result.metric} | last {result.metric} | steps | tokens | wall s |")
-    lines.append("|" + "---|" * (len(keys) + 7))
+    lineage = ["cloned from (trial@step)"] if pbt else []
+    lines.append("| " + " | ".join(["trial", "status", *keys, *lineage]) +
+                 f" | best {result.metric} | last {result.metric} | steps | tokens | wall s |")
+    lines.append("|" + "---|" * (len(keys) + len(lineage) + 7))
     for t in result.trials:
-        cells = [t.name, t.status, *(str(t.params.get(k)) for k in keys), show(t.best(result.mode)), show(t.last),
-                 str(t.steps), str(t.tokens), f"{t.wall_s:.0f}"]
+        cells = [t.name, t.status, *(str(t.params.get(k)) for k in keys), *([t.cloned_from] if pbt else []),
+                 show(t.best(result.mode)), show(t.last), str(t.steps), str(t.tokens), f"{t.wall_s:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -220,10 +243,16 @@ def write_report(sweep_dir: str | Path) -> SweepResult:
         >>> write_report("runs/sweeps/lora_rank_lr").best  # doctest: +SKIP
     """
     result = summarize(sweep_dir)
-    space = yaml.safe_load((result.sweep_dir / SWEEP_FILE).read_text())["space"]
-    keys = list(space)
-    write_text_atomically(result.sweep_dir / RESULTS_FILE, results_csv(result, keys))
+    settings = yaml.safe_load((result.sweep_dir / SWEEP_FILE).read_text())
+    space = settings["space"]
+    mutated = settings.get("scheduler", {}).get("hyperparam_mutations") or {}
+    keys = [*space, *(key for key in mutated if key not in space)]
+    space = {**space, **{key: mutated[key] for key in keys if key not in space}}
+    pbt = settings.get("scheduler", {}).get("name") in ("pbt", "pb2")
+    write_text_atomically(result.sweep_dir / RESULTS_FILE, results_csv(result, keys, pbt))
+    if pbt:
+        write_text_atomically(result.sweep_dir / LINEAGE_FILE, lineage_lines(result))
     _copy_best(result)
     _plot(result, space, result.sweep_dir / REPORT_PLOT)
-    write_text_atomically(result.sweep_dir / REPORT_PAGE, _markdown(result, keys))
+    write_text_atomically(result.sweep_dir / REPORT_PAGE, _markdown(result, keys, pbt))
     return result

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +29,8 @@ from typing import Any
 import ray
 import yaml
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.train.v2.api.callback import UserCallback
+from ray.util.queue import Empty, Queue
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -64,8 +66,16 @@ from raysft.run_folder import (
 from raysft.data.pipeline import prepare_data
 from raysft.ray_session import ensure_ray
 from raysft.training.trainer import scaling_config, train, wait_for_worker_resources
-from raysft.tune.config import SweepConfig, check_sweep, sweep_yaml
+from raysft.tune.config import SweepConfig, check_sweep, mutation_domains, sweep_yaml
 from raysft.training.decisions import TrialGate, board_name, eval_round, open_board, post_decision
+from raysft.tune.pbt import (
+    adopt_donor_checkpoint,
+    applied,
+    new_pointer_folder,
+    pbt_scheduler,
+    pointer_checkpoint,
+    read_pointer,
+)
 from raysft.tune.report import SweepResult, write_report
 from raysft.tune.space import Domain, to_param_space
 
@@ -153,16 +163,64 @@ def tune_result(record: dict[str, Any], eval_every: int | None) -> dict[str, Any
     return {**record, "eval_round": eval_round(int(record["step"]), eval_every)}
 
 
-class EvalRoundsToTune(TuneReportCallback):
-    """Forward rank 0's evaluation reports to Tune, tagged with their eval round (other reports stay out)."""
+class EvalRoundsToTune(UserCallback):
+    """Pass rank 0's evaluation reports, tagged with their eval round, to the trial's Tune session (other reports stay
+    out), with whether a checkpoint was saved at that step. Ray Train runs callbacks in its controller, so the trial's
+    driver takes them from `queue` and reports them to Tune itself, each with a pointer to its checkpoint (pbt.py)."""
 
-    def __init__(self, eval_every: int | None):
-        super().__init__()
+    def __init__(self, eval_every: int | None, queue: Queue):
         self.eval_every = eval_every
+        self.queue = queue
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if is_evaluation(metrics[0]):
-            super().after_report(run_context, [tune_result(metrics[0], self.eval_every)], None)
+            self.queue.put((tune_result(metrics[0], self.eval_every), checkpoint is not None))
+
+
+def report_to_tune(result: dict[str, Any], checkpointed: bool, name: str, location: str,
+                   params: dict[str, Any]) -> None:
+    """One evaluation to Tune; with a checkpoint at its step, a Tune checkpoint that points at it (what PBT clones)."""
+    if not checkpointed:
+        ray.tune.report(result)
+        return
+    folder = new_pointer_folder()
+    try:
+        ray.tune.report(result, checkpoint=pointer_checkpoint(folder, name, location, int(result["step"]), params))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def train_reporting(train_cfg: Config, gate: TrialGate | None, stop_board: Any, name: str,
+                    params: dict[str, Any]) -> None:
+    """`train` on a thread of its own while this (the trial's Tune) thread reports its evaluations to Tune."""
+    queue: Queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            train(train_cfg, callbacks=[EvalRoundsToTune(train_cfg.train.eval_every, queue)], gate=gate,
+                  stop_board=stop_board)
+        except BaseException as err:  # re-raised on the trial's thread
+            raised.append(err)
+
+    location = run_location(train_cfg)
+    thread = threading.Thread(target=target, name=f"raysft-{name}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            alive = thread.is_alive()  # before the get: a result put just before the run ended is still taken
+            try:
+                item = queue.get(timeout=0.5)
+            except Empty:
+                if alive:
+                    continue
+                break
+            report_to_tune(*item, name, location, params)
+    finally:
+        thread.join()
+        queue.shutdown(force=True)
+    if raised:
+        raise raised[0]
 
 
 def _eval_records(location: str) -> list[dict[str, Any]]:
@@ -191,8 +249,14 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any], mlflow_parent: str 
             ray.tune.report(tune_result(record, eval_every))
         return
     trial_file = storage.join(location, TRIAL_FILE)
-    started = json.loads(storage.read_bytes(trial_file))["started"] if storage.exists(trial_file) else time.time()
-    trial_info = json.dumps({"name": name, "params": params, "started": started}, indent=2).encode()
+    earlier = json.loads(storage.read_bytes(trial_file)) if storage.exists(trial_file) else {}
+    lineage = earlier.get("lineage", [])
+    pointer = read_pointer(ray.tune.get_checkpoint())
+    if pointer is not None and pointer["trial"] != name and not applied(lineage, pointer):
+        # PBT restarted this trial from another trial's checkpoint, with mutated values (raysft/tune/pbt.py).
+        lineage.append(adopt_donor_checkpoint(pointer, train_cfg, before=earlier.get("params", params), after=params))
+    info = {"name": name, "params": params, "started": earlier.get("started", time.time())}
+    trial_info = json.dumps({**info, **({"lineage": lineage} if lineage else {})}, indent=2).encode()
     storage.write_bytes(trial_file, trial_info)
     if location != train_cfg.train.output_dir:
         storage.write_bytes(str(Path(train_cfg.train.output_dir) / TRIAL_FILE), trial_info)
@@ -203,9 +267,16 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any], mlflow_parent: str 
                         tags={"raysft.sweep": cfg.name, "raysft.trial": name})
     # A scheduler that can stop a trial is heard at every evaluation (raysft/training/decisions.py); FIFO never stops one.
     gate = TrialGate(board_name(sweep_home(cfg)), ray.tune.get_context().get_trial_id()) if stops_trials(cfg) else None
+    if gate is not None:
+        gate.restarted()
     ray.get(stop_board.begin.remote(name))
     try:
-        train(train_cfg, callbacks=[EvalRoundsToTune(eval_every)], gate=gate, stop_board=stop_board)
+        train_reporting(train_cfg, gate, stop_board, name, params)
+        if gate is not None and gate.paused():
+            # Paused by PBT (its workers stopped after the checkpoint of the evaluation it reported): Tune ends this
+            # process and restarts the trial from a checkpoint, its own or a better trial's.
+            ray.get(stop_board.end.remote(name))
+            threading.Event().wait()
     except RunInterrupted:
         ray.get(stop_board.end.remote(name))
         # Checkpointed. The trial holds its place (no other trial starts in it) until the sweep driver ends the
@@ -270,6 +341,8 @@ def stops_trials(cfg: SweepConfig) -> bool:
 def _scheduler(cfg: SweepConfig, board: str) -> Any:
     if not stops_trials(cfg):
         return FIFOScheduler()
+    if cfg.scheduler.name in ("pbt", "pb2"):
+        return pbt_scheduler(cfg, board)
     return DecidingASHA(
         board,
         time_attr="eval_round",
@@ -432,6 +505,8 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     if not resume and storage.exists(tune_dir):
         raise ConfigError([f"{where}: {home} already holds a sweep; continue it with --resume or choose a new one"])
     domains = check_sweep(cfg)  # configs built in Python get the same checks as loaded YAML
+    # PBT's mutated values that the space does not sample are drawn from their mutation domains at the start.
+    mutated_only = {key: domain for key, domain in mutation_domains(cfg).items() if key not in domains}
     # The whole base config (above), data included (below), is checked before any trial starts: a mistake
     # there would otherwise fail every trial, one by one.
     # Tokenize once for every trial: the cache is keyed by content, not max_seq_len, so trials that
@@ -460,7 +535,7 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space=to_param_space(domains, cfg.search_alg),
+            param_space={**to_param_space(domains, cfg.search_alg), **to_param_space(mutated_only, "random")},
             tune_config=tune.TuneConfig(
                 metric=cfg.metric,
                 mode=cfg.mode,
@@ -474,7 +549,7 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
             run_config=tune.RunConfig(
                 name=TUNE_DIR,
                 storage_path=home,
-                callbacks=[LiveTable(cfg.metric, list(domains))],
+                callbacks=[LiveTable(cfg.metric, [*domains, *mutated_only])],
                 verbose=0,
             ),
         )

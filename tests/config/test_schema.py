@@ -49,3 +49,31 @@ def test_add_special_tokens_defaults_to_the_fallbacks_needs_and_refuses_blank_or
     assert err.value.problems == ["model.add_special_tokens: tokens must not be empty or whitespace (got [' '])"]
     with pytest.raises(ConfigError, match=r"model.add_special_tokens: tokens listed more than once: \['<a>'\]"):
         parse_config({**MINIMAL, "model": {"name_or_path": "m", "add_special_tokens": ["<a>", "<b>", "<a>"]}})
+
+
+def test_gpus_per_worker_is_the_ray_resource_of_train_workers_and_sweep_trials() -> None:
+    from raysft.training.trainer import scaling_config
+    from raysft.tune.sweep import default_max_concurrent
+
+    raw = {"model": {"name_or_path": "m"}, "data": {"train": {"path": "x.jsonl"}},
+           "scaling": {"use_gpu": True, "gpus_per_worker": 0.25, "resources_per_worker": {"CPU": 2}}}
+    cfg = parse_config(raw)
+    ray_scaling = scaling_config(cfg)
+    assert ray_scaling.use_gpu and ray_scaling.resources_per_worker == {"CPU": 2, "GPU": 0.25}
+    assert ray_scaling.total_resources == {"CPU": 2.0, "GPU": 0.25}
+    assert cfg.scaling.workers_per_gpu == 4
+    # A sweep runs as many trials at once as the cluster's GPUs hold at that share (CPUs permitting).
+    assert default_max_concurrent(cfg, {"CPU": 16.0, "GPU": 2.0}) == 8
+    assert default_max_concurrent(cfg, {"CPU": 6.0, "GPU": 2.0}) == 3
+    # use_gpu: false is the CPU switch: no GPU is asked for, whatever the share says.
+    on_cpu = parse_config({**raw, "scaling": {**raw["scaling"], "use_gpu": False}})
+    assert scaling_config(on_cpu).resources_per_worker == {"CPU": 2} and on_cpu.scaling.workers_per_gpu == 1
+    for scaling, message in [
+        ({"use_gpu": True, "gpus_per_worker": 1.5}, "scaling.gpus_per_worker: a worker takes a fraction of one GPU"),
+        ({"use_gpu": True, "gpus_per_worker": 0}, "scaling.gpus_per_worker"),
+        ({"use_gpu": True, "gpus_per_worker": 0.5, "resources_per_worker": {"GPU": 1}},
+         "scaling.resources_per_worker: GPU is set by scaling.gpus_per_worker"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            parse_config({**raw, "scaling": scaling})
+        assert any(problem.startswith(message) for problem in err.value.problems), err.value.problems

@@ -93,7 +93,7 @@ def test_bad_spaces_name_the_yaml_key(space: dict[str, Any], expected: str) -> N
 def test_bad_sweep_settings_are_all_reported_together() -> None:
     raw = sweep_raw(scheduler="hyperband", metric="accuracy", num_sampels=4)
     problems = problems_of(raw)
-    assert any(p.startswith("scheduler.name: Input should be 'asha' or 'fifo'") for p in problems)
+    assert any(p.startswith("scheduler.name: Input should be 'asha', 'fifo', 'pbt' or 'pb2'") for p in problems)
     assert any(p.startswith("metric: 'accuracy' is not an evaluation metric of the base config; choose one of "
                             "eval_loss, eval_ppl, eval_token_accuracy") for p in problems)
     assert any(p.startswith("num_sampels: unknown key; did you mean 'num_samples'?") for p in problems)
@@ -187,3 +187,48 @@ def test_every_shipped_sweep_loads_and_names_its_command(path: Path) -> None:
 
 def test_sweeps_folder_is_not_empty() -> None:
     assert len(SWEEPS) >= 3
+
+
+def pbt_raw(mutations: dict[str, Any], name: str = "pbt", **changes: Any) -> dict[str, Any]:
+    raw = sweep_raw(scheduler={"name": name, "hyperparam_mutations": mutations}, **changes)
+    raw["base"]["train"]["checkpoint_every"] = 5
+    return raw
+
+
+def test_pbt_takes_mutations_in_space_syntax_and_samples_them_when_the_space_does_not() -> None:
+    cfg = parse_sweep(pbt_raw({"train.lr": "loguniform [1e-5, 1e-3]", "lora.dropout": {"choice": [0.0, 0.1]}},
+                              space={}))
+    assert cfg.scheduler.name == "pbt" and cfg.space == {}
+    from raysft.tune.config import mutation_domains
+
+    assert mutation_domains(cfg) == {"train.lr": Domain("loguniform", (1e-5, 1e-3)),
+                                     "lora.dropout": Domain("choice", (0.0, 0.1))}
+    from raysft.tune.pbt import pbt_scheduler
+
+    scheduler = pbt_scheduler(cfg, "board")
+    assert scheduler._perturbation_interval == 1 and scheduler._time_attr == "eval_round"
+    assert isinstance(scheduler._hyperparam_mutations["train.lr"], tune.search.sample.Float)
+    assert scheduler.last_round == 4  # max_steps 20 / eval_every 5: the last evaluation is not perturbed
+    pb2 = pbt_scheduler(parse_sweep(pbt_raw({"train.lr": "loguniform [1e-5, 1e-3]"}, name="pb2")), "board")
+    assert pb2._hyperparam_bounds == {"train.lr": [1e-5, 1e-3]}
+
+
+@pytest.mark.parametrize("key", ["lora.r", "lora.target_modules", "data.max_seq_len", "model.name_or_path",
+                                 "train.micro_batch_size", "train.seed", "train.max_steps"])
+def test_pbt_refuses_to_mutate_what_cannot_change_mid_run_naming_the_key(key: str) -> None:
+    problems = problems_of(pbt_raw({key: "choice [8, 16]"}))
+    assert len(problems) == 1 and problems[0].startswith(f"scheduler.hyperparam_mutations.{key}: cannot change mid-run")
+    assert "train.lr" in problems[0]  # ... and it says what may be mutated
+
+
+def test_pbt_refusals_name_their_keys_before_anything_runs() -> None:
+    raw = pbt_raw({"train.lr": "loguniform [0, 1e-3]", "train.weight_decay": "grid [0.0, 0.1]"}, search_alg="optuna")
+    raw["base"]["train"]["checkpoint_every"] = 3  # not a divisor of eval_every 5
+    problems = problems_of(raw)
+    assert any(p.startswith("scheduler.hyperparam_mutations.train.lr: loguniform needs low > 0") for p in problems)
+    assert "scheduler.hyperparam_mutations.train.weight_decay: grid is not a mutation; use choice" in problems
+    assert any(p.startswith("base.train.checkpoint_every: pbt clones") for p in problems)
+    assert any(p.startswith("search_alg: pbt takes random or grid search") for p in problems)
+    assert problems_of(sweep_raw(scheduler="pbt"))[-1].startswith("scheduler.hyperparam_mutations: pbt needs")
+    assert any(p.startswith("scheduler.hyperparam_mutations.train.lr: pb2 mutates within bounds")
+               for p in problems_of(pbt_raw({"train.lr": "choice [1e-4, 1e-3]"}, name="pb2")))
