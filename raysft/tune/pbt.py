@@ -29,17 +29,17 @@ from ray.tune.schedulers.pb2 import PB2
 from raysft import storage
 from raysft.config import Config
 from raysft.errors import RunError
-from raysft.training.checkpoint import (
+from raysft.run_folder import (
+    CHECKPOINTS_DIR,
     RAY_SNAPSHOT,
-    checkpoint_at,
-    checkpoint_names,
-    damage,
-    find_resumable,
-    persist_checkpoint,
+    config_changes,
+    pin_global_batch,
+    run_location,
     step_dir_name,
+    write_run_config,
 )
+from raysft.training.checkpoint import checkpoint_at, checkpoint_names, damage, find_resumable, persist_checkpoint
 from raysft.training.decisions import CONTINUE, STOP, eval_round, mark_paused, post_decision
-from raysft.run_folder import CHECKPOINTS_DIR, config_changes, pin_global_batch, run_location, write_run_config
 from raysft.tune.config import SweepConfig, mutation_domains
 
 POINTER_FILE = "raysft_checkpoint.json"
