@@ -1,7 +1,9 @@
 """Chat template, tokenization and label masks.
 
-Assistant turns are located by rendering growing prefixes of the conversation with the model's own
-template, so masking works for any template: no ``{% generation %}`` markers are needed. A token is
+Assistant turns are located where rendering growing prefixes of the conversation with the model's own
+template puts them, so masking works for any template: no ``{% generation %}`` markers are needed. A conversation
+of many turns takes them from one rendering that records what the template reads (time linear in its length),
+where that rendering proves the prefixes would give the same; otherwise the prefixes are rendered. A token is
 trained when it starts inside an assistant turn; the end-of-turn token is part of the turn, and EOS
 is always trained so the model learns to stop.
 
@@ -21,12 +23,21 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import jinja2
+from jinja2.runtime import LoopContext
 import numpy as np
 import pyarrow as pa
+from transformers.utils.chat_template_utils import (
+    _alias_reasoning_fields,
+    _compile_jinja_template,
+    _normalize_chat_messages,
+    _plain_template_data,
+)
 
 from raysft.config import SourceConfig
 from raysft.data.cache import source_of
@@ -98,13 +109,46 @@ def assistant_spans(
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation (with its `tools`); return the text and the character span of every assistant turn.
 
-    Turn i's span runs from the end of the prefix rendered with a generation prompt to the end of the
-    prefix that includes turn i, so the template's own header is excluded and its end-of-turn
-    marker included: reasoning and tool calls rendered inside the turn are in the span, tool results
-    (turns of their own) are not.
+    The spans are :func:`prefix_assistant_spans`'s, by definition. A conversation of many assistant turns takes
+    them from one instrumented rendering instead (:func:`_spans_from_one_rendering`, time linear in its length)
+    when that rendering proves they are the same; otherwise, and for a row of few turns (where rendering the
+    prefixes costs no more), the prefixes are rendered.
     """
     full = _render(tokenizer, messages, tools, False, origin)
     _check_rendered(tokenizer, full, messages, tools, origin)
+    if sum(message["role"] == "assistant" for message in messages) >= ONE_RENDERING_FROM_TURNS:
+        spans = _spans_from_one_rendering(full, messages, tokenizer, tools)
+        if spans is not None:
+            return full, spans
+    return full, _prefix_spans(full, messages, tokenizer, origin, tools)
+
+
+def prefix_assistant_spans(
+    messages: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    origin: str,
+    tools: list[dict[str, Any]] | None = None,
+) -> tuple[str, list[tuple[int, int]]]:
+    """The reference masks: :func:`assistant_spans` by rendering growing prefixes, for every row.
+
+    Turn i's span runs from the end of the prefix rendered with a generation prompt to the end of the
+    prefix that includes turn i, so the template's own header is excluded and its end-of-turn
+    marker included: reasoning and tool calls rendered inside the turn are in the span, tool results
+    (turns of their own) are not. Two renderings of up to the whole conversation per assistant turn: time
+    quadratic in the number of turns.
+    """
+    full = _render(tokenizer, messages, tools, False, origin)
+    _check_rendered(tokenizer, full, messages, tools, origin)
+    return full, _prefix_spans(full, messages, tokenizer, origin, tools)
+
+
+def _prefix_spans(
+    full: str,
+    messages: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    origin: str,
+    tools: list[dict[str, Any]] | None,
+) -> list[tuple[int, int]]:
     markers = _end_of_turn_markers(tokenizer)
     spans = []
     for index, message in enumerate(messages):
@@ -123,7 +167,196 @@ def assistant_spans(
                 "set model.chat_template to one that renders each turn the same way every time"
             )
         spans.append((len(before), _end_after_marker(full, len(before), len(through), markers)))
-    return full, spans
+    return spans
+
+
+# From this many assistant turns a row's masks come from one rendering: below it, rendering the prefixes costs
+# about as much (two short renderings per turn) and needs no proof.
+ONE_RENDERING_FROM_TURNS = 3
+
+
+# Jinja's objects whose state a loop can change and the text after the loop can read (cycler and joiner advance,
+# namespace attributes are set): a template using one may write a generation prompt that depends on the turns.
+_STATEFUL_TEMPLATE = re.compile(r"\b(namespace|cycler|joiner)\b")
+
+
+class _ReadLog:
+    """What a template has read of the conversation while rendering it, and how much text it had written by then.
+
+    Each read is logged with the fewest leading messages a prefix needs for that read to give the same answer
+    as on the whole conversation (reading message j needs j + 1; its length needs all of them), and, for a
+    ``{% for %}`` loop moving on to its next message (not looking ahead for ``loop.last``), that message's index.
+    """
+
+    def __init__(self, messages: list[dict[str, Any]]):
+        self.messages = messages
+        self.written = 0
+        self.reads: list[tuple[int, int, int]] = []  # (characters written, messages needed, index the loop moved to)
+
+    def note(self, needed: int, moved_to: int = -1) -> None:
+        self.reads.append((self.written, needed, moved_to))
+
+
+class _LoggedTurns(Sequence):  # type: ignore[type-arg]
+    """The messages ``[start, stop)`` as a template sees them, every read logged in a :class:`_ReadLog`.
+
+    Not a list: anything that reads it (iteration, length, indexing, slicing, filters, ``tojson``) goes through
+    these methods or fails, so no read escapes the log.
+    """
+
+    def __init__(self, log: _ReadLog, start: int, stop: int):
+        self._log, self._start, self._stop = log, start, stop
+
+    def __len__(self) -> int:
+        self._log.note(self._stop)
+        return self._stop - self._start
+
+    def __bool__(self) -> bool:
+        if self._stop > self._start:
+            self._log.note(self._start + 1)
+        return self._stop > self._start
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for index in range(self._start, self._stop + 1):
+            self._log.note(min(index + 1, self._stop), index if _loop_steps(sys._getframe(1)) else -1)
+            if index == self._stop:
+                return  # the end: where a prefix's rendering parts from the whole one
+            yield self._log.messages[index]
+
+    def __reversed__(self) -> Iterator[dict[str, Any]]:
+        self._log.note(self._stop)
+        return reversed(self._log.messages[self._start : self._stop])
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            if key.step not in (None, 1) or any(bound is not None and bound < 0 for bound in (key.start, key.stop)):
+                self._log.note(self._stop)  # counted from the end, or every other message: depends on all
+                return self._log.messages[self._start : self._stop][key]
+            start = min(self._start + (key.start or 0), self._stop)
+            stop = self._stop if key.stop is None else min(self._start + key.stop, self._stop)
+            return _LoggedTurns(self._log, start, max(start, stop))
+        if not isinstance(key, int):
+            raise TypeError(f"messages are indexed by numbers, not {type(key).__name__}")
+        if key < 0:
+            self._log.note(self._stop)
+            key += self._stop - self._start
+            if key < 0:
+                raise IndexError("message index out of range")
+        index = self._start + key
+        if index >= self._stop:
+            raise IndexError("message index out of range")  # out of range for every prefix as well
+        self._log.note(index + 1)
+        return self._log.messages[index]
+
+    def __repr__(self) -> str:
+        self._log.note(self._stop)
+        return repr(self._log.messages[self._start : self._stop])
+
+
+def _loop_steps(caller: FrameType) -> bool:
+    """Whether the code asking a :class:`_LoggedTurns` for its next message is a ``{% for %}`` loop stepping to its
+    next iteration (not ``loop.last`` or ``loop.nextitem`` looking ahead, not a filter or a test reading it all).
+
+    A loop that uses ``loop`` steps through Jinja's LoopContext; one that does not is a plain Python ``for`` in the
+    template's compiled code, reading through a generator of that code where the loop has an ``if`` filter.
+    """
+    if caller.f_code.co_filename == "<template>":  # compiled template code (transformers compiles from a string)
+        return caller.f_back is None or caller.f_back.f_code is not LoopContext._peek_next.__code__
+    return caller.f_code is LoopContext.__next__.__code__
+
+
+def _logged_render(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    add_generation_prompt: bool,
+) -> tuple[str, _ReadLog]:
+    """What :func:`_render` renders (the same template, inputs and arguments as ``apply_chat_template``), with the
+    template's reads of `messages` logged."""
+    chat = _alias_reasoning_fields(_plain_template_data(_normalize_chat_messages(messages)))
+    log = _ReadLog(chat)
+    compiled = _compile_jinja_template(tokenizer.get_chat_template(None, tools))
+    arguments = _plain_template_data(dict(tokenizer.special_tokens_map))
+    pieces = []
+    for piece in compiled.generate(messages=_LoggedTurns(log, 0, len(chat)), tools=_plain_template_data(tools),
+                                   documents=None, add_generation_prompt=add_generation_prompt, **arguments):
+        pieces.append(piece)
+        log.written += len(piece)
+    return "".join(pieces), log
+
+
+def _spans_from_one_rendering(
+    full: str,
+    messages: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    tools: list[dict[str, Any]] | None,
+) -> list[tuple[int, int]] | None:
+    """:func:`prefix_assistant_spans`'s spans from one rendering of the whole conversation, or None where that
+    rendering cannot show they are the same (the caller then renders the prefixes).
+
+    The conversation is rendered once more with its messages in a :class:`_LoggedTurns`. A template is a program
+    whose only view of the messages is that object, so a prefix of k messages renders the same text as the whole
+    conversation up to the first read that tells the two apart. Where that read is the template's loop stepping
+    to message k, the prefix's rendering goes on with what the template writes once that loop has ended (the
+    generation prompt, or closing text). That tail is the same for every k when it reads no message and the
+    template keeps no state a loop can change (no namespace, cycler or joiner: Jinja scopes every other variable
+    set in a loop to the loop): it is taken from the first assistant turn's prefixes, rendered whole, which must
+    read nothing after their loop ends. Each turn's span then follows, with the prefix method's own check that
+    every prefix is the start of the whole rendering. Time linear in the conversation's length.
+    """
+    turns = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
+    count, first = len(messages), turns[0]
+    if first == 0 or _STATEFUL_TEMPLATE.search(tokenizer.get_chat_template(None, tools)):
+        return None
+    try:
+        logged, log = _logged_render(tokenizer, messages, tools, False)
+        tails = [_tail_after_loop(tokenizer, messages[:first], tools, True)]
+        if first + 1 < count:
+            tails.append(_tail_after_loop(tokenizer, messages[: first + 1], tools, False))
+    except Exception:  # noqa: BLE001 (whatever the template does with the logged messages that a list allows)
+        return None
+    if logged != full or None in tails:
+        return None
+    after_generation_prompt, after_turn = tails[0], tails[-1]
+    # parted[k]: the characters a k-message prefix shares with `full`, where the loop's step to message k parts
+    # them; None where something else tells them apart first.
+    parted: list[int | None] = [None] * count
+    covered = 0
+    for written, needed, moved_to in log.reads:
+        while covered < min(needed, count):
+            parted[covered] = written if moved_to == covered else None
+            covered += 1
+    markers = _end_of_turn_markers(tokenizer)
+    spans = []
+    for index in turns:
+        before = parted[index]
+        through = len(full) if index + 1 == count else parted[index + 1]
+        if before is None or through is None or not full.startswith(after_generation_prompt, before):
+            return None
+        before += len(after_generation_prompt)
+        if index + 1 < count:
+            if not full.startswith(after_turn, through):
+                return None
+            through += len(after_turn)
+        if before > through:
+            return None
+        spans.append((before, _end_after_marker(full, before, through, markers)))
+    return spans
+
+
+def _tail_after_loop(
+    tokenizer: PreTrainedTokenizerBase,
+    prefix: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    add_generation_prompt: bool,
+) -> str | None:
+    """What the template writes after its loop over `prefix` ends, or None where that text reads a message (or the
+    loop did not end by stepping past the last one)."""
+    text, log = _logged_render(tokenizer, prefix, tools, add_generation_prompt)
+    ends = [position for position, (_, _, moved_to) in enumerate(log.reads) if moved_to == len(prefix)]
+    if len(ends) != 1 or ends[0] + 1 != len(log.reads):
+        return None
+    return text[log.reads[ends[0]][0] :]
 
 
 class TokenizeRows:
