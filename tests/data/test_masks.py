@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from raysft.config import SourceConfig
 from raysft.data.sources import load_examples
-from raysft.data.tokenize import _spans_from_one_rendering, assistant_spans, prefix_assistant_spans
+from raysft.data.tokenize import _logged_render, _spans_from_log, assistant_spans, prefix_assistant_spans
 from raysft.errors import DataError
 from raysft.model import CHATML_TEMPLATE, ensure_chat_template
 from tests.data.conversations import tool_conversation
@@ -71,10 +71,17 @@ def _corpus(shared_data: Path, rows_each: int | None) -> list[dict[str, Any]]:
     return load_examples(sources) + _rows(tool_rows)
 
 
+def _one_rendering(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase, full: str) -> Any:
+    """The spans from one logged rendering (None where it cannot prove them), which must render `full`."""
+    logged = _logged_render(tokenizer, example["messages"], example.get("tools"), False)
+    assert logged is not None and logged[0] == full
+    return _spans_from_log(full, logged[1], example["messages"], tokenizer, example.get("tools"))
+
+
 def _assert_one_rendering_is_the_reference(examples: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> None:
     for example in examples:
         full, reference = prefix_assistant_spans(example["messages"], tokenizer, example["origin"], example.get("tools"))
-        spans = _spans_from_one_rendering(full, example["messages"], tokenizer, example.get("tools"))
+        spans = _one_rendering(example, tokenizer, full)
         assert spans == reference, example["origin"]
         assert assistant_spans(example["messages"], tokenizer, example["origin"], example.get("tools")) == (
             full, reference)
@@ -127,7 +134,7 @@ def test_templates_that_defeat_one_rendering_fall_back_to_the_same_masks(
         reference = _outcome(prefix_assistant_spans, example, tokenizer)
         assert _outcome(assistant_spans, example, tokenizer) == reference
         if isinstance(reference, tuple):
-            spans = _spans_from_one_rendering(reference[0], example["messages"], tokenizer, example.get("tools"))
+            spans = _one_rendering(example, tokenizer, reference[0])
             assert spans in (None, reference[1])
             one_rendering.append(spans is not None)
     assert one_rendering == served
