@@ -22,8 +22,9 @@ each in a fresh child process (peak RSS per process role sampled by the parent):
 --parts window: on GSM8K train and Code Alpaca, packing efficiency of raysft's windowed best-fit decreasing
 (PACK_WINDOW and smaller windows) against whole-dataset best-fit decreasing.
 
-With --ray-lock FILE, the script holds that flock only while a child that starts Ray runs (a machine shared
-with other Ray jobs); the peer runs outside it.
+With --ray-lock FILE, the script holds that flock (a machine shared with other Ray jobs) from the first timed
+child to the last, the peer's included (no other job's Ray runs while either side is timed), and not while it
+writes the data files or times the masks in process.
 
 Smoke run:
     python benchmarks/data_scale.py --sizes 2000
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cold run: train to the first step after preparing the data")
     p.add_argument("--long-rows", type=int, default=3000, help="rows of 40-200 messages in the long part")
     p.add_argument("--ray-lock", type=Path, default=None,
-                   help="hold this flock while a child that starts Ray runs (and only then)")
+                   help="hold this flock while the children (raysft and peer) are timed")
     C.add_run_arguments(p, "data_scale")
     return p.parse_args(argv)
 
@@ -366,9 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     md = [f"## Data at scale (issues 10, 27)\n\n{C.machine_markdown(info)}\n"]
 
     def raysft_child(spec: dict[str, Any], label: str) -> dict[str, Any]:
-        with ray_lock(args.ray_lock):
-            load = os.getloadavg()
-            result = C.run_child(script, {**spec, "kind": "raysft"}, workdir, label, reuse=reuse)
+        load = os.getloadavg()
+        result = C.run_child(script, {**spec, "kind": "raysft"}, workdir, label, reuse=reuse)
         result.setdefault("load_avg_at_start", load)
         return result
 
@@ -387,8 +387,15 @@ def main(argv: list[str] | None = None) -> None:
             ["messages asked", "messages (mean)", "prefix method (reference) ms/msg", "one rendering ms/msg",
              "raysft tokenize_example ms/msg", "transformers return_assistant_tokens_mask ms/msg",
              "one rendering per msg / at 4"], rows))
+    for size in args.sizes if "scale" in args.parts else ():
+        synthetic_jsonl(args.workdir / f"synthetic-{size}.jsonl", size)
+    if "long" in args.parts:
+        long_jsonl(args.workdir / f"long-{args.long_rows}.jsonl", args.long_rows)
+    # The peer runs under the lock as well: no other job's Ray on the machine while either side is timed.
+    held = contextlib.ExitStack()
+    held.enter_context(ray_lock(args.ray_lock if {"long", "scale"} & set(args.parts) else None))
+    if "long" in args.parts:
         data = args.workdir / f"long-{args.long_rows}.jsonl"
-        long_jsonl(data, args.long_rows)
         from raysft.model import CHATML_TEMPLATE
 
         base = {"model_dir": model_dir, "data": str(data), "max_len": 16384, "chat_template": CHATML_TEMPLATE}
@@ -409,7 +416,6 @@ def main(argv: list[str] | None = None) -> None:
         table = []
         for size in args.sizes:
             data = args.workdir / f"synthetic-{size}.jsonl"
-            synthetic_jsonl(data, size)
             base = {"model_dir": model_dir, "data": str(data), "max_len": args.max_len,
                     "cache_dir": str(workdir / f"cache-{size}")}
             variants = [("cold-1w", {"cold": True, "workers": 1, "train": args.train})]
@@ -438,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
              "driver peak (cold)", "data worker peak (cold)", "train worker peak (cold 1w)", "train worker peak (2w, max)",
              "object store peak (cold)", "cache MiB", "cache bytes/token", "start->1st step cold s", "warm 1w s",
              "warm 2w s", "peer tree peak", "load avg (raysft, peer)"], table))
+    held.close()
     if "window" in args.parts:
         rows = window_efficiency(args.data_dir, model_dir, args.max_len)
         results["window"] = rows
