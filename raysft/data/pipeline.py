@@ -49,7 +49,7 @@ from raysft.console import format_duration, say, split_line, verbose
 log = logging.getLogger(__name__)
 
 # Bump when tokenization, masking or the cache layout changes meaning, so old caches are not reused.
-CACHE_VERSION = "3"  # 3: Parquet tables with manifests, read and packed on Ray Data
+CACHE_VERSION = "4"  # 3: Parquet tables with manifests, read and packed on Ray Data; 4: masks from one rendering
 # Examples packed together by one task. Best-fit decreasing gains next to nothing from more candidates
 # once a window holds thousands of examples (measured in benchmarks/results/data_scale.md).
 PACK_WINDOW = 8192
@@ -418,12 +418,20 @@ def pack_window(window: dict[str, Any], tokenized: CachedTable, plan: PackPlan) 
     base = int(window["window"]) << 32
     return pa.table({
         "seq": pa.array(np.arange(base, base + len(packed), dtype=np.int64)),
-        "input_ids": pa.array([row["input_ids"] for row in packed], pa.list_(pa.int32())),
-        "labels": pa.array([row["labels"] for row in packed], pa.list_(pa.int32())),
-        "example_lengths": pa.array([row["example_lengths"] for row in packed], pa.list_(pa.int32())),
+        "input_ids": _list_column([row["input_ids"] for row in packed]),
+        "labels": _list_column([row["labels"] for row in packed]),
+        "example_lengths": _list_column([row["example_lengths"] for row in packed]),
         "num_tokens": pa.array([len(row["input_ids"]) for row in packed], pa.int32()),
         "num_trained": pa.array([row["num_trained"] for row in packed], pa.int32()),
     })
+
+
+def _list_column(rows: list[np.ndarray]) -> pa.ListArray:
+    """int32 rows as an Arrow list column, from one flat array (no Python list per row)."""
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = np.concatenate(rows).astype(np.int32, copy=False) if rows else np.zeros(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
 def _pack_batch(batch: pa.Table, tokenized: CachedTable, plan: PackPlan) -> pa.Table:

@@ -1,7 +1,9 @@
 """Chat template, tokenization and label masks.
 
-Assistant turns are located by rendering growing prefixes of the conversation with the model's own
-template, so masking works for any template: no ``{% generation %}`` markers are needed. A token is
+Assistant turns are located where rendering growing prefixes of the conversation with the model's own
+template puts them, so masking works for any template: no ``{% generation %}`` markers are needed. A conversation
+of many turns takes them from one rendering that records what the template reads (time linear in its length),
+where that rendering proves the prefixes would give the same; otherwise the prefixes are rendered. A token is
 trained when it starts inside an assistant turn; the end-of-turn token is part of the turn, and EOS
 is always trained so the model learns to stop.
 
@@ -21,12 +23,22 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Callable
+import sys
+from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import jinja2
+from jinja2.runtime import LoopContext
 import numpy as np
 import pyarrow as pa
+from transformers.utils.chat_template_utils import (
+    _alias_reasoning_fields,
+    _compile_jinja_template,
+    _normalize_chat_messages,
+    _plain_template_data,
+)
 
 from raysft.config import SourceConfig
 from raysft.data.cache import source_of
@@ -47,26 +59,40 @@ def tokenize_example(
 ) -> dict[str, Any]:
     """Tokenize one normalized row into ``input_ids`` and ``labels`` (IGNORE_INDEX where not trained).
 
-    With `parse_special_tokens` false, special-token spellings inside the content are plain text.
+    With `parse_special_tokens` false, special-token spellings inside the content are plain text. Many rows:
+    :func:`tokenize_examples` (one tokenizer call for all of them).
 
     Example:
         >>> row = {"messages": None, "text": "Hello", "origin": "rows[0]"}
         >>> tokenize_example(row, tokenizer, train_on_inputs=False)["labels"]  # doctest: +SKIP
         [...]  # every token, EOS included
     """
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
+    rendered = render_example(example, tokenizer, parse_special_tokens)
+    input_ids, labels = tokenize_examples([rendered], tokenizer, train_on_inputs)[0]
+    return {"input_ids": input_ids.tolist(), "labels": labels.tolist(), "origin": example["origin"]}
+
+
+@dataclass
+class RenderedExample:
+    """A row as text ready to encode: what is trained (character spans) and how the text must be encoded."""
+
+    text: str
+    spans: list[tuple[int, int]] | None  # None: a text row, every token trained
+    forged: list[tuple[int, int]]  # spellings of special tokens in the data, to encode as plain text
+    append_eos: bool
+    split_special_tokens: bool = False  # a text row that spells a special token: encoded all as plain text
+
+
+def render_example(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase,
+                   parse_special_tokens: bool = False) -> RenderedExample:
+    """Render one normalized row with the chat template and find what is trained in it (DataError on a bad row)."""
+    if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer {tokenizer.name_or_path} has no eos_token; set one so that examples can end")
     if example["messages"] is None:
         # All of a text row is content. Asking for plain text only where a special token is spelled
         # leaves every other row's encoding exactly as it always was.
         spelled = not parse_special_tokens and _special_pattern(tokenizer).search(example["text"]) is not None
-        options = {"split_special_tokens": True} if spelled else {}
-        input_ids = list(tokenizer(example["text"], add_special_tokens=True, **options)["input_ids"])
-        if not input_ids or input_ids[-1] != eos_id:
-            input_ids.append(eos_id)
-        return {"input_ids": input_ids, "labels": list(input_ids), "origin": example["origin"]}
-
+        return RenderedExample(example["text"], None, [], True, split_special_tokens=spelled)
     messages, tools, origin = example["messages"], example.get("tools"), example["origin"]
     full, spans = assistant_spans(messages, tokenizer, origin, tools)
     forged = [] if parse_special_tokens else _forged_spans(full, messages, tools, tokenizer, origin)
@@ -77,17 +103,43 @@ def tokenize_example(
     append_eos = bool(spans) and tokenizer.eos_token not in unforged[spans[-1][0] : spans[-1][1]]
     if append_eos:
         spans[-1] = (spans[-1][0], len(full))
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
-    if forged:
-        input_ids, offsets = _as_plain_text(full, input_ids, offsets, forged, tokenizer)
-    labels = _mask_outside(input_ids, offsets, spans)
-    if append_eos:
-        input_ids.append(eos_id)
-        labels.append(eos_id)
-    if train_on_inputs:
-        labels = list(input_ids)
-    return {"input_ids": input_ids, "labels": labels, "origin": example["origin"]}
+    return RenderedExample(full, spans, forged, append_eos)
+
+
+def tokenize_examples(
+    rendered: list[RenderedExample], tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input_ids, labels) as int32 arrays for each rendered row, with one tokenizer call per kind of row (a fast
+    tokenizer encodes a batch in Rust, on every core)."""
+    eos_id = tokenizer.eos_token_id
+    out: list[tuple[np.ndarray, np.ndarray]] = [(_NO_TOKENS, _NO_TOKENS)] * len(rendered)
+    kinds: dict[tuple[bool, bool], list[int]] = {}
+    for index, row in enumerate(rendered):
+        kinds.setdefault((row.spans is None, row.split_special_tokens), []).append(index)
+    for (text_rows, split), indices in kinds.items():
+        options = {"split_special_tokens": True} if split else {}
+        encoded = tokenizer([rendered[i].text for i in indices], add_special_tokens=text_rows,
+                            return_offsets_mapping=not text_rows, **options)
+        for position, index in enumerate(indices):
+            row, input_ids = rendered[index], encoded["input_ids"][position]
+            if text_rows:
+                ids = np.asarray(input_ids + ([eos_id] if not input_ids or input_ids[-1] != eos_id else []), np.int32)
+                out[index] = (ids, ids)
+                continue
+            offsets = encoded["offset_mapping"][position]
+            if row.forged:
+                input_ids, offsets = _as_plain_text(row.text, input_ids, offsets, row.forged, tokenizer)
+            assert row.spans is not None  # a chat row
+            ids = np.asarray(input_ids + [eos_id] * row.append_eos, np.int32)
+            if train_on_inputs:
+                labels = ids
+            else:  # an appended EOS is trained: the model learns to stop
+                labels = np.append(_mask_outside(ids[: len(input_ids)], offsets, row.spans), ids[len(input_ids) :])
+            out[index] = (ids, labels.astype(np.int32, copy=False))
+    return out
+
+
+_NO_TOKENS = np.zeros(0, np.int32)
 
 
 def assistant_spans(
@@ -98,13 +150,43 @@ def assistant_spans(
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation (with its `tools`); return the text and the character span of every assistant turn.
 
+    The spans are :func:`prefix_assistant_spans`'s, by definition, taken from one rendering that logs what the
+    template reads (:func:`_spans_from_log`, time linear in the conversation's length) where that log proves
+    them the same; otherwise the prefixes are rendered.
+    """
+    logged = _logged_render(tokenizer, messages, tools, False)
+    full = logged[0] if logged is not None else _render(tokenizer, messages, tools, False, origin)
+    _check_rendered(tokenizer, full, messages, tools, origin)
+    spans = _spans_from_log(full, logged[1], messages, tokenizer, tools) if logged is not None else None
+    return full, spans if spans is not None else _prefix_spans(full, messages, tokenizer, origin, tools)
+
+
+def prefix_assistant_spans(
+    messages: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    origin: str,
+    tools: list[dict[str, Any]] | None = None,
+) -> tuple[str, list[tuple[int, int]]]:
+    """The reference masks: :func:`assistant_spans` by rendering growing prefixes, for every row.
+
     Turn i's span runs from the end of the prefix rendered with a generation prompt to the end of the
     prefix that includes turn i, so the template's own header is excluded and its end-of-turn
     marker included: reasoning and tool calls rendered inside the turn are in the span, tool results
-    (turns of their own) are not.
+    (turns of their own) are not. Two renderings of up to the whole conversation per assistant turn: time
+    quadratic in the number of turns.
     """
     full = _render(tokenizer, messages, tools, False, origin)
     _check_rendered(tokenizer, full, messages, tools, origin)
+    return full, _prefix_spans(full, messages, tokenizer, origin, tools)
+
+
+def _prefix_spans(
+    full: str,
+    messages: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    origin: str,
+    tools: list[dict[str, Any]] | None,
+) -> list[tuple[int, int]]:
     markers = _end_of_turn_markers(tokenizer)
     spans = []
     for index, message in enumerate(messages):
@@ -123,7 +205,225 @@ def assistant_spans(
                 "set model.chat_template to one that renders each turn the same way every time"
             )
         spans.append((len(before), _end_after_marker(full, len(before), len(through), markers)))
-    return full, spans
+    return spans
+
+
+# Jinja's objects whose state a loop can change and the text after the loop can read (cycler and joiner advance,
+# namespace attributes are set): a template using one may write a generation prompt that depends on the turns.
+_STATEFUL_TEMPLATE = re.compile(r"\b(namespace|cycler|joiner)\b")
+
+
+class _ReadLog:
+    """What a template has read of the conversation while rendering it, and how much text it had written by then.
+
+    Each read is logged with the fewest leading messages a prefix needs for that read to give the same answer
+    as on the whole conversation (reading message j needs j + 1; its length needs all of them), and, for a
+    ``{% for %}`` loop moving on to its next message (not looking ahead for ``loop.last``), that message's index.
+    """
+
+    def __init__(self, messages: list[dict[str, Any]]):
+        self.messages = messages
+        self.written = 0
+        self.reads: list[tuple[int, int, int]] = []  # (characters written, messages needed, index the loop moved to)
+
+    def note(self, needed: int, moved_to: int = -1) -> None:
+        self.reads.append((self.written, needed, moved_to))
+
+
+class _LoggedTurns(Sequence):  # type: ignore[type-arg]
+    """The messages ``[start, stop)`` as a template sees them, every read logged in a :class:`_ReadLog`.
+
+    Not a list: anything that reads it (iteration, length, indexing, slicing, filters, ``tojson``) goes through
+    these methods or fails, so no read escapes the log.
+    """
+
+    def __init__(self, log: _ReadLog, start: int, stop: int):
+        self._log, self._start, self._stop = log, start, stop
+
+    def __len__(self) -> int:
+        self._log.note(self._stop)
+        return self._stop - self._start
+
+    def __bool__(self) -> bool:
+        if self._stop > self._start:
+            self._log.note(self._start + 1)
+        return self._stop > self._start
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for index in range(self._start, self._stop + 1):
+            self._log.note(min(index + 1, self._stop), index if _loop_steps(sys._getframe(1)) else -1)
+            if index == self._stop:
+                return  # the end: where a prefix's rendering parts from the whole one
+            yield self._log.messages[index]
+
+    def __reversed__(self) -> Iterator[dict[str, Any]]:
+        self._log.note(self._stop)
+        return reversed(self._log.messages[self._start : self._stop])
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            if key.step not in (None, 1) or any(bound is not None and bound < 0 for bound in (key.start, key.stop)):
+                self._log.note(self._stop)  # counted from the end, or every other message: depends on all
+                return self._log.messages[self._start : self._stop][key]
+            start = min(self._start + (key.start or 0), self._stop)
+            stop = self._stop if key.stop is None else min(self._start + key.stop, self._stop)
+            return _LoggedTurns(self._log, start, max(start, stop))
+        if not isinstance(key, int):
+            raise TypeError(f"messages are indexed by numbers, not {type(key).__name__}")
+        if key < 0:
+            self._log.note(self._stop)
+            key += self._stop - self._start
+            if key < 0:
+                raise IndexError("message index out of range")
+        index = self._start + key
+        if index >= self._stop:
+            raise IndexError("message index out of range")  # out of range for every prefix as well
+        self._log.note(index + 1)
+        return self._log.messages[index]
+
+    def __repr__(self) -> str:
+        self._log.note(self._stop)
+        return repr(self._log.messages[self._start : self._stop])
+
+
+def _loop_steps(caller: FrameType) -> bool:
+    """Whether the code asking a :class:`_LoggedTurns` for its next message is a ``{% for %}`` loop stepping to its
+    next iteration (not ``loop.last`` or ``loop.nextitem`` looking ahead, not a filter or a test reading it all).
+
+    A loop that uses ``loop`` steps through Jinja's LoopContext; one that does not is a plain Python ``for`` in the
+    template's compiled code, reading through a generator of that code where the loop has an ``if`` filter.
+    """
+    if caller.f_code.co_filename == "<template>":  # compiled template code (transformers compiles from a string)
+        return caller.f_back is None or caller.f_back.f_code is not LoopContext._peek_next.__code__
+    return caller.f_code is LoopContext.__next__.__code__
+
+
+def _logged_render(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    add_generation_prompt: bool,
+) -> tuple[str, _ReadLog] | None:
+    """What :func:`_render` renders (``apply_chat_template``'s steps: the same template, inputs and arguments), with
+    the template's reads of `messages` logged; None where the template fails (:func:`_render` then says why) or
+    does with the messages what only a list allows."""
+    try:
+        chat = _alias_reasoning_fields(_plain_template_data(_normalize_chat_messages(messages)))
+        log = _ReadLog(chat)
+        compiled = _compile_jinja_template(tokenizer.get_chat_template(None, tools))
+        arguments = _plain_template_data(dict(tokenizer.special_tokens_map))
+        pieces = []
+        for piece in compiled.generate(messages=_LoggedTurns(log, 0, len(chat)), tools=_plain_template_data(tools),
+                                       documents=None, add_generation_prompt=add_generation_prompt, **arguments):
+            pieces.append(piece)
+            log.written += len(piece)
+    except Exception:  # noqa: BLE001 (a template error, or a use of the logged messages that a list allows)
+        return None
+    return "".join(pieces), log
+
+
+# What templates write after their loop, by (template, tools, special tokens, generation prompt): the same for every
+# row whose template reads nothing of the conversation before the loop (see _spans_from_log). Rows with tools of
+# their own add an entry each, so it is emptied when full.
+_TAILS: dict[tuple[str, str, str, bool], str | None] = {}
+_TAILS_KEPT = 256
+
+
+def _spans_from_log(
+    full: str,
+    log: _ReadLog,
+    messages: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    tools: list[dict[str, Any]] | None,
+) -> list[tuple[int, int]] | None:
+    """:func:`prefix_assistant_spans`'s spans from the logged rendering of the whole conversation (`full`, `log`), or
+    None where the log cannot show they are the same (the caller then renders the prefixes).
+
+    A template is a program whose only view of the messages is a :class:`_LoggedTurns`, so a prefix of k messages
+    renders the same text as the whole conversation up to the first read that tells the two apart. Where that read
+    is the template's loop stepping to message k, the prefix's rendering goes on with what the template writes once
+    that loop has ended (the generation prompt, or closing text). That tail is the same for every k when it reads no
+    message and the template keeps no state a loop can change (no namespace, cycler or joiner: Jinja scopes every
+    other variable set in a loop to the loop): it is taken from the first assistant turn's prefixes, rendered whole,
+    which must read nothing after their loop ends; and, where the template read nothing before its loop, it is the
+    same for every row (kept in _TAILS). Each turn's span then follows, with the prefix method's own check that every
+    prefix is the start of the whole rendering. Time linear in the conversation's length.
+    """
+    turns = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
+    if not turns:
+        return []
+    count, first = len(messages), turns[0]
+    template = tokenizer.get_chat_template(None, tools)
+    if first == 0 or _STATEFUL_TEMPLATE.search(template):
+        return None
+    after_generation_prompt = _tail(tokenizer, template, messages[:first], tools, True, log)
+    after_turn = _tail(tokenizer, template, messages[: first + 1], tools, False, log) if first + 1 < count else ""
+    if after_generation_prompt is None or after_turn is None:
+        return None
+    # parted[k]: the characters a k-message prefix shares with `full`, where the loop's step to message k parts
+    # them; None where something else tells them apart first.
+    parted: list[int | None] = [None] * count
+    covered = 0
+    for written, needed, moved_to in log.reads:
+        while covered < min(needed, count):
+            parted[covered] = written if moved_to == covered else None
+            covered += 1
+    markers = _end_of_turn_markers(tokenizer)
+    spans = []
+    for index in turns:
+        before = parted[index]
+        through = len(full) if index + 1 == count else parted[index + 1]
+        if before is None or through is None or not full.startswith(after_generation_prompt, before):
+            return None
+        before += len(after_generation_prompt)
+        if index + 1 < count:
+            if not full.startswith(after_turn, through):
+                return None
+            through += len(after_turn)
+        if before > through:
+            return None
+        spans.append((before, _end_after_marker(full, before, through, markers)))
+    return spans
+
+
+def _tail(
+    tokenizer: PreTrainedTokenizerBase,
+    template: str,
+    prefix: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    add_generation_prompt: bool,
+    log: _ReadLog,
+) -> str | None:
+    """:func:`_tail_after_loop`, from _TAILS where the row's `log` shows the template read nothing before its loop."""
+    if not log.reads or log.reads[0][2] != 0:
+        return _tail_after_loop(tokenizer, prefix, tools, add_generation_prompt)
+    key = (template, json.dumps(tools, sort_keys=True, default=str), str(tokenizer.special_tokens_map),
+           add_generation_prompt)
+    if key not in _TAILS:
+        if len(_TAILS) >= _TAILS_KEPT:
+            _TAILS.clear()
+        _TAILS[key] = _tail_after_loop(tokenizer, prefix, tools, add_generation_prompt, nothing_read_before=True)
+    return _TAILS[key]
+
+
+def _tail_after_loop(
+    tokenizer: PreTrainedTokenizerBase,
+    prefix: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    add_generation_prompt: bool,
+    nothing_read_before: bool = False,
+) -> str | None:
+    """What the template writes after its loop over `prefix` ends, or None where that text reads a message (or the
+    loop did not end by stepping past the last one, or, with `nothing_read_before`, the template read a message
+    before its loop)."""
+    logged = _logged_render(tokenizer, prefix, tools, add_generation_prompt)
+    if logged is None:
+        return None
+    text, log = logged
+    ends = [position for position, (_, _, moved_to) in enumerate(log.reads) if moved_to == len(prefix)]
+    if len(ends) != 1 or ends[0] + 1 != len(log.reads) or (nothing_read_before and log.reads[0][2] != 0):
+        return None
+    return text[log.reads[ends[0]][0] :]
 
 
 class TokenizeRows:
@@ -151,40 +451,41 @@ class TokenizeRows:
         self.max_row_chars = max_row_chars
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        seqs = batch.column("seq").to_numpy()
-        sources = source_of(seqs)
-        ids: list[list[int]] = []
-        labels: list[list[int]] = []
-        errors: list[str | None] = []
-        skippable: list[bool] = []
-        for source_index, origin, raw, read_error in zip(
-            sources.tolist(), batch.column("origin").to_pylist(), batch.column("row").to_pylist(),
-            batch.column("error").to_pylist(), strict=True,
-        ):
-            source = self.sources[source_index]
+        sources = source_of(batch.column("seq").to_numpy()).tolist()
+        rendered: list[RenderedExample] = []
+        kept: list[int] = []  # the rows rendered; the others carry their error
+        errors: list[str | None] = [None] * batch.num_rows
+        skippable = np.zeros(batch.num_rows, dtype=bool)
+        for index, (origin, raw, read_error) in enumerate(zip(
+            batch.column("origin").to_pylist(), batch.column("row").to_pylist(), batch.column("error").to_pylist(),
+            strict=True,
+        )):
+            source = self.sources[sources[index]]
             try:
                 if read_error is not None:
                     raise DataError(read_error)
-                example = normalize_row(json.loads(raw), self.formats[source_index], source, origin, self.max_row_chars)
-                tokenized = tokenize_example(example, self.tokenizer, self.train_on_inputs, self.parse_special_tokens)
-                ids.append(tokenized["input_ids"])
-                labels.append(tokenized["labels"])
-                errors.append(None)
-                skippable.append(False)
+                example = normalize_row(json.loads(raw), self.formats[sources[index]], source, origin, self.max_row_chars)
+                rendered.append(render_example(example, self.tokenizer, self.parse_special_tokens))
+                kept.append(index)
             except DataError as err:
-                ids.append([])
-                labels.append([])
-                errors.append(str(err))
-                skippable.append(read_error is None and source.invalid_rows == "skip")
+                errors[index] = str(err)
+                skippable[index] = read_error is None and source.invalid_rows == "skip"
+        ids: list[np.ndarray] = [_NO_TOKENS] * batch.num_rows
+        labels: list[np.ndarray] = [_NO_TOKENS] * batch.num_rows
+        for index, (row_ids, row_labels) in zip(kept, tokenize_examples(rendered, self.tokenizer, self.train_on_inputs),
+                                                strict=True):
+            ids[index], labels[index] = row_ids, row_labels
+        lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32))
         return pa.table({
             "seq": batch.column("seq"),
             "origin": batch.column("origin"),
-            "input_ids": pa.array(ids, pa.list_(pa.int32())),
-            "labels": pa.array(labels, pa.list_(pa.int32())),
-            "num_tokens": pa.array([len(row) for row in ids], pa.int32()),
-            "num_trained": pa.array([count_trained(row) if row else 0 for row in labels], pa.int32()),
+            "input_ids": pa.ListArray.from_arrays(offsets, np.concatenate(ids) if ids else _NO_TOKENS),
+            "labels": pa.ListArray.from_arrays(offsets, np.concatenate(labels) if labels else _NO_TOKENS),
+            "num_tokens": pa.array(lengths),
+            "num_trained": pa.array([count_trained(row) if len(row) else 0 for row in labels], pa.int32()),
             "error": pa.array(errors, pa.string()),
-            "skippable": pa.array(skippable, pa.bool_()),
+            "skippable": pa.array(skippable),
         })
 
 
@@ -386,11 +687,10 @@ def _end_after_marker(full: str, start: int, end: int, markers: tuple[str, ...])
     return start + len(stripped) if stripped.endswith(markers) else end
 
 
-def _mask_outside(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+def _mask_outside(ids: np.ndarray, offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
     """Labels equal to the ids for tokens starting inside a span, IGNORE_INDEX elsewhere."""
-    ids = np.asarray(input_ids, dtype=np.int64)
     if not spans:
-        return [IGNORE_INDEX] * len(ids)
+        return np.full(len(ids), IGNORE_INDEX, np.int32)
     starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
     span_starts, span_ends = np.asarray(spans, dtype=np.int64).T
     # Vectorized (a Python loop here was a quarter of the tokenize time): the first span ending after each
@@ -398,4 +698,4 @@ def _mask_outside(input_ids: list[int], offsets: list[tuple[int, int]], spans: l
     candidate = np.searchsorted(span_ends, starts, side="right")
     inside = candidate < len(spans)
     inside[inside] = span_starts[candidate[inside]] <= starts[inside]
-    return np.where(inside, ids, IGNORE_INDEX).tolist()
+    return np.where(inside, ids, IGNORE_INDEX).astype(np.int32)
