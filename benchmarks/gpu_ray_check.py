@@ -666,7 +666,7 @@ def variant_sweep(check: Check, report: dict[str, Any]) -> dict[str, Any]:
     with GpuSampler() as sampler:
         result = check.raysft("sweep", ["sweep", str(path)], check.budget("sweep"))
     trials = []
-    for info in sorted(sweep_dir.glob("trial_*/trial.json")):  # not best/, the best trial's copy
+    for info in sorted(p for p in sweep_dir.glob("**/trial.json") if p.parent.name.startswith("trial_")):  # not best/
         trial_dir = info.parent
         started = json.loads(info.read_text())["started"]
         metrics = trial_dir / "metrics.jsonl"

@@ -14,7 +14,7 @@ if [ ! -f "$site/.unpacked" ] || [ .raydev/site.tar.xz -nt "$site/.unpacked" ]; 
   tar -xJf .raydev/site.tar.xz -C "$site" --strip-components=1
   touch "$site/.unpacked"
 fi
-export PYTHONPATH="$site:$PWD/.raydev/bnb:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$site:$PWD/.raydev/extra:$PWD/.raydev/bnb:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$site/bin:$PATH" PYTHONUNBUFFERED=1
 out=${OUT:-$PWD/gpu-ray-check-out}
 mkdir -p "$out"

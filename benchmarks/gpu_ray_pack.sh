@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build .raydev, what benchmarks/gpu_ray_check.sh needs on a GPU machine whose Python has no Ray and no network:
-# Ray and the other missing wheels (../shared/device/pack-ray.sh, ~31 MB as site.tar.xz) plus bitsandbytes for
-# the QLoRA variant, unpacked into .raydev/bnb with its CPU and CUDA 13 libraries only (~8 MB; the GPU machine's
-# torch is a CUDA 13 build). Run from the repo root, once per session, before the device call:
+# Ray and the other missing wheels (../shared/device/pack-ray.sh, ~31 MB as site.tar.xz), bitsandbytes for the
+# QLoRA variant, unpacked into .raydev/bnb with its CPU and CUDA 13 libraries only (~4.5 MB; the GPU machine's
+# torch is a CUDA 13 build), and Ray's start-up needs the image lacks (.raydev/extra, see below). Run from the repo root, once per session, before the device call:
 #
 #   benchmarks/gpu_ray_pack.sh                  # Python 3.12 wheels (the GPU machine's); PY=3.11 for this CPU box
 #   grep -qx '/.raydev/' .git/info/exclude || echo /.raydev/ >> .git/info/exclude   # the main checkout's .git
@@ -28,4 +28,22 @@ with zipfile.ZipFile(wheels[0]) as wheel:
             continue  # the other CUDA/ROCm/XPU builds: 100+ MB the GPU machine does not load
         wheel.extract(name, target)
 PYEOF
-du -sh .raydev/site.tar.xz .raydev/bnb
+# What Ray's node needs at start-up and the GPU image lacks (ray[default]'s extras): the raylet's agent imports
+# opencensus and opentelemetry (ray/_private/metrics_agent.py, telemetry/); without them `ray start --head` timed out
+# in a CPU rehearsal that hid these packages. Pure-Python wheels, unpacked into .raydev/extra; versions as here.
+ver() { python -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null; }
+extra=$(mktemp -d)
+for pkg in opencensus opencensus-context opentelemetry-api opentelemetry-sdk opentelemetry-exporter-prometheus \
+           opentelemetry-proto opentelemetry-semantic-conventions aiohttp-cors; do
+  v=$(ver "$pkg" || true)
+  python -m pip download -q --no-deps --only-binary=:all: --python-version "${PY:-3.12}" --implementation cp \
+    --platform manylinux_2_17_x86_64 -d "$extra" "$pkg${v:+==$v}"
+done
+mkdir -p .raydev/extra
+python - "$extra" .raydev/extra <<'PYEOF'
+import glob, os, sys, zipfile
+for wheel in glob.glob(os.path.join(sys.argv[1], "*.whl")):
+    zipfile.ZipFile(wheel).extractall(sys.argv[2])
+PYEOF
+rm -rf "$extra"
+du -sh .raydev/site.tar.xz .raydev/bnb .raydev/extra
