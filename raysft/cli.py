@@ -127,10 +127,10 @@ def cmd_data(args: argparse.Namespace) -> None:
     from raysft.console import stats_table
 
     cfg = with_absolute_paths(_load(args))
-    prepared = prepare_data(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    prepared = prepare_data(cfg, tokenizer)
     print(stats_json(prepared.stats) if args.json else stats_table(prepared.stats.__dict__))
     if args.show:
-        tokenizer = load_tokenizer(cfg.model)
         for example in first_examples(prepared.tokenized["train"], args.show):
             print(f"\n--- {example['origin']} (trained tokens in ⟦ ⟧) ---")
             print(marked_example(example["input_ids"], example["labels"], tokenizer))

@@ -29,7 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +45,9 @@ from raysft.data.sources import MAX_PROBLEMS, fingerprint_source, problem_report
 from raysft.errors import DataError, RunError
 from raysft.ray_session import ensure_ray
 from raysft.console import format_duration, say, split_line, verbose
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -547,8 +550,9 @@ def _pack_plans(cfg: Config, keys: dict[str, str]) -> list[PackPlan]:
     return [PackPlan("train", "train", keys["train"], None, **common)]
 
 
-def prepare_data(cfg: Config) -> PreparedData:
-    """Read, tokenize and pack the data of `cfg` on Ray Data, or find it in the cache.
+def prepare_data(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None) -> PreparedData:
+    """Read, tokenize and pack the data of `cfg` on Ray Data, or find it in the cache. `tokenizer`: the caller's,
+    when it needs one too (a process loads it once); else loaded here.
 
     Sources are checked (files exist, formats detected) before Ray starts; Ray starts only when something is
     not cached yet. Bad rows raise one DataError listing them with their origins.
@@ -558,9 +562,10 @@ def prepare_data(cfg: Config) -> PreparedData:
         >>> prepared.num_rows("train"), prepared.stats.packing_efficiency["train"]  # doctest: +SKIP
         (41, 0.97)
     """
-    from raysft.tokenizer import load_tokenizer
+    if tokenizer is None:
+        from raysft.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model)
+        tokenizer = load_tokenizer(cfg.model)
     root = cache_root(cfg.data)
     sources = {"train": cfg.data.train, **({"eval": cfg.data.eval} if cfg.data.eval else {})}
     keys = {name: cache_key(split_sources, tokenizer, cfg.data) for name, split_sources in sources.items()}

@@ -270,9 +270,10 @@ def check(cfg: Config) -> CheckedRun:
     preflight(cfg)  # first: it also tells whether the storage can be reached at all
     cfg = pin_global_batch(cfg)  # before the resume check: a resume keeps the global batch the run started with
     resume_changes = check_run_folder(cfg)
-    prepared = prepare_data(cfg)
+    tokenizer = load_tokenizer(cfg.model)  # once in the driver: the data's cache keys and eval.generate's prompts
+    prepared = prepare_data(cfg, tokenizer)
     check_batch_fits(cfg, prepared.num_rows("train"))
-    generation = generation_set(cfg, prepared, load_tokenizer(cfg.model)) if cfg.eval.generate is not None else None
+    generation = generation_set(cfg, prepared, tokenizer) if cfg.eval.generate is not None else None
     return CheckedRun(cfg, resume_changes, prepared, generation, _resume_point(cfg, prepared.fingerprint))
 
 
