@@ -120,6 +120,20 @@ def _start_local_ray() -> None:
 
 
 @contextlib.contextmanager
+def environment(**values: str | None) -> Iterator[None]:
+    """While inside, each named environment variable set to its value (None: left as it is); restored after.
+    Ray and Tune read some settings from the environment when a run starts (Tune's console engine, its SIGINT
+    handler), so raysft sets them around its own runs only."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update({name: value for name, value in values.items() if value is not None})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            _restore(name, value)
+
+
+@contextlib.contextmanager
 def _loopback_only(address: str) -> Iterator[None]:
     """While a local Ray starts: its node address 127.0.0.1, its GCS at `address`, RAY_ADDRESS naming it (kept
     afterwards, for the driver's own State API calls); see the module docstring for why each is needed."""

@@ -152,3 +152,16 @@ def test_tracebacks_of_errors_the_driver_reports_are_dropped_from_forwarded_outp
     bug = block("Error in training function:", "ZeroDivisionError: division by zero")
     refused = block("Error in training function:", "OSError: When reading key 'x': AWS Error ACCESS_DENIED")
     assert without_reported_tracebacks([*bug, *refused]) == [*bug, *refused]
+
+
+def test_environment_sets_variables_for_a_block_and_restores_them(monkeypatch) -> None:
+    from raysft.ray_session import environment
+
+    monkeypatch.setenv("RAYSFT_TEST_KEPT", "before")
+    monkeypatch.delenv("RAYSFT_TEST_NEW", raising=False)
+    monkeypatch.delenv("RAYSFT_TEST_UNTOUCHED", raising=False)
+    with environment(RAYSFT_TEST_KEPT="during", RAYSFT_TEST_NEW="1", RAYSFT_TEST_UNTOUCHED=None):
+        assert (os.environ["RAYSFT_TEST_KEPT"], os.environ["RAYSFT_TEST_NEW"]) == ("during", "1")
+        assert "RAYSFT_TEST_UNTOUCHED" not in os.environ
+    assert os.environ["RAYSFT_TEST_KEPT"] == "before"
+    assert "RAYSFT_TEST_NEW" not in os.environ

@@ -49,7 +49,7 @@ from raysft.errors import ConfigError, RunInterrupted
 from raysft.fileio import write_text_atomically
 from raysft.console import VERBOSE_ENV, verbose
 from raysft.mlflow_run import MlflowRun, open_mlflow_run, recorded_mlflow_run
-from raysft.ray_session import quiet_worker
+from raysft.ray_session import environment, quiet_worker
 from raysft.training.interrupt import SweepStopper, new_stop_board, recorded_signals
 from raysft.training.preflight import preflight
 from raysft import run_folder
@@ -286,21 +286,11 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any], mlflow_parent: str 
         stop_board.end.remote(name)
 
 
-@contextlib.contextmanager
-def _tune_console() -> Iterator[None]:
+def _tune_console() -> contextlib.AbstractContextManager[None]:
     """Tune's own console off unless verbose: its output engine prints an experiment box and a TensorBoard hint
     at every start whatever RunConfig's `verbose` says; its legacy engine (RAY_AIR_NEW_OUTPUT=0, read when the
     run starts) prints nothing at verbose=0. The LiveTable callback is the sweep's console."""
-    saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    if not verbose():
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = saved
+    return environment(RAY_AIR_NEW_OUTPUT=None if verbose() else "0")
 
 
 def default_max_concurrent(train_cfg: Config, cluster: dict[str, float]) -> int:
@@ -458,18 +448,13 @@ class _TuneStopHint(logging.Filter):
 def _stop_handled_by_raysft() -> Iterator[None]:
     """While Tune runs: SIGINT is raysft's (Tune would end the experiment at once, the trials unsaved), and
     Tune's stop messages are dropped."""
-    saved = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     tune_logger, hint = logging.getLogger("ray.tune.tune"), _TuneStopHint()
     tune_logger.addFilter(hint)
     try:
-        yield
+        with environment(TUNE_DISABLE_SIGINT_HANDLER="1"):
+            yield
     finally:
         tune_logger.removeFilter(hint)
-        if saved is None:
-            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-        else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved
 
 
 def mark_interrupted(home: str, names: list[str]) -> None:
