@@ -211,6 +211,18 @@ def write_run_config(cfg: Config, changes: dict[str, dict[str, Any]]) -> None:
         storage.write_bytes(history, earlier + (json.dumps(entry) + "\n").encode())
 
 
+def sweep_storage_location(storage_path: str | None, sweep_name: str) -> str | None:
+    """With `base.scaling.storage_path` (e.g. s3://bucket/sweeps), where the sweep lives: `<storage>/<name>`
+    holds sweep.yaml, Tune's state (tune/) and every trial's run (trials/<trial>/), so a fresh driver can
+    resume it; the local output_dir receives results.csv, best/, the report and copies of the trials.
+
+    Example:
+        >>> sweep_storage_location("s3://bucket/sweeps", "lora_rank_lr")
+        's3://bucket/sweeps/lora_rank_lr'
+    """
+    return storage.join(storage_path, sweep_name) if storage_path else None
+
+
 # --- copying between storage and home -------------------------------------------------------------------------
 
 

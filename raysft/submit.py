@@ -31,6 +31,7 @@ from raysft import storage
 from raysft.cluster import autoscaler_adds_nodes, dashboard_node_types
 from raysft.config import Config, is_uri, load_config, output_base, parse_config
 from raysft.errors import ConfigError, RunError
+from raysft.run_folder import sweep_storage_location
 from raysft.tune.config import SweepConfig
 
 CONSTRAINTS_FILE = Path(__file__).resolve().parents[1] / "constraints.txt"
@@ -236,9 +237,8 @@ def submit(config: str | Path, overrides: list[str] | None = None, *, sweep: boo
     use_gpu, gpu_reason = choose_gpu(base, info, f"{prefix}scaling.use_gpu")
     if base.scaling.storage_path is not None and not is_uri(base.scaling.storage_path):
         base = with_absolute_paths(base)  # a local storage path: the cluster's (shared) folder of that name
-    # Where the run lives (a sweep: <storage>/<name>, as raysft.tune.sweep.sweep_storage has it).
-    home = base.scaling.storage_path and (storage.join(base.scaling.storage_path, sweep_cfg.name) if sweep_cfg
-                                          else base.scaling.storage_path)
+    # Where the run or the sweep lives on storage, if it does.
+    home = sweep_storage_location(base.scaling.storage_path, sweep_cfg.name) if sweep_cfg else base.scaling.storage_path
 
     paths, root = data_plan(base, info, prefix=prefix, data_to=data_to, home=home, paths_on_cluster=paths_on_cluster)
     moved = upload_data(paths, root) if root is not None else {}

@@ -136,10 +136,8 @@ def trial_config(cfg: SweepConfig, params: dict[str, Any], name: str, mlflow_par
 
 
 def sweep_storage(cfg: SweepConfig) -> str | None:
-    """With `base.scaling.storage_path` (e.g. s3://bucket/sweeps), where the sweep lives: `<storage>/<name>`
-    holds sweep.yaml, Tune's state (tune/) and every trial's run (trials/<trial>/), so a fresh driver can
-    resume it; the local output_dir receives results.csv, best/, the report and copies of the trials."""
-    return storage.join(cfg.base.scaling.storage_path, cfg.name) if cfg.base.scaling.storage_path else None
+    """Where the sweep lives on storage, or None (run_folder.sweep_storage_location)."""
+    return run_folder.sweep_storage_location(cfg.base.scaling.storage_path, cfg.name)
 
 
 def sweep_home(cfg: SweepConfig) -> str:
