@@ -24,7 +24,7 @@ short still leaves what it measured):
    tight on the GPU too).
 3. ``qlora``: the 1.7B shape quantized to 4 bits (bitsandbytes NF4) through Ray.
 4. ``sweep``: `raysft sweep` of 2 small trials that share the one GPU (half a GPU each through
-   scaling.resources_per_worker), both completing, their run times overlapping.
+   scaling.gpus_per_worker), both completing, their run times overlapping.
 5. ``train_8b``: the Llama-3-8B shape, LoRA r16, sequence 4096, compiled, rows per step as many as the planner
    says fit: trained tokens/s, MFU (measured matmul and spec peak) and `raysft plan`'s predicted peak memory against
    the worker's measured peak (NVML: the process's GPU memory, allocator pool + CUDA context, sampled every 0.1 s).
@@ -650,11 +650,11 @@ def variant_sweep(check: Check, report: dict[str, Any]) -> dict[str, Any]:
     count = int(s.sweep_steps * s.rows_per_step * s.seq * 0.97 / (sum(s.lengths) / 2))
     data = write_jsonl(check.scratch / "sweep.jsonl", synthetic_examples(count, s.lengths, s.words, seed=4))
     evals = write_jsonl(check.scratch / "sweep_eval.jsonl", synthetic_examples(4, s.lengths, s.words, seed=5))
-    # Fractional GPUs through what the config has today (scaling.resources_per_worker; the GPU key is what
-    # Ray Train gives each worker when scaling.use_gpu is on). On the CPU: half a CPU per trial instead.
-    share = {"GPU": 0.5, "CPU": 1} if s.cuda else {"CPU": 0.5}
+    # Half a GPU per worker (scaling.gpus_per_worker, checked by `raysft plan`); on the CPU half a CPU per trial.
+    share = ({"gpus_per_worker": 0.5, "resources_per_worker": {"CPU": 1}} if s.cuda
+             else {"resources_per_worker": {"CPU": 0.5}})
     base = check.config("sweep_base", model_dir, data, s.sweep_steps, data={"eval": {"path": str(evals)}},
-                        train={"eval_every": s.sweep_steps}, scaling={"resources_per_worker": share})
+                        train={"eval_every": s.sweep_steps}, scaling=share)
     base["tracking"]["console"] = False
     base_path = check.write_config("sweep_base", base)
     sweep_dir = check.scratch / "runs" / "sweep"
@@ -675,7 +675,7 @@ def variant_sweep(check: Check, report: dict[str, Any]) -> dict[str, Any]:
                        "started": started, "ended": ended})
     overlap = (max(0.0, min(t["ended"] for t in trials) - max(t["started"] for t in trials))
                if len(trials) >= 2 else 0.0)
-    result.update(trials=trials, overlap_s=overlap, gpu=sampler.result(), resources_per_worker=share)
+    result.update(trials=trials, overlap_s=overlap, gpu=sampler.result(), scaling=share)
     sharing = not sampler.available or sampler.most_processes >= 2  # both trials' workers on the GPU at once
     result["passed"] = (result["exit"] == 0 and len(trials) == 2 and all(t["completed"] for t in trials)
                         and overlap > 0 and sharing)
