@@ -31,7 +31,7 @@ import yaml
 from ray import tune
 from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Empty, Queue
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raysft import storage
@@ -311,12 +311,16 @@ class DecidingASHA(ASHAScheduler):
     """ASHA whose every decision is also posted to the sweep's decision board, where the trial's workers await it
     before their next step (raysft/training/decisions.py)."""
 
-    def __init__(self, board: str, **asha: Any):
-        super().__init__(**asha)
-        self.board = board
+    def __init__(self, board: str, max_t: int, **asha: Any):
+        super().__init__(max_t=max_t, **asha)
+        self.board, self.last_round = board, max_t
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
+        if int(result["eval_round"]) >= self.last_round:
+            # ASHA stops every trial that reaches max_t; this one ends by itself after its last step, and must be
+            # left to write final/ (Tune stopping it there would race the end of its run).
+            decision = TrialScheduler.CONTINUE
         post_decision(self.board, trial.trial_id, int(result["eval_round"]), decision)
         return decision
 
