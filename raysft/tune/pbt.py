@@ -45,8 +45,8 @@ from raysft.tune.config import SweepConfig, mutation_domains
 POINTER_FILE = "raysft_checkpoint.json"
 
 
-class _Deciding:
-    """What DecidingPBT and DecidingPB2 add to Tune's scheduler: a trial's last evaluation is left alone (it has no
+class DecidingScheduler:
+    """What DecidingASHA, DecidingPBT and DecidingPB2 add to Tune's scheduler: a trial's last evaluation is left alone (it has no
     steps left to train from a better checkpoint), and every decision reaches the trial's workers through the sweep's
     decision board, so that a trial PBT pauses (to exploit another's checkpoint, or to let a waiting trial run) stops
     at the next step boundary, after the checkpoint of the evaluation it reported (raysft/training/decisions.py)."""
@@ -66,7 +66,7 @@ class _Deciding:
         return decision
 
 
-class DecidingPBT(_Deciding, PopulationBasedTraining):
+class DecidingPBT(DecidingScheduler, PopulationBasedTraining):
     """Tune's PBT, deciding through the sweep's decision board."""
 
     def __init__(self, board: str, last_round: int | None, **pbt: Any):
@@ -74,7 +74,7 @@ class DecidingPBT(_Deciding, PopulationBasedTraining):
         self.board, self.last_round = board, last_round
 
 
-class DecidingPB2(_Deciding, PB2):
+class DecidingPB2(DecidingScheduler, PB2):
     """Tune's PB2 (PBT with a Gaussian-process bandit choosing the new values), deciding through the decision board."""
 
     def __init__(self, board: str, last_round: int | None, **pb2: Any):

@@ -31,7 +31,7 @@ import yaml
 from ray import tune
 from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Empty, Queue
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raysft import storage
@@ -67,8 +67,9 @@ from raysft.data.pipeline import prepare_data
 from raysft.ray_session import ensure_ray
 from raysft.training.trainer import scaling_config, train, wait_for_worker_resources
 from raysft.tune.config import SweepConfig, check_sweep, mutation_domains, sweep_yaml
-from raysft.training.decisions import TrialGate, board_name, eval_round, open_board, post_decision
+from raysft.training.decisions import TrialGate, board_name, eval_round, open_board
 from raysft.tune.pbt import (
+    DecidingScheduler,
     adopt_donor_checkpoint,
     applied,
     new_pointer_folder,
@@ -307,22 +308,13 @@ def _max_rounds(cfg: SweepConfig) -> int:
     return DEFAULT_MAX_ROUNDS
 
 
-class DecidingASHA(ASHAScheduler):
-    """ASHA whose every decision is also posted to the sweep's decision board, where the trial's workers await it
-    before their next step (raysft/training/decisions.py)."""
+class DecidingASHA(DecidingScheduler, ASHAScheduler):
+    """ASHA deciding through the sweep's decision board. ASHA stops every trial that reaches max_t; the last round
+    is left alone instead, so the trial ends by itself and writes final/."""
 
-    def __init__(self, board: str, max_t: int, **asha: Any):
-        super().__init__(max_t=max_t, **asha)
-        self.board, self.last_round = board, max_t
-
-    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
-        decision = super().on_trial_result(tune_controller, trial, result)
-        if int(result["eval_round"]) >= self.last_round:
-            # ASHA stops every trial that reaches max_t; this one ends by itself after its last step, and must be
-            # left to write final/ (Tune stopping it there would race the end of its run).
-            decision = TrialScheduler.CONTINUE
-        post_decision(self.board, trial.trial_id, int(result["eval_round"]), decision)
-        return decision
+    def __init__(self, board: str, last_round: int, **asha: Any):
+        super().__init__(**asha)
+        self.board, self.last_round = board, last_round
 
 
 def stops_trials(cfg: SweepConfig) -> bool:
@@ -337,6 +329,7 @@ def _scheduler(cfg: SweepConfig, board: str) -> Any:
         return pbt_scheduler(cfg, board)
     return DecidingASHA(
         board,
+        last_round=_max_rounds(cfg),
         time_attr="eval_round",
         grace_period=cfg.scheduler.grace_period,
         reduction_factor=cfg.scheduler.reduction_factor,
