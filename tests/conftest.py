@@ -22,10 +22,15 @@ def pytest_configure(config: pytest.Config) -> None:
 def ray_session() -> Iterator[None]:
     import ray
 
-    # With the dashboard, as users run Ray: Ray Train's placement-group cleaner asks its State API
-    # whether a run's controller is gone (a sweep's stopped trials would otherwise keep their CPUs).
-    # address="local": always a fresh cluster of our own, never a `ray start` cluster running on the machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, ignore_reinit_error=True)
+    from raysft.ray_session import ensure_ray, environment
+
+    # A fresh local Ray of our own (RAY_ADDRESS=local: never a `ray start` cluster running on the machine), started
+    # as raysft starts one: its processes know its address, so Ray Train's placement-group cleaner, which asks the
+    # State API whether a run's controller is gone, finds this Ray even while a test's `ray start` cluster or a
+    # subprocess's own Ray runs beside it (otherwise: "Found multiple active Ray instances", and stopped trials
+    # keep their CPUs).
+    with environment(RAY_ADDRESS="local"):
+        ensure_ray(None)
     yield
     ray.shutdown()
 
