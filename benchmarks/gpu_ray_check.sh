@@ -2,7 +2,8 @@
 # The whole device call of benchmarks/gpu_ray_check.py: unpack the carried bundle, put it first on the paths, run
 # the check, leave its results in $OUT (gpu_ray_check.json, gpu_ray_check.md, gpu_ray_check.log).
 #
-# Prepare here first: benchmarks/gpu_ray_pack.sh (builds .raydev). Then one `run` tool call:
+# Prepare here first: `RAYSFT_DEVICE_PREP=1 python -m pytest -q tests/test_gpu_ray_check.py` (every variant in CPU
+# mode, about 4 minutes), then benchmarks/gpu_ray_pack.sh (builds .raydev). Then one `run` tool call:
 #   command: bash benchmarks/gpu_ray_check.sh      carry: [".raydev"]      timeout_s: 600
 # The check itself stops starting variants after --budget-s (default 460 s) and cuts each to its own budget.
 # Extra arguments go to gpu_ray_check.py (e.g. --only train_1.7b,train_8b; --device cpu --tiny on a CPU box).

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -115,8 +117,42 @@ def start_then_kill_when(command: list[str], env: dict[str, str], ready: Callabl
             assert time.monotonic() < deadline, "timed out waiting for the moment to kill"
             time.sleep(0.3)
     finally:
+        # Every process of the run, not only its session: a Ray worker outside the group would train (and write
+        # checkpoints) on for seconds after its driver is gone.
+        try:
+            tree = psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
         os.killpg(process.pid, signal.SIGKILL)
+        for child in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
         process.wait()
+        psutil.wait_procs(tree, timeout=30)
+
+
+# A run started this many steps long cannot end before the kill however fast the machine is (the kill comes a few
+# steps in); the resume gives it its real length (train.max_steps may change on resume), and a constant learning rate
+# keeps every step's values independent of the length it was started with.
+KILLED_RUN_STEPS = ["train.max_steps=1000", "train.lr_schedule=constant"]
+
+
+def kill_mid_run_then_resume(config: Path, env: dict[str, str], ready: Callable[[], bool], run_location: str,
+                             more_steps: int = 4) -> tuple[subprocess.CompletedProcess[str], int]:
+    """`raysft train config` (written with KILLED_RUN_STEPS) SIGKILLed with its Ray once `ready()` holds, then
+    resumed by a fresh driver to `more_steps` past the checkpoint it resumes from (the newest that verifies in
+    `run_location`, where the run lives: its output_dir or storage URI): (the finished resume, its max_steps)."""
+    from raysft.run_folder import checkpoint_root
+    from raysft.training.checkpoint import find_resumable
+
+    command = [sys.executable, "-m", "raysft", "train", str(config)]
+    start_then_kill_when(command, env, ready, timeout_s=400)
+    newest, _ = find_resumable(checkpoint_root(run_location))
+    assert newest is not None, f"no checkpoint that verifies in {run_location} after the kill"
+    max_steps = int(newest.rstrip("/").rsplit("_", 1)[1]) + more_steps  # .../step_000012 -> 12 + more_steps
+    resumed = subprocess.run([*command, "--resume", "--set", f"train.max_steps={max_steps}"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+    return resumed, max_steps
 
 
 def logged_step(run_dir: Path) -> int:

@@ -11,7 +11,7 @@ import pytest
 
 from raysft.config import Config, load_config, load_yaml_text
 from raysft.data.sources import load_examples
-from raysft.tune.config import SweepConfig, load_sweep
+from raysft.tune.config import load_sweep
 from tests.runs import REPO
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -111,17 +111,42 @@ def test_example_trains(path: Path, ray_session: None, tiny_model_dir: Path, tmp
     assert (result.final_dir / "config.json").is_file() or (result.final_dir / "adapter_config.json").is_file()
 
 
+# The sweep file the README documents runs as a whole sweep, from the CLI, in
+# tests/test_bad_inputs.py::test_documented_sweep_with_default_relative_output_dir; PBT's scheduler runs in
+# tests/tune/test_pbt.py. Here: each file's first trial trains (in local mode, as the examples do), and the one file
+# whose search algorithm no other test runs (optuna) runs as a sweep of one trial with its own search algorithm.
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
-def test_sweep_runs_one_trial(path: Path, ray_session: None, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_sweep_file_first_trial_trains(path: Path, ray_session: None, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from raysft.training.trainer import train
+    from raysft.tune.sweep import trial_config
+
+    # checkpoint_every: PBT's file is refused without a checkpoint at every evaluation
+    cfg = load_sweep(path, [*tiny_overrides(tiny_model_dir, tmp_path, "base."), "base.train.checkpoint_every=1",
+                            f"output_dir={tmp_path / 'sweep'}"])
+    first_point = {key: _first(domain) for key, domain in cfg.space.items()}
+    raw = trial_config(cfg, first_point, "trial_00000").model_dump(mode="json")
+    raw["scaling"].update(num_workers=0, resources_per_worker=None, gpus_per_worker=None)  # a sweep needs workers
+    result = train(Config.model_validate(raw))
+    assert max(record["step"] for record in result.history()) == 2
+    assert (result.final_dir / "adapter_config.json").is_file() or (result.final_dir / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_optuna_sweep_file_runs_a_trial(ray_session: None, tiny_model_dir: Path, tmp_path: Path) -> None:
     from raysft.tune.sweep import sweep
 
-    cfg: SweepConfig = load_sweep(path)
-    one_point = {key: f"grid [{json.dumps(_first(domain))}]" for key, domain in cfg.space.items()}
+    path = REPO / "sweeps" / "optuna_lr_warmup.yaml"
     sets = [*tiny_overrides(tiny_model_dir, tmp_path, "base."), f"output_dir={tmp_path / 'sweep'}", "num_samples=1",
-            f"space={json.dumps(one_point)}", "search_alg=grid", "scheduler=fifo", "max_concurrent_trials=1"]
-    result = sweep(load_sweep(path, sets))
+            "max_concurrent_trials=1"]
+    cfg = load_sweep(path, sets)
+    assert cfg.search_alg == "optuna"
+    result = sweep(cfg)
     assert result.best is not None and (result.best_dir / "adapter_config.json").is_file()
+    (trial,) = result.trials
+    assert set(trial.params) == set(cfg.space)  # optuna sampled every searched key
 
 
 def _first(domain: str) -> object:

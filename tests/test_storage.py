@@ -27,16 +27,19 @@ from transformers import AutoModelForCausalLM
 
 from raysft import storage
 from raysft.data.cache import CachedTable
+from raysft.training.trainer import train as train_in_process
 from raysft.training.checkpoint import checkpoint_at, checkpoint_names, find_resumable, verify
 from raysft.errors import RunError
 from raysft.track import read_metrics
 from tests.runs import (
+    KILLED_RUN_STEPS,
     REPO,
     SHARED_DATA,
     WorkerKiller,
     assert_mlflow_holds,
     assert_refused,
     cli,
+    kill_mid_run_then_resume,
     losses,
     mlflow_client,
     start_then_kill_when,
@@ -358,27 +361,24 @@ def test_run_on_s3_survives_a_worker_kill_and_exports_from_the_bucket(
 
 @pytest.mark.slow
 def test_run_on_s3_killed_with_its_driver_resumes_from_the_bucket(s3: dict[str, str], tiny_model_dir: Path, tmp_path: Path) -> None:
-
-    # 30 steps of about 0.1 s: the kill, polled every 0.3 s from step 4's checkpoint on, lands seconds before the end.
-    common = ["scaling.num_workers=1", "train.max_steps=30", "train.checkpoint_every=2"]
-    straight = raysft("train", write_config(tmp_path, tiny_model_dir, "straight", common), env=s3)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
+    common = ["scaling.num_workers=1", "train.lr_schedule=constant", "train.checkpoint_every=2"]
     location = f"s3://{BUCKET}/runs/killed"
-    cfg = write_config(tmp_path, tiny_model_dir, "home", [*common, f"scaling.storage_path={location}"])
+    cfg = write_config(tmp_path, tiny_model_dir, "home", [*common, *KILLED_RUN_STEPS, f"scaling.storage_path={location}"])
     with pytest.MonkeyPatch.context() as patch:
         for key, value in s3.items():
             patch.setenv(key, value)
-        start_then_kill_when([sys.executable, "-m", "raysft", "train", str(cfg)], {**os.environ, "RAY_ADDRESS": "local", **s3},
-                             lambda: storage.exists(f"{location}/checkpoints/step_000004/manifest.json"), timeout_s=400)
-        assert not storage.exists(f"{location}/final")
-
-    # A fresh process (a new driver: nothing of the first one's local state is needed) resumes from the bucket.
-    resumed = raysft("train", cfg, "--resume", env=s3)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = losses(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
+        # A fresh process (a new driver: nothing of the first one's local state is needed) resumes from the bucket.
+        resumed, max_steps = kill_mid_run_then_resume(
+            cfg, {**os.environ, "RAY_ADDRESS": "local", **s3},
+            lambda: storage.exists(f"{location}/checkpoints/step_000004/manifest.json"), location)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert storage.exists(f"{location}/final/adapter_model.safetensors")
+    # The same steps straight, in local mode in this process (one Ray worker trains as local mode does).
+    straight = train_in_process(tiny_config(tiny_model_dir, tmp_path / "straight", [
+        *common, "scaling.num_workers=0", f"train.max_steps={max_steps}"]))
+    expected = losses(straight.history())
     got = losses(read_metrics(tmp_path / "home" / "metrics.jsonl"))
-    assert sorted(got) == sorted(expected) == list(range(1, 31))
+    assert sorted(got) == sorted(expected) == list(range(1, max_steps + 1))
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, abs=1e-5)
 

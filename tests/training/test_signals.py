@@ -16,15 +16,14 @@ import pytest
 from raysft.track import read_metrics
 from raysft.run_folder import step_dir_name
 from raysft.training.checkpoint import checkpoint_names, verify
-from tests.runs import REPO, logged_step, losses, start_then_signal_when
+import raysft
+from tests.runs import KILLED_RUN_STEPS, REPO, logged_step, losses, start_then_signal_when, tiny_config
 from tests.training.test_faults import raysft_command, write_config
 
 pytestmark = pytest.mark.slow
 KEEP = ["train.checkpoint_every=4", "train.checkpoints_to_keep=2"]  # a stop mid-interval writes a checkpoint of its own
-# One Ray Train worker at about 0.1 s a step (one per poll of its controller); the loop in the driver (local mode) at
-# about 0.02 s a step, so more steps, for the signal to land mid-run.
-WORKER_RUN = ["scaling.num_workers=1", "train.max_steps=30", *KEEP]
-LOCAL_RUN = ["scaling.num_workers=0", "train.max_steps=400", *KEEP]
+WORKER_RUN = ["scaling.num_workers=1", *KEEP]
+LOCAL_RUN = ["scaling.num_workers=0", *KEEP]
 
 
 @pytest.mark.parametrize(("signum", "whole_group", "overrides"), [
@@ -35,13 +34,8 @@ def test_a_signal_checkpoints_says_how_to_resume_and_the_resume_is_exact(
     tiny_model_dir: Path, tmp_path: Path, signum: int, whole_group: bool, overrides: list[str]
 ) -> None:
     env = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, which must be gone with it
-    straight = tmp_path / "straight"
-    done = subprocess.run(raysft_command("train", write_config(tmp_path, tiny_model_dir, straight, overrides)),
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
     run = tmp_path / "stopped"
-    cfg = write_config(tmp_path, tiny_model_dir, run, overrides)
+    cfg = write_config(tmp_path, tiny_model_dir, run, [*overrides, *KILLED_RUN_STEPS])  # it cannot end on its own
     stopped = start_then_signal_when(raysft_command("train", cfg), env, lambda: logged_step(run) >= 6, signum,
                                      whole_group, timeout_s=400)
     assert stopped.returncode == 128 + signum, stopped.stderr[-3000:]
@@ -58,10 +52,13 @@ def test_a_signal_checkpoints_says_how_to_resume_and_the_resume_is_exact(
     _, alive = psutil.wait_procs(stopped.processes, timeout=30)
     assert not alive, [p.info for p in psutil.process_iter(["pid", "name"]) if p in alive]
 
-    resumed = subprocess.run(raysft_command("train", cfg, "--resume"), cwd=REPO, env=env, capture_output=True,
-                             text=True, timeout=600)
+    # Resumed for 4 more steps; the same steps straight, in local mode in this process.
+    resumed = subprocess.run([*raysft_command("train", cfg, "--resume"), "--set", f"train.max_steps={step + 4}"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected, got = losses(read_metrics(straight / "metrics.jsonl")), losses(read_metrics(run / "metrics.jsonl"))
-    assert sorted(got) == sorted(expected)  # no step lost or logged twice
+    straight = raysft.train(tiny_config(tiny_model_dir, tmp_path / "straight", [
+        *LOCAL_RUN, *KILLED_RUN_STEPS, f"train.max_steps={step + 4}"]))
+    expected, got = losses(straight.history()), losses(read_metrics(run / "metrics.jsonl"))
+    assert sorted(got) == sorted(expected) == list(range(1, step + 5))  # no step lost or logged twice
     for at, loss in expected.items():
         assert got[at] == pytest.approx(loss, abs=1e-5)
