@@ -56,7 +56,7 @@ def first_lr(info: dict[str, Any]) -> float:
     return info.get("lineage", [{}])[0].get("before", info["params"])["train.lr"]
 
 
-@pytest.mark.slow  # a PBT sweep killed after its exploit and resumed, two fresh Ray clusters: about 2.5 minutes
+@pytest.mark.slow  # a PBT sweep killed after its exploit and resumed, two fresh Ray clusters: under 2 minutes
 def test_a_killed_pbt_sweep_resumes_with_the_schedule_it_had(tiny_model_dir: Path, tmp_path: Path) -> None:
     """2 trials of 8 steps, perturbed together at step 4 (round 2; round 4 is the last, left alone). Killed once the
     worst trial took the best one's checkpoint: the resumed sweep does not perturb again at round 3 (its clock would
