@@ -10,6 +10,10 @@ mutated values from the next step on.
 
 Only values a restart can change may be mutated (MUTABLE_MID_RUN): a checkpoint fixes the adapter's shape, the
 model, the packed data and the batch.
+
+Tune restores a sweep's scheduler as it was before the first trial, so the perturbation schedule (when each trial
+was last perturbed, when all next perturb together) is recorded in the sweep folder (`schedule.json`) and brought
+back on --resume (`DecidingPopulation`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ from raysft.training.decisions import CONTINUE, STOP, eval_round, mark_paused, p
 from raysft.tune.config import SweepConfig, mutation_domains
 
 POINTER_FILE = "raysft_checkpoint.json"
+SCHEDULE_FILE = "schedule.json"
+"""A PBT sweep's perturbation schedule, in the sweep folder: what --resume continues."""
+REPLAYED = "raysft_replayed"
+"""Set in the results a trial that had finished before a --resume gives Tune again: they are the record, not news."""
 
 
 class DecidingScheduler:
@@ -66,23 +74,119 @@ class DecidingScheduler:
         return decision
 
 
-class DecidingPBT(DecidingScheduler, PopulationBasedTraining):
-    """Tune's PBT, deciding through the sweep's decision board."""
+def read_schedule(location: str) -> dict[str, Any]:
+    """The perturbation schedule recorded at `location` ({} when there is none): `next_sync` (the eval round at which
+    a synchronous PBT perturbs all trials next) and, by Tune trial id, `trials` {last_perturbed, last_counted} (the
+    rounds at which PBT last perturbed the trial and last counted a result of it). RunError when it is damaged."""
+    if not storage.exists(location):
+        return {}
+    try:
+        schedule = json.loads(storage.read_bytes(location))
+        for state in schedule["trials"].values():
+            int(state["last_perturbed"]), int(state["last_counted"])
+        int(schedule["next_sync"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise RunError(f"{location}: not a PBT schedule raysft wrote ({type(err).__name__}: {err}); move it away to "
+                       "resume with PBT's clock started anew (a trial may then be perturbed again at a round it "
+                       "already was)") from None
+    return schedule
 
-    def __init__(self, board: str, last_round: int | None, **pbt: Any):
+
+class DecidingPopulation(DecidingScheduler):
+    """What DecidingPBT and DecidingPB2 add to Tune's PBT: a schedule that survives --resume, and a synchronous round
+    that does not wait for a trial that will not report it.
+
+    Tune restores a sweep's scheduler as it was before the first trial (a scheduler is not part of Tune's experiment
+    state). A resumed PBT would then start its clock anew: perturb again at a round it already had, and, in
+    synchronous mode, hold every trial that reported a perturbation round paused until all live trials reported one;
+    a trial resumed past that round, or in its last round (left alone, DecidingScheduler), never does, so the sweep
+    stalled with no trial running. So each trial's clock is recorded in `schedule_file` as PBT moves it, and
+    restored when Tune adds the trial on --resume (trial ids stay the same); and when every live trial waits paused
+    with none left to run, the perturbation those trials wait for happens then (as it would have on the last report),
+    or, if they already had it, the next one is set after them."""
+
+    schedule_file: str
+    _recorded: dict[str, Any] | None
+    _written: dict[str, Any] | None
+    # Tune's PopulationBasedTraining's own state, which this restores and records.
+    _trial_state: dict[Trial, Any]
+    _next_perturbation_sync: int
+    _perturbation_interval: int
+    _synch: bool
+
+    def _start_schedule(self, board: str, last_round: int | None, schedule_file: str) -> None:
+        self.board, self.last_round, self.schedule_file = board, last_round, schedule_file
+        self._recorded = self._written = None  # read when the first trial is added (Tune pickles this before)
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        super().on_trial_add(tune_controller, trial)  # type: ignore[misc]
+        if self._recorded is None:
+            self._recorded = read_schedule(self.schedule_file)
+            if self._recorded:
+                self._next_perturbation_sync = int(self._recorded["next_sync"])
+        if (recorded := self._recorded.get("trials", {}).get(trial.trial_id)) is not None:
+            state = self._trial_state[trial]
+            state.last_perturbation_time = int(recorded["last_perturbed"])
+            state.last_train_time = int(recorded["last_counted"])
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
+        if result.get(REPLAYED):
+            return TrialScheduler.CONTINUE
+        decision = super().on_trial_result(tune_controller, trial, result)
+        self._record()
+        return decision
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        chosen = super().choose_trial_to_run(tune_controller)  # type: ignore[misc]
+        if chosen is None and self._synch and (waiting := self._waiting(tune_controller)):
+            self._perturb_waiting(tune_controller, waiting)
+            chosen = super().choose_trial_to_run(tune_controller)  # type: ignore[misc]
+        return chosen
+
+    def _waiting(self, tune_controller: Any) -> list[Trial]:
+        """The live trials when every one of them is paused (so no result will come), else []."""
+        live = [trial for trial in tune_controller.get_live_trials() if not trial.is_finished()]
+        return live if live and all(trial.status == Trial.PAUSED for trial in live) else []
+
+    def _perturb_waiting(self, tune_controller: Any, waiting: list[Trial]) -> None:
+        states = [self._trial_state[trial] for trial in waiting]
+        due = [trial for trial, state in zip(waiting, states) if state.last_result is not None
+               and state.last_train_time - state.last_perturbation_time >= self._perturbation_interval]
+        if due:  # Tune's own synchronous perturbation, as the result the last of them reported would have started it
+            trial = max(due, key=lambda t: self._trial_state[t].last_train_time)
+            super(DecidingScheduler, self).on_trial_result(tune_controller, trial, self._trial_state[trial].last_result)
+        if all(state.last_train_time >= self._next_perturbation_sync for state in states):
+            self._next_perturbation_sync = max(state.last_train_time for state in states) + self._perturbation_interval
+        self._record()
+
+    def _record(self) -> None:
+        """Record the schedule where the sweep lives, when PBT moved it."""
+        schedule = {"next_sync": self._next_perturbation_sync, "trials": {
+            trial.trial_id: {"last_perturbed": state.last_perturbation_time, "last_counted": state.last_train_time}
+            for trial, state in self._trial_state.items()}}
+        if schedule != self._written:
+            storage.write_bytes(self.schedule_file, json.dumps(schedule, indent=2).encode())
+            self._written = schedule
+
+
+class DecidingPBT(DecidingPopulation, PopulationBasedTraining):
+    """Tune's PBT, deciding through the sweep's decision board, its schedule recorded for --resume."""
+
+    def __init__(self, board: str, last_round: int | None, schedule_file: str, **pbt: Any):
         super().__init__(**pbt)
-        self.board, self.last_round = board, last_round
+        self._start_schedule(board, last_round, schedule_file)
 
 
-class DecidingPB2(DecidingScheduler, PB2):
-    """Tune's PB2 (PBT with a Gaussian-process bandit choosing the new values), deciding through the decision board."""
+class DecidingPB2(DecidingPopulation, PB2):
+    """Tune's PB2 (PBT with a Gaussian-process bandit choosing the new values), deciding through the decision board,
+    its schedule recorded for --resume (the bandit's data starts anew: results since the resume)."""
 
-    def __init__(self, board: str, last_round: int | None, **pb2: Any):
+    def __init__(self, board: str, last_round: int | None, schedule_file: str, **pb2: Any):
         super().__init__(**pb2)
-        self.board, self.last_round = board, last_round
+        self._start_schedule(board, last_round, schedule_file)
 
 
-def pbt_scheduler(cfg: SweepConfig, board: str) -> PopulationBasedTraining:
+def pbt_scheduler(cfg: SweepConfig, board: str, home: str) -> PopulationBasedTraining:
     """Tune's PBT or PB2 over `scheduler.hyperparam_mutations`, in eval rounds."""
     scheduler, domains, train = cfg.scheduler, mutation_domains(cfg), cfg.base.train
     last_round = eval_round(train.max_steps, train.eval_every) if train.max_steps else None
@@ -90,12 +194,13 @@ def pbt_scheduler(cfg: SweepConfig, board: str) -> PopulationBasedTraining:
     common: dict[str, Any] = dict(time_attr="eval_round", perturbation_interval=scheduler.perturbation_interval,
                                   quantile_fraction=scheduler.quantile_fraction, synch=scheduler.synch,
                                   log_config=False)
+    schedule = storage.join(home, SCHEDULE_FILE)
     if scheduler.name == "pb2":
         bounds = {key: [domain.args[0], domain.args[1]] for key, domain in domains.items()}
-        return DecidingPB2(board, last_round, hyperparam_bounds=bounds, **common)
+        return DecidingPB2(board, last_round, schedule, hyperparam_bounds=bounds, **common)
     mutations = {key: domain.to_tune() for key, domain in domains.items()}
-    return DecidingPBT(board, last_round, hyperparam_mutations=mutations, resample_probability=scheduler.resample_probability,
-                       **common)
+    return DecidingPBT(board, last_round, schedule, hyperparam_mutations=mutations,
+                       resample_probability=scheduler.resample_probability, **common)
 
 
 def pointer_checkpoint(folder: Path, trial: str, run: str, step: int, params: dict[str, Any]) -> ray.tune.Checkpoint:

@@ -69,6 +69,8 @@ from raysft.training.trainer import scaling_config, train, wait_for_worker_resou
 from raysft.tune.config import SweepConfig, check_sweep, mutation_domains, sweep_yaml
 from raysft.training.decisions import TrialGate, board_name, eval_round, open_board
 from raysft.tune.pbt import (
+    REPLAYED,
+    SCHEDULE_FILE,
     DecidingScheduler,
     adopt_donor_checkpoint,
     applied,
@@ -76,6 +78,7 @@ from raysft.tune.pbt import (
     pbt_scheduler,
     pointer_checkpoint,
     read_pointer,
+    read_schedule,
 )
 from raysft.tune.report import SweepResult, write_report
 from raysft.tune.space import Domain, to_param_space
@@ -243,9 +246,10 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any], mlflow_parent: str 
     location = run_location(train_cfg)
     eval_every = train_cfg.train.eval_every
     if storage.exists(storage.join(location, FINAL_DIR)):
-        # Finished before the sweep was interrupted: give Tune its evaluations again instead of retraining.
+        # Finished before the sweep was interrupted: give Tune its evaluations again instead of retraining (marked,
+        # so that PBT does not take them for news: pbt.py).
         for record in _eval_records(location):
-            ray.tune.report(tune_result(record, eval_every))
+            ray.tune.report({**tune_result(record, eval_every), REPLAYED: True})
         return
     trial_file = storage.join(location, TRIAL_FILE)
     earlier = json.loads(storage.read_bytes(trial_file)) if storage.exists(trial_file) else {}
@@ -254,6 +258,11 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any], mlflow_parent: str 
     if pointer is not None and pointer["trial"] != name and not applied(lineage, pointer):
         # PBT restarted this trial from another trial's checkpoint, with mutated values (raysft/tune/pbt.py).
         lineage.append(adopt_donor_checkpoint(pointer, train_cfg, before=earlier.get("params", params), after=params))
+    elif lineage and earlier["params"] != params:
+        # Tune saves its experiment state every few seconds: what --resume restored may predate an exploit this trial
+        # already took (its run folder holds the donor's checkpoint), with the values from before. Its own record wins.
+        params = earlier["params"]
+        train_cfg = trial_config(cfg, params, name, mlflow_parent)
     info = {"name": name, "params": params, "started": earlier.get("started", time.time())}
     trial_info = json.dumps({**info, **({"lineage": lineage} if lineage else {})}, indent=2).encode()
     storage.write_bytes(trial_file, trial_info)
@@ -322,13 +331,13 @@ def stops_trials(cfg: SweepConfig) -> bool:
     return cfg.scheduler.name != "fifo"
 
 
-def _scheduler(cfg: SweepConfig, board: str) -> Any:
+def _scheduler(cfg: SweepConfig, home: str) -> Any:
     if not stops_trials(cfg):
         return FIFOScheduler()
     if cfg.scheduler.name in ("pbt", "pb2"):
-        return pbt_scheduler(cfg, board)
+        return pbt_scheduler(cfg, board_name(home), home)
     return DecidingASHA(
-        board,
+        board_name(home),
         last_round=_max_rounds(cfg),
         time_attr="eval_round",
         grace_period=cfg.scheduler.grace_period,
@@ -484,6 +493,8 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
         raise ConfigError([f"{where}: no sweep to resume in {home}"])
     if not resume and storage.exists(tune_dir):
         raise ConfigError([f"{where}: {home} already holds a sweep; continue it with --resume or choose a new one"])
+    if resume:
+        read_schedule(storage.join(home, SCHEDULE_FILE))  # a damaged PBT schedule is refused before Ray starts
     domains = check_sweep(cfg)  # configs built in Python get the same checks as loaded YAML
     # PBT's mutated values that the space does not sample are drawn from their mutation domains at the start.
     mutated_only = {key: domain for key, domain in mutation_domains(cfg).items() if key not in domains}
@@ -521,7 +532,7 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
                 mode=cfg.mode,
                 num_samples=_num_samples(cfg, domains),
                 max_concurrent_trials=max_concurrent if cfg.search_alg == "optuna" else None,
-                scheduler=_scheduler(cfg, board_name(home)),
+                scheduler=_scheduler(cfg, home),
                 search_alg=_search_alg(cfg, max_concurrent),
                 trial_name_creator=trial_name,
                 trial_dirname_creator=trial_name,

@@ -1,34 +1,41 @@
 """Population Based Training on a real local Ray: an exploited trial continues from the donor's checkpoint bit for
-bit, with the mutated learning rate from its next step, and the sweep records the lineage. (A PBT sweep killed and
-resumed is not tested yet: a synchronous PBT sweep's resume was seen to stall, issue 28.)"""
+bit, with the mutated learning rate from its next step, and the sweep records the lineage; a PBT sweep killed after
+its exploit resumes with the schedule it had."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from raysft.track import read_metrics
 from raysft.tune.config import parse_sweep
 from raysft.tune.sweep import sweep
-from tests.tune.test_sweep import read_results, tiny_base
+from tests.runs import REPO
+from tests.tune.test_sweep import _wait_until, read_results, tiny_base
 
 LRS = [3e-2, 1e-2, 1e-4, 1e-6]
 
 
-def pbt_sweep(model_dir: Path, tmp_path: Path, name: str) -> dict[str, Any]:
-    """4 trials over train.lr, all running at once (half a CPU each), perturbed together once, at their second
-    evaluation (step 4 of 6): PBT's synchronous mode, so that which trial clones which does not depend on timing
-    (the worst clones the best; quantile 0.25 of 4 is one trial)."""
+def pbt_sweep(model_dir: Path, tmp_path: Path, name: str, lrs: list[float] = LRS, max_steps: int = 6) -> dict[str, Any]:
+    """A trial per learning rate, all running at once (half a CPU each), perturbed together at their second
+    evaluation (step 4) and every second one after it but the last: PBT's synchronous mode, so that which trial
+    clones which does not depend on timing (the worst clones the best; quantile 0.25 of 4, or of 2, is one trial)."""
     base = tiny_base(model_dir, tmp_path, [
-        "train.max_steps=6", "train.eval_every=2", "train.checkpoint_every=2", "train.checkpoints_to_keep=null",
-        "train.lr_schedule=constant", "scaling.resources_per_worker={CPU: 0.5}",
+        f"train.max_steps={max_steps}", "train.eval_every=2", "train.checkpoint_every=2",
+        "train.checkpoints_to_keep=null", "train.lr_schedule=constant", "scaling.resources_per_worker={CPU: 0.5}",
     ])
     return {
         "name": name, "base": base, "output_dir": str(tmp_path / "sweep"),
-        "space": {"train.lr": f"grid {LRS}"}, "max_concurrent_trials": 4,
+        "space": {"train.lr": f"grid {lrs}"}, "max_concurrent_trials": len(lrs),
         "scheduler": {"name": "pbt", "perturbation_interval": 2, "synch": True, "resample_probability": 0.0,
                       "hyperparam_mutations": {"train.lr": "loguniform [1e-7, 1e-1]"}},
     }
@@ -36,6 +43,68 @@ def pbt_sweep(model_dir: Path, tmp_path: Path, name: str) -> dict[str, Any]:
 
 def by_step(trial_dir: Path, key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in read_metrics(trial_dir / "metrics.jsonl") if key in r}
+
+
+def trial_infos(sweep_dir: Path) -> dict[str, dict[str, Any]]:
+    """Each trial's trial.json (its current values and lineage), by trial name."""
+    infos = (json.loads(path.read_text()) for path in (sweep_dir / "trials").glob("*/trial.json"))
+    return {info["name"]: info for info in infos}
+
+
+def first_lr(info: dict[str, Any]) -> float:
+    """The learning rate a trial started with (before any exploit)."""
+    return info.get("lineage", [{}])[0].get("before", info["params"])["train.lr"]
+
+
+@pytest.mark.slow  # a PBT sweep killed after its exploit and resumed, two fresh Ray clusters: under 2 minutes
+def test_a_killed_pbt_sweep_resumes_with_the_schedule_it_had(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """2 trials of 8 steps, perturbed together at step 4 (round 2; round 4 is the last, left alone). Killed once the
+    worst trial took the best one's checkpoint: the resumed sweep does not perturb again at round 3 (its clock would
+    start anew without the recorded schedule, and a resumed trial past round 2 left the others waiting for it), the
+    exploited trial keeps its new values whatever Tune's last saved state says, and every trial finishes."""
+    lrs = [3e-2, 1e-6]
+    sweep_dir, sweep_file = tmp_path / "sweep", tmp_path / "pbt_resume.yaml"
+    sweep_file.write_text(yaml.safe_dump(pbt_sweep(tiny_model_dir, tmp_path, "tiny-pbt-resume", lrs, max_steps=8)))
+    command = [sys.executable, "-m", "raysft", "sweep", str(sweep_file)]
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, killed with it
+
+    def exploited() -> bool:
+        return any("lineage" in info for info in trial_infos(sweep_dir).values()) if sweep_dir.exists() else False
+
+    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_until(exploited, process, timeout_s=300)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    # Resumed in a group of its own, ended with its Ray if it stalls (the bug this guards against).
+    resumed = subprocess.Popen([*command, "--resume"], cwd=REPO, env=env, start_new_session=True, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = resumed.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(resumed.pid, signal.SIGKILL)
+        resumed.wait()
+    assert resumed.returncode == 0, output[-5000:]
+
+    infos = trial_infos(sweep_dir)
+    worst = next(name for name, info in infos.items() if first_lr(info) == lrs[-1])
+    best = next(name for name, info in infos.items() if first_lr(info) == lrs[0])
+    # The one exploit, at round 2: none again after the resume.
+    (entry,) = [json.loads(line) for line in (sweep_dir / "lineage.jsonl").read_text().splitlines()]
+    assert (entry["trial"], entry["cloned"], entry["step"]) == (worst, best, 4), entry
+    new_lr = entry["after"]["train.lr"]
+    assert infos[worst]["params"] == {"train.lr": new_lr} and infos[best]["params"] == {"train.lr": lrs[0]}
+    # The exploited trial trained on from the donor's step 4 with its new learning rate, resumed or not.
+    assert [by_step(sweep_dir / "trials" / worst, "lr")[step] for step in (5, 6, 7, 8)] == pytest.approx([new_lr] * 4)
+    assert [(row["trial"], row["status"], row["steps"]) for row in read_results(sweep_dir)] == [
+        (name, "completed", "8") for name in sorted(infos)]
+    for name in infos:  # every step logged once, in order, through the kill (after step 0's evaluation)
+        steps = [record["step"] for record in read_metrics(sweep_dir / "trials" / name / "metrics.jsonl")]
+        assert steps == sorted(set(steps)) and steps[-8:] == list(range(1, 9)), (name, steps)
 
 
 @pytest.mark.slow  # 4 trials, each restarted once (synchronous PBT pauses them all): about 2 minutes on 2 cores
@@ -147,3 +216,101 @@ def test_an_exploited_trial_takes_the_donor_checkpoint_as_its_own(
     storage.remove(storage.join(donor_root, "step_000004"))
     entry = adopt_donor_checkpoint({**pointer, "id": "p2"}, after, before={"train.lr": 2.4e-2}, after={"train.lr": 2.4e-2})
     assert (entry["step"], checkpoint_names(recipient_root)) == (6, ["step_000006"])
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_resumed_pbt_scheduler_continues_the_recorded_schedule(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No Ray (Tune's own controller, which needs none until trials run): what PBT's clock was when the sweep
+    stopped is recorded where the sweep lives, and the scheduler Tune restores on --resume (as it was before the first
+    trial) takes it back for each trial it adds; a damaged record is refused, naming the file."""
+    import pickle
+
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment import Trial
+
+    from raysft import storage
+    from raysft.errors import RunError
+    from raysft.tune.pbt import SCHEDULE_FILE, pbt_scheduler, read_schedule
+    from tests.tune.test_sweep_config import pbt_raw
+
+    if where == "s3":
+        for key, value in request.getfixturevalue("s3").items():
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("TUNE_MAX_PENDING_TRIALS_PG", "2")  # else Tune asks the (absent) cluster for its CPUs
+    home = str(tmp_path / "sweep") if where == "local" else f"s3://raysft-test/pbt-{tmp_path.name}"
+    raw = pbt_raw({"train.lr": "loguniform [1e-5, 1e-3]"})
+    raw["scheduler"]["synch"] = True
+    cfg = parse_sweep(raw)
+    scheduler = pbt_scheduler(cfg, "board", home)
+    scheduler.set_search_properties(cfg.metric, cfg.mode)  # as Tune does with the sweep's metric
+    pickled = pickle.dumps(scheduler)  # what Tune saves before the first trial, and restores on --resume
+
+    def controller() -> tuple[Any, list[Trial]]:
+        """Tune's controller with the scheduler as Tune restores it, adding the sweep's two trials."""
+        restored = pickle.loads(pickled)
+        tune_storage = StorageContext(storage_path=str(tmp_path / "tune"), experiment_dir_name="tune")
+        tune = TuneController(scheduler=restored, storage=tune_storage)
+        trials = [Trial("run_trial", config={"train.lr": 1e-4}, trial_id=f"0000{n}", stub=True, storage=tune_storage)
+                  for n in range(2)]
+        for trial in trials:
+            tune.add_trial(trial)
+        return restored, trials
+
+    first, trials = controller()
+    assert read_schedule(storage.join(home, SCHEDULE_FILE)) == {}  # a new sweep: nothing recorded, nothing restored
+    for trial in trials:  # both perturbed together at round 2 ...
+        first._trial_state[trial].last_perturbation_time = first._trial_state[trial].last_train_time = 2
+    first._next_perturbation_sync = 4  # ... the next time at round 4
+    first._record()
+
+    resumed, trials = controller()
+    assert resumed._next_perturbation_sync == 4
+    assert [(resumed._trial_state[t].last_perturbation_time, resumed._trial_state[t].last_train_time)
+            for t in trials] == [(2, 2), (2, 2)]
+
+    storage.write_bytes(storage.join(home, SCHEDULE_FILE), b'{"next_sync": 4, "trials": {"00000": {}}}')
+    with pytest.raises(RunError, match=f"{SCHEDULE_FILE}: not a PBT schedule raysft wrote"):
+        controller()
+
+
+def test_synchronous_pbt_perturbs_the_waiting_trials_when_the_one_they_wait_for_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No Ray (Tune's own controller): two trials reported round 4 and wait paused for the third, which ends without
+    reporting it (it had resumed past that round, or round 4 was its last, never perturbed). Tune's PBT would leave
+    them paused for good (the stall); raysft's perturbs them then and lets them run to the next round."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment import Trial
+
+    from raysft.tune.pbt import pbt_scheduler
+    from tests.tune.test_sweep_config import pbt_raw
+
+    monkeypatch.setenv("TUNE_MAX_PENDING_TRIALS_PG", "3")  # else Tune asks the (absent) cluster for its CPUs
+    raw = pbt_raw({"train.lr": "loguniform [1e-5, 1e-3]"})
+    raw["scheduler"].update(synch=True, perturbation_interval=2)
+    cfg = parse_sweep(raw)
+    scheduler = pbt_scheduler(cfg, "board", str(tmp_path / "sweep"))
+    scheduler.set_search_properties(cfg.metric, cfg.mode)
+    tune_storage = StorageContext(storage_path=str(tmp_path / "tune"), experiment_dir_name="tune")
+    tune = TuneController(scheduler=scheduler, storage=tune_storage)
+    waiting = [Trial("run_trial", config={"train.lr": 1e-4}, trial_id=f"0000{n}", stub=True, storage=tune_storage)
+               for n in range(2)]
+    ended = Trial("run_trial", config={"train.lr": 1e-4}, trial_id="00002", stub=True, storage=tune_storage)
+    for trial in [*waiting, ended]:
+        tune.add_trial(trial)
+    scheduler._next_perturbation_sync = 4  # perturbed together at round 2; next at round 4
+    for loss, trial in zip([1.0, 2.0], waiting):
+        state = scheduler._trial_state[trial]
+        state.last_perturbation_time, state.last_train_time = 2, 4
+        state.last_score, state.last_result = -loss, {"eval_round": 4, "eval_loss": loss}
+        trial.set_status(Trial.PAUSED)
+    tune.stop_trial(ended)  # it ends (a PENDING trial here: Tune removes it from the live trials the same way)
+
+    assert tune.get_live_trials() == set(waiting)
+    assert scheduler.choose_trial_to_run(tune) in waiting
+    assert [scheduler._trial_state[trial].last_perturbation_time for trial in waiting] == [4, 4]
+    assert scheduler._next_perturbation_sync == 6

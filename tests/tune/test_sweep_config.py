@@ -205,11 +205,11 @@ def test_pbt_takes_mutations_in_space_syntax_and_samples_them_when_the_space_doe
                                      "lora.dropout": Domain("choice", (0.0, 0.1))}
     from raysft.tune.pbt import pbt_scheduler
 
-    scheduler = pbt_scheduler(cfg, "board")
+    scheduler = pbt_scheduler(cfg, "board", "/sweeps/pbt")
     assert scheduler._perturbation_interval == 1 and scheduler._time_attr == "eval_round"
     assert isinstance(scheduler._hyperparam_mutations["train.lr"], tune.search.sample.Float)
     assert scheduler.last_round == 4  # max_steps 20 / eval_every 5: the last evaluation is not perturbed
-    pb2 = pbt_scheduler(parse_sweep(pbt_raw({"train.lr": "loguniform [1e-5, 1e-3]"}, name="pb2")), "board")
+    pb2 = pbt_scheduler(parse_sweep(pbt_raw({"train.lr": "loguniform [1e-5, 1e-3]"}, name="pb2")), "board", "/pb2")
     assert pb2._hyperparam_bounds == {"train.lr": [1e-5, 1e-3]}
 
 
