@@ -18,7 +18,6 @@ import yaml
 
 from raysft.track import read_metrics
 from raysft.tune.config import parse_sweep
-from raysft.tune.sweep import sweep
 from tests.runs import REPO
 from tests.tune.test_sweep import _wait_until, read_results, tiny_base
 
@@ -56,15 +55,17 @@ def first_lr(info: dict[str, Any]) -> float:
     return info.get("lineage", [{}])[0].get("before", info["params"])["train.lr"]
 
 
-@pytest.mark.slow  # a PBT sweep killed after its exploit and resumed, two fresh Ray clusters: under 2 minutes
-def test_a_killed_pbt_sweep_resumes_with_the_schedule_it_had(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """2 trials of 8 steps, perturbed together at step 4 (round 2; round 4 is the last, left alone). Killed once the
-    worst trial took the best one's checkpoint: the resumed sweep does not perturb again at round 3 (its clock would
-    start anew without the recorded schedule, and a resumed trial past round 2 left the others waiting for it), the
-    exploited trial keeps its new values whatever Tune's last saved state says, and every trial finishes."""
-    lrs = [3e-2, 1e-6]
+@pytest.mark.slow  # 4 trials at once, killed after the exploit and resumed, two fresh Ray clusters: about 2.5 minutes
+def test_pbt_exploit_takes_the_donor_checkpoint_and_a_killed_sweep_resumes_with_its_schedule(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """4 trials of 8 steps, perturbed together at step 4 (round 2; round 4 is the last, left alone): the worst
+    continues from the best one's checkpoint bit for bit, with the mutated learning rate from its next step. Killed
+    once that exploit is recorded: the resumed sweep does not perturb again at round 3 (its clock would start anew
+    without the recorded schedule, and a resumed trial past round 2 left the others waiting for it), the exploited
+    trial keeps its new values whatever Tune's last saved state says, and every trial finishes."""
     sweep_dir, sweep_file = tmp_path / "sweep", tmp_path / "pbt_resume.yaml"
-    sweep_file.write_text(yaml.safe_dump(pbt_sweep(tiny_model_dir, tmp_path, "tiny-pbt-resume", lrs, max_steps=8)))
+    sweep_file.write_text(yaml.safe_dump(pbt_sweep(tiny_model_dir, tmp_path, "tiny-pbt", LRS, max_steps=8)))
     command = [sys.executable, "-m", "raysft", "sweep", str(sweep_file)]
     env = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, killed with it
 
@@ -91,41 +92,17 @@ def test_a_killed_pbt_sweep_resumes_with_the_schedule_it_had(tiny_model_dir: Pat
     assert resumed.returncode == 0, output[-5000:]
 
     infos = trial_infos(sweep_dir)
-    worst = next(name for name, info in infos.items() if first_lr(info) == lrs[-1])
-    best = next(name for name, info in infos.items() if first_lr(info) == lrs[0])
-    # The one exploit, at round 2: none again after the resume.
-    (entry,) = [json.loads(line) for line in (sweep_dir / "lineage.jsonl").read_text().splitlines()]
-    assert (entry["trial"], entry["cloned"], entry["step"]) == (worst, best, 4), entry
-    new_lr = entry["after"]["train.lr"]
-    assert infos[worst]["params"] == {"train.lr": new_lr} and infos[best]["params"] == {"train.lr": lrs[0]}
-    # The exploited trial trained on from the donor's step 4 with its new learning rate, resumed or not.
-    assert [by_step(sweep_dir / "trials" / worst, "lr")[step] for step in (5, 6, 7, 8)] == pytest.approx([new_lr] * 4)
-    assert [(row["trial"], row["status"], row["steps"]) for row in read_results(sweep_dir)] == [
-        (name, "completed", "8") for name in sorted(infos)]
-    for name in infos:  # every step logged once, in order, through the kill (after step 0's evaluation)
-        steps = [record["step"] for record in read_metrics(sweep_dir / "trials" / name / "metrics.jsonl")]
-        assert steps == sorted(set(steps)) and steps[-8:] == list(range(1, 9)), (name, steps)
-
-
-@pytest.mark.slow  # 4 trials, each restarted once (synchronous PBT pauses them all): about 2 minutes on 2 cores
-def test_pbt_exploit_continues_from_the_donor_checkpoint_with_the_mutated_lr(
-    ray_session: None, tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    result = sweep(parse_sweep(pbt_sweep(tiny_model_dir, tmp_path, "tiny-pbt")))
-    sweep_dir = tmp_path / "sweep"
-    trials = {json.loads((d / "trial.json").read_text())["name"]: d for d in (sweep_dir / "trials").iterdir()}
-    first_lr = {name: json.loads((d / "trial.json").read_text()).get("lineage", [{}])[0].get("before", {}).get(
-        "train.lr", json.loads((d / "trial.json").read_text())["params"]["train.lr"]) for name, d in trials.items()}
-    worst = next(name for name, lr in first_lr.items() if lr == LRS[-1])
-    best = next(name for name, lr in first_lr.items() if lr == LRS[0])
-
-    # One exploit: the worst trial continued from the best trial's checkpoint at step 4, its lr perturbed.
+    trials = {name: sweep_dir / "trials" / name for name in infos}
+    worst = next(name for name, info in infos.items() if first_lr(info) == LRS[-1])
+    best = next(name for name, info in infos.items() if first_lr(info) == LRS[0])
+    # The one exploit, at round 2: the worst trial continued from the best one's checkpoint at step 4, its lr
+    # perturbed; none again after the resume.
     (entry,) = [json.loads(line) for line in (sweep_dir / "lineage.jsonl").read_text().splitlines()]
     assert (entry["trial"], entry["cloned"], entry["step"]) == (worst, best, 4), entry
     assert entry["before"] == {"train.lr": LRS[-1]} and entry["donor_values"] == {"train.lr": LRS[0]}
     new_lr = entry["after"]["train.lr"]
     assert new_lr == pytest.approx(LRS[0] * 1.2) or new_lr == pytest.approx(LRS[0] * 0.8)  # PBT's perturbation
-    assert json.loads((trials[worst] / "trial.json").read_text())["params"] == {"train.lr": new_lr}
+    assert infos[worst]["params"] == {"train.lr": new_lr} and infos[best]["params"] == {"train.lr": LRS[0]}
 
     # Its restored weights are the donor's checkpoint bit for bit: the copy's files have the donor's checksums, and
     # step 5's loss and gradient norm (computed from the weights at step 4 and step 5's batch, before the learning
@@ -135,22 +112,25 @@ def test_pbt_exploit_continues_from_the_donor_checkpoint_with_the_mutated_lr(
     assert copy_manifest["files"] == donor_manifest["files"]
     for key in ("loss", "grad_norm"):
         assert by_step(trials[worst], key)[5] == by_step(trials[best], key)[5], key
-    # ... and its next steps use the mutated learning rate (so step 6 differs from the donor's).
-    assert by_step(trials[worst], "lr")[5] == by_step(trials[worst], "lr")[6] == pytest.approx(new_lr)
+    # ... and its next steps use the mutated learning rate, resumed or not (so step 6 differs from the donor's).
     assert by_step(trials[worst], "lr")[3] == pytest.approx(LRS[-1])
+    assert [by_step(trials[worst], "lr")[step] for step in (5, 6, 7, 8)] == pytest.approx([new_lr] * 4)
     assert by_step(trials[worst], "loss")[6] != by_step(trials[best], "loss")[6]
     history = [json.loads(line) for line in (trials[worst] / "config_history.jsonl").read_text().splitlines()]
     assert history[-1]["changes"] == {"train.lr": {"from": LRS[-1], "to": new_lr}}
 
-    # results.csv and the report name the lineage; every trial completed its 6 steps.
+    # results.csv and the report name the lineage; every trial completed its 8 steps, each logged once, in order,
+    # through the kill (after step 0's evaluation).
     rows = {row["trial"]: row for row in read_results(sweep_dir)}
     assert list(next(iter(rows.values()))) == ["trial", "status", "train.lr", "cloned_from", "best_eval_loss",
                                                "last_eval_loss", "steps", "tokens", "wall_s"]
     assert {name: row["cloned_from"] for name, row in rows.items()} == {
         name: (f"{best}@4" if name == worst else "") for name in trials}
-    assert all(row["status"] == "completed" and row["steps"] == "6" for row in rows.values())
+    assert all(row["status"] == "completed" and row["steps"] == "8" for row in rows.values())
     assert f"{best}@4" in (sweep_dir / "report.md").read_text()
-    assert result.best is not None
+    for name in infos:
+        steps = [record["step"] for record in read_metrics(trials[name] / "metrics.jsonl")]
+        assert steps == sorted(set(steps)) and steps[-8:] == list(range(1, 9)), (name, steps)
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
