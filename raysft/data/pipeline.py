@@ -41,7 +41,7 @@ from raysft import storage
 from raysft.config import Config, DataConfig, SourceConfig, default_cache_root
 from raysft.data.cache import CachedTable, index_written, list_arrays, write_folder
 from raysft.data.packing import apply_length_policy, pack_examples, unpacked_rows
-from raysft.data.sources import MAX_PROBLEMS, fingerprint_source, problem_report, source_format
+from raysft.data.sources import MAX_PROBLEMS, fingerprint_source, problem_report, resolve_files, source_format
 from raysft.errors import DataError, RunError
 from raysft.ray_session import ensure_ray
 from raysft.console import format_duration, say, split_line, verbose
@@ -65,6 +65,9 @@ PACKED_GROUP_ROWS = 64
 # its batch retried this many times; Ray Data's default is forever, which hangs the run on such a row.
 TOKENIZE_RETRIES = 1
 TOKENIZE_BATCH_ROWS = 256
+# Source bytes per tokenize actor: an actor costs 3-5 s of a core to start (importing transformers, unpickling the
+# tokenizer), about what tokenizing 2 MiB of rows takes, so smaller inputs start fewer than data.num_tokenize_workers.
+BYTES_PER_TOKENIZE_ACTOR = 2 << 20
 WRITE_TASKS_AT_ONCE = 2
 
 PACKED_COLUMNS = ["input_ids", "labels", "example_lengths", "num_tokens", "num_trained"]
@@ -351,6 +354,32 @@ def _origin_of(tokenized: CachedTable, seq: int) -> str:
 # --- the Ray Data jobs ---------------------------------------------------------------------------------------
 
 
+def tokenize_actors(sources: list[SourceConfig], most: int) -> int:
+    """How many tokenize actors a split's sources keep busy, at most `most`: by their size in bytes (file sizes from
+    stat calls; a hub dataset, whose size is not known before it loads, gets `most`).
+
+    The pool is fixed at this size rather than left to Ray Data's autoscaler, which kept it at one actor: its
+    resource budget counts a share of the CPUs for the read and write operators (which reserve none), so on a
+    2-CPU node the second actor never started and tokenizing ran on one core (measured at 100k rows: one actor
+    for the whole job).
+
+    Example:
+        >>> tokenize_actors([SourceConfig(rows=[{"text": "hi"}])], most=4)
+        1
+    """
+    size = 0
+    for source in sources:
+        if source.path is not None:
+            for file in resolve_files(source.path, source.file_type):
+                fs, path = storage.resolve(file)
+                size += fs.get_file_info(path).size or 0
+        elif source.rows is not None:
+            size += len(json.dumps(source.rows, default=str))
+        else:
+            return most
+    return max(1, min(most, -(-size // BYTES_PER_TOKENIZE_ACTOR)))
+
+
 def tokenize_split(sources: list[SourceConfig], tokenizer: Any, cfg: DataConfig, location: str,
                    label: str | None = None) -> CachedTable:
     """Read, normalize and tokenize a split's sources into the tokenized table at `location`; every bad row
@@ -376,7 +405,7 @@ def tokenize_split(sources: list[SourceConfig], tokenizer: Any, cfg: DataConfig,
             TokenizeRows,
             fn_constructor_args=(tokenizer, settings, formats, cfg.train_on_inputs, cfg.parse_special_tokens,
                                  cfg.max_row_chars),
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_tokenize_workers),
+            compute=ray.data.ActorPoolStrategy(size=tokenize_actors(sources, cfg.num_tokenize_workers)),
             batch_size=TOKENIZE_BATCH_ROWS,
             batch_format="pyarrow",
             max_restarts=TOKENIZE_RETRIES,
