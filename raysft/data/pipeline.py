@@ -68,6 +68,7 @@ TOKENIZE_BATCH_ROWS = 256
 # Source bytes per tokenize actor: an actor costs 3-5 s of a core to start (importing transformers, unpickling the
 # tokenizer), about what tokenizing 2 MiB of rows takes, so smaller inputs start fewer than data.num_tokenize_workers.
 BYTES_PER_TOKENIZE_ACTOR = 2 << 20
+LIMITED_ROW_BYTES = 4 << 10
 WRITE_TASKS_AT_ONCE = 2
 
 PACKED_COLUMNS = ["input_ids", "labels", "example_lengths", "num_tokens", "num_trained"]
@@ -370,9 +371,12 @@ def tokenize_actors(sources: list[SourceConfig], most: int) -> int:
     size = 0
     for source in sources:
         if source.path is not None:
+            files = 0
             for file in resolve_files(source.path, source.file_type):
                 fs, path = storage.resolve(file)
-                size += fs.get_file_info(path).size or 0
+                files += fs.get_file_info(path).size or 0
+            # A `limit` reads only the start of the files; a generous row size bounds what it reads.
+            size += files if source.limit is None else min(files, source.limit * LIMITED_ROW_BYTES)
         elif source.rows is not None:
             size += len(json.dumps(source.rows, default=str))
         else:
