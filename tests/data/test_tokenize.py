@@ -483,10 +483,10 @@ def test_encoding_through_the_backend_equals_the_tokenizers_own_call(tokenizer: 
     tokenizer.backend_tokenizer.enable_truncation(max_length=3)  # a setting tokenizer(...) would lift as well
     for split in (False, True):
         got = _encode(texts, tokenizer, add_special_tokens=False, split_special_tokens=split, offsets=True)
+        assert tokenizer.backend_tokenizer.encode_special_tokens == tokenizer.split_special_tokens
         expected = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=split)
         assert [ids.tolist() for ids, _ in got] == expected["input_ids"]
         assert [[tuple(pair) for pair in offsets.tolist()] for _, offsets in got] == expected["offset_mapping"]
-        assert tokenizer.backend_tokenizer.encode_special_tokens == tokenizer.split_special_tokens
     with_bos = _encode(texts, tokenizer, add_special_tokens=True, split_special_tokens=False, offsets=False)
     assert [ids.tolist() for ids, _ in with_bos] == tokenizer(texts, add_special_tokens=True)["input_ids"]
     assert all(offsets is None for _, offsets in with_bos)
