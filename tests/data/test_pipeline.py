@@ -82,8 +82,8 @@ def test_cache_key_covers_inline_rows_source_options_and_the_tokenizer(tiny_toke
 
 
 def test_tokenize_actors_follow_the_input_size(tmp_path: Path) -> None:
-    # Fixed-size pools (Ray Data's autoscaler kept one actor on 2 CPUs): one per 2 MiB of input, at most the
-    # configured number; a `limit` reads only the start of a big file; a hub dataset's size is unknown: all of them.
+    # Fixed-size pools, their actors started together: one per 2 MiB of input, at most the configured number; a
+    # `limit` reads only the start of a big file; a hub dataset's size is not known before it loads: all of them.
     small, big = tmp_path / "small.jsonl", tmp_path / "big.jsonl"
     small.write_text('{"text": "one"}\n')
     big.write_bytes(b'{"text": "%s"}\n' % (b"x" * (5 << 20)))
