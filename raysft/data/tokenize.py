@@ -150,7 +150,7 @@ def _encode(
     A fast tokenizer is called through its Rust backend, its encodings read straight into arrays: transformers'
     conversion of each encoding to Python lists (ids, attention mask, offsets) was a tenth of the tokenize time.
     """
-    backend = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
     if backend is None:
         options = {"split_special_tokens": True} if split_special_tokens else {}
         encoded = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=offsets, **options)
