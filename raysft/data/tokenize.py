@@ -150,7 +150,7 @@ def _encode(
     A fast tokenizer is called through its Rust backend, its encodings read straight into arrays: transformers'
     conversion of each encoding to Python lists (ids, attention mask, offsets) was a tenth of the tokenize time.
     """
-    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    backend = _plain_backend(tokenizer)
     if backend is None:
         options = {"split_special_tokens": True} if split_special_tokens else {}
         encoded = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=offsets, **options)
@@ -171,6 +171,20 @@ def _encode(
              np.fromiter(itertools.chain.from_iterable(encoding.offsets), np.int64, 2 * len(encoding)).reshape(-1, 2)
              if offsets else None)
             for encoding in encodings]
+
+
+def _plain_backend(tokenizer: PreTrainedTokenizerBase) -> Any:
+    """The Rust tokenizer behind `tokenizer` where calling `tokenizer` is calling it (transformers' TokenizersBackend,
+    whose encoding steps the model's own class leaves as they are: Code Llama's, for one, rewrites the text first);
+    else None."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    if not isinstance(tokenizer, TokenizersBackend):
+        return None
+    steps = ("__call__", "_encode_plus", "_switch_to_input_mode")
+    if any(getattr(type(tokenizer), step, None) is not getattr(TokenizersBackend, step, None) for step in steps):
+        return None
+    return tokenizer.backend_tokenizer
 
 
 _NO_TOKENS = np.zeros(0, np.int32)
