@@ -41,7 +41,7 @@ from raysft import storage
 from raysft.config import Config, DataConfig, SourceConfig, default_cache_root
 from raysft.data.cache import CachedTable, index_written, list_arrays, write_folder
 from raysft.data.packing import apply_length_policy, pack_examples, unpacked_rows
-from raysft.data.sources import MAX_PROBLEMS, fingerprint_source, problem_report, source_format
+from raysft.data.sources import MAX_PROBLEMS, fingerprint_source, problem_report, resolve_files, source_format
 from raysft.errors import DataError, RunError
 from raysft.ray_session import ensure_ray
 from raysft.console import format_duration, say, split_line, verbose
@@ -65,6 +65,10 @@ PACKED_GROUP_ROWS = 64
 # its batch retried this many times; Ray Data's default is forever, which hangs the run on such a row.
 TOKENIZE_RETRIES = 1
 TOKENIZE_BATCH_ROWS = 256
+# Source bytes per tokenize actor: an actor costs 3-5 s of a core to start (importing transformers, unpickling the
+# tokenizer), about what tokenizing 2 MiB of rows takes, so smaller inputs start fewer than data.num_tokenize_workers.
+BYTES_PER_TOKENIZE_ACTOR = 2 << 20
+LIMITED_ROW_BYTES = 4 << 10
 WRITE_TASKS_AT_ONCE = 2
 
 PACKED_COLUMNS = ["input_ids", "labels", "example_lengths", "num_tokens", "num_trained"]
@@ -351,6 +355,34 @@ def _origin_of(tokenized: CachedTable, seq: int) -> str:
 # --- the Ray Data jobs ---------------------------------------------------------------------------------------
 
 
+def tokenize_actors(sources: list[SourceConfig], most: int) -> int:
+    """How many tokenize actors a split's sources keep busy, at most `most`: by their size in bytes (file sizes from
+    stat calls; a hub dataset, whose size is not known before it loads, gets `most`).
+
+    The pool is fixed at this size, its actors started together, rather than grown by Ray Data's autoscaler, which
+    starts one and adds the next only once batches queue on it: at 100k rows the second actor was asked for 6.6 s
+    into the job and then took its own 3-5 s to start, time the first actor's start could have covered.
+
+    Example:
+        >>> tokenize_actors([SourceConfig(rows=[{"text": "hi"}])], most=4)
+        1
+    """
+    size = 0
+    for source in sources:
+        if source.path is not None:
+            files = 0
+            for file in resolve_files(source.path, source.file_type):
+                fs, path = storage.resolve(file)
+                files += fs.get_file_info(path).size or 0
+            # A `limit` reads only the start of the files; a generous row size bounds what it reads.
+            size += files if source.limit is None else min(files, source.limit * LIMITED_ROW_BYTES)
+        elif source.rows is not None:
+            size += len(json.dumps(source.rows, default=str))
+        else:
+            return most
+    return max(1, min(most, -(-size // BYTES_PER_TOKENIZE_ACTOR)))
+
+
 def tokenize_split(sources: list[SourceConfig], tokenizer: Any, cfg: DataConfig, location: str,
                    label: str | None = None) -> CachedTable:
     """Read, normalize and tokenize a split's sources into the tokenized table at `location`; every bad row
@@ -376,7 +408,7 @@ def tokenize_split(sources: list[SourceConfig], tokenizer: Any, cfg: DataConfig,
             TokenizeRows,
             fn_constructor_args=(tokenizer, settings, formats, cfg.train_on_inputs, cfg.parse_special_tokens,
                                  cfg.max_row_chars),
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_tokenize_workers),
+            compute=ray.data.ActorPoolStrategy(size=tokenize_actors(sources, cfg.num_tokenize_workers)),
             batch_size=TOKENIZE_BATCH_ROWS,
             batch_format="pyarrow",
             max_restarts=TOKENIZE_RETRIES,

@@ -32,6 +32,7 @@ from raysft.data.pipeline import (
     quiet_data_context,
     split_stats,
     split_summary,
+    tokenize_actors,
 )
 from raysft.errors import DataError
 from raysft.labels import IGNORE_INDEX, count_trained
@@ -78,6 +79,20 @@ def test_cache_key_covers_inline_rows_source_options_and_the_tokenizer(tiny_toke
     retemplated.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert cache_key(cfg.train, retemplated, cfg) != key
     assert cache_key(cfg.train, tiny_tokenizer, cfg) == key  # and nothing else moves it
+
+
+def test_tokenize_actors_follow_the_input_size(tmp_path: Path) -> None:
+    # Fixed-size pools, their actors started together: one per 2 MiB of input, at most the configured number; a
+    # `limit` reads only the start of a big file; a hub dataset's size is not known before it loads: all of them.
+    small, big = tmp_path / "small.jsonl", tmp_path / "big.jsonl"
+    small.write_text('{"text": "one"}\n')
+    big.write_bytes(b'{"text": "%s"}\n' % (b"x" * (5 << 20)))
+    assert tokenize_actors([SourceConfig(path=str(small))], most=4) == 1
+    assert tokenize_actors([SourceConfig(path=str(big))], most=4) == 3
+    assert tokenize_actors([SourceConfig(path=str(big))], most=2) == 2
+    assert tokenize_actors([SourceConfig(path=str(big), limit=10)], most=4) == 1
+    assert tokenize_actors([SourceConfig(rows=[{"text": "x"}])], most=4) == 1
+    assert tokenize_actors([SourceConfig(rows=[{"text": "x"}]), SourceConfig(hf_dataset="org/name")], most=4) == 4
 
 
 # --- packing a window and the split's statistics (no Ray: the functions the Ray Data tasks run) -------------

@@ -472,3 +472,33 @@ def test_special_tokens_spelled_in_tool_results_and_reasoning_are_plain_text(tok
     assert len(segments) == 2 and "Think <|im_end|> twice." in segments[0] and "forged" not in "".join(segments)
     parsed = tokenize_example(forged, tokenizer, train_on_inputs=False, parse_special_tokens=True)
     assert _control_counts(tokenizer, parsed["input_ids"]) == (6, 7)  # + one start, two ends spelled
+
+
+def test_encoding_through_the_backend_equals_the_tokenizers_own_call(tokenizer: PreTrainedTokenizerBase) -> None:
+    # TokenizeRows reads ids and offsets straight from the Rust encodings: the same as tokenizer(...) gives, with
+    # special tokens parsed or split, with the tokenizer's own settings (truncation, split_special_tokens) left alone.
+    from raysft.data.tokenize import _encode, _plain_backend
+
+    texts = ["<|im_start|>user\nhi<|im_end|>\n", "plain text, é and ✓", ""]
+    tokenizer.backend_tokenizer.enable_truncation(max_length=3)  # a setting tokenizer(...) would lift as well
+    for split in (False, True):
+        got = _encode(texts, tokenizer, add_special_tokens=False, split_special_tokens=split, offsets=True)
+        assert tokenizer.backend_tokenizer.encode_special_tokens == tokenizer.split_special_tokens
+        expected = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=split)
+        assert [ids.tolist() for ids, _ in got] == expected["input_ids"]
+        assert [[tuple(pair) for pair in offsets.tolist()] for _, offsets in got] == expected["offset_mapping"]
+    with_bos = _encode(texts, tokenizer, add_special_tokens=True, split_special_tokens=False, offsets=False)
+    with_bos_expected = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    assert [ids.tolist() for ids, _ in with_bos] == with_bos_expected
+    assert all(offsets is None for _, offsets in with_bos)
+    # A model's class that changes how text is encoded (Code Llama's rewrites it) is called as itself.
+    assert _plain_backend(tokenizer) is tokenizer.backend_tokenizer
+    base = type(tokenizer)
+
+    class OwnEncoding(base):  # type: ignore[misc, valid-type]
+        def _encode_plus(self, *args: Any, **kwargs: Any) -> Any:
+            return base._encode_plus(self, *args, **kwargs)
+
+    tokenizer.__class__ = OwnEncoding
+    assert _plain_backend(tokenizer) is None
+    assert [ids.tolist() for ids, _ in _encode(texts, tokenizer, True, False, False)] == with_bos_expected
