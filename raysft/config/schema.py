@@ -137,7 +137,8 @@ class DataConfig(Section):
     train_on_inputs: bool = False
     """Train on prompt/user tokens too, not only on completions/assistant turns."""
     num_tokenize_workers: int = Field(default=2, gt=0)
-    """Most Ray Data actors that tokenize in parallel (the pool grows to it while rows wait)."""
+    """Most Ray Data actors that tokenize in parallel, started together; fewer for small inputs (one per 2 MiB of
+    source files)."""
     cache_dir: str | None = None
     """Where the tokenized and packed data are cached as Parquet (default ~/.cache/raysft/data): a local
     folder, a folder every node mounts, or object storage (`s3://bucket/raysft-cache`); on a cluster of
