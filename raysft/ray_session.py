@@ -285,6 +285,10 @@ def filter_worker_logs() -> bool:
 # or object storage that stopped answering), that traceback is dropped from the console unless verbose.
 _RAY_TRAIN_ERROR_LOGS = ("Error in training function", "Error in control loop iteration")
 _EXCEPTION_LINE = re.compile(r"^[\w.]+(?:Error|Exception)\b")
+# Ray's notice of a transient hiccup it retries on its own (Ray Train's controller on a loaded machine: "Failed to
+# send resource request ... If this only happens transiently during network partition or CPU being overloaded, it's
+# safe to ignore this error"): its line stays, the traceback Ray logs under it is dropped unless verbose.
+_TRANSIENT_RAY_NOTICE = "it's safe to ignore this error"
 
 
 def _reported_by_driver(exception_line: str) -> bool:
@@ -294,10 +298,18 @@ def _reported_by_driver(exception_line: str) -> bool:
 
 def without_reported_tracebacks(lines: list[str]) -> list[str]:
     """`lines` (one batch of a process's forwarded output) less each traceback Ray Train logs for an error the
-    driver reports as one message: from Ray Train's line to the traceback's last exception line."""
+    driver reports as one message (from Ray Train's line to the traceback's last exception line) and the traceback
+    under a notice of Ray's that a transient error is safe to ignore (the notice kept)."""
     kept: list[str] = []
     index = 0
     while index < len(lines):
+        if _TRANSIENT_RAY_NOTICE in lines[index] and index + 1 < len(lines) and lines[index + 1].startswith(
+                "Traceback (most recent call last):"):
+            end = next((i for i in range(index + 2, len(lines)) if _EXCEPTION_LINE.match(lines[i])), None)
+            if end is not None:
+                kept.append(lines[index])
+                index = end + 1
+                continue
         if any(marker in lines[index] for marker in _RAY_TRAIN_ERROR_LOGS):
             block_end = next((i for i in range(index + 1, len(lines))
                               if any(marker in lines[i] for marker in _RAY_TRAIN_ERROR_LOGS)), len(lines))
