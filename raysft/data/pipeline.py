@@ -60,9 +60,6 @@ PACK_WINDOW = 8192
 # file it spans. Packed: small, so a worker's shuffle window is read at a fine grain.
 TOKENIZED_GROUP_ROWS = 4096
 PACKED_GROUP_ROWS = 64
-# Rows per tokenized file, at least: each file is one Ray Data write task, and a task per tokenize batch (a file
-# of about 400 rows) cost 80 ms of a core each, 13% of the CPU of a 100k-row job (benchmarks/results/data_scale.md).
-TOKENIZED_FILE_ROWS = 4 * TOKENIZED_GROUP_ROWS
 
 # A tokenize actor that dies (most often OOM-killed by a row too large for its memory) is restarted and
 # its batch retried this many times; Ray Data's default is forever, which hangs the run on such a row.
@@ -419,8 +416,8 @@ def tokenize_split(sources: list[SourceConfig], tokenizer: Any, cfg: DataConfig,
         )
         try:
             # Writes reserve no CPU either (see READ_TASKS_AT_ONCE): encoding Parquet is a sliver of tokenizing.
-            dataset.write_parquet(folder, row_group_size=TOKENIZED_GROUP_ROWS, min_rows_per_file=TOKENIZED_FILE_ROWS,
-                                  ray_remote_args={"num_cpus": 0}, concurrency=WRITE_TASKS_AT_ONCE)
+            dataset.write_parquet(folder, row_group_size=TOKENIZED_GROUP_ROWS, ray_remote_args={"num_cpus": 0},
+                                  concurrency=WRITE_TASKS_AT_ONCE)
         except ray.exceptions.RayError as err:
             storage.remove(folder)
             raise RunError(
