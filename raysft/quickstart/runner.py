@@ -51,6 +51,8 @@ def quickstart_config(model_dir: Path, train_file: Path, eval_file: Path, output
 def run_quickstart(output_dir: Path, overrides: list[str]) -> dict[str, float]:
     """Fine-tune SmolLM2-135M-Instruct on the generated task; print metrics and samples before and after."""
     from raysft.config import apply_overrides, parse_config
+    from raysft.errors import ConfigError
+    from raysft.run_folder import check_run_folder
     from raysft.infer import chat_generate, load_for_inference
     from raysft.training.trainer import train
 
@@ -58,6 +60,13 @@ def run_quickstart(output_dir: Path, overrides: list[str]) -> dict[str, float]:
     model_dir = smollm2_dir()
     train_file, eval_file = write_quickstart_data(output_dir / "data", QUICKSTART_SETTINGS["n_train"], QUICKSTART_SETTINGS["n_eval"], seed=0)
     cfg = parse_config(apply_overrides(quickstart_config(model_dir, train_file, eval_file, output_dir / "run"), overrides))
+    try:  # before the baseline's generations (about 20 s), not after them
+        check_run_folder(cfg)
+    except ConfigError:
+        if cfg.train.resume:
+            raise
+        raise ConfigError([f"--output-dir: {output_dir} already holds a quickstart run; run it again in another folder "
+                           f"(raysft quickstart --output-dir DIR)"]) from None
     eval_rows = [json.loads(line) for line in eval_file.read_text().splitlines()]
     prompts, references = [r["prompt"] for r in eval_rows], [r["response"] for r in eval_rows]
 

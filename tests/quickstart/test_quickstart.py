@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from raysft.errors import ConfigError
 from raysft.quickstart import run_quickstart
 
 
@@ -22,3 +23,9 @@ def test_quickstart_really_improves_the_task(tmp_path: Path) -> None:
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert summary["exact_match_after"] >= summary["exact_match_before"] + 0.3
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
+
+    # Run again in the same folder: refused at once, naming --output-dir, before any generation; nothing touched.
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match=r"--output-dir: .* already holds a quickstart run.*--output-dir DIR"):
+        run_quickstart(tmp_path, overrides=[])
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == metrics
