@@ -172,6 +172,11 @@ def resume_changes(cfg: Config, location: str) -> dict[str, dict[str, Any]]:
     return check_resume_changes(before, flatten(public_tree(cfg)), location)
 
 
+def run_files_in(location: str) -> list[str]:
+    """The files and folders of a run that `location` (a path or URI) already holds."""
+    return [name for name in RUN_FILES if storage.exists(storage.join(location, name))]
+
+
 def check_run_folder(cfg: Config) -> dict[str, dict[str, Any]]:
     """Check that `cfg` may start (or resume) at its run location; return the changes a resume records.
 
@@ -186,8 +191,7 @@ def check_run_folder(cfg: Config) -> dict[str, dict[str, Any]]:
     if cfg.scaling.storage_path:
         places.append(("scaling.storage_path", cfg.scaling.storage_path))
     for key, location in places:
-        existing = [name for name in RUN_FILES if storage.exists(storage.join(location, name))]
-        if existing:
+        if existing := run_files_in(location):
             trained = [name for name in existing if name in _TRAINED_MARKS]
             what = f"a run ({trained[0]})" if trained else f"files raysft would overwrite ({', '.join(existing)})"
             raise ConfigError(

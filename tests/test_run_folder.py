@@ -22,6 +22,7 @@ from raysft.run_folder import (
     copy_entries,
     is_step_dir,
     local_copy,
+    run_files_in,
     step_dir_name,
 )
 from tests.s3server import BUCKET
@@ -67,3 +68,14 @@ def test_local_copy_of_a_run_in_a_bucket_holds_only_what_was_asked(s3_here: dict
 def test_checkpoint_folders_are_named_by_step() -> None:
     assert step_dir_name(40) == "step_000040" and is_step_dir("step_000040") and is_step_dir("step_1234567")
     assert not any(is_step_dir(name) for name in ("step_40", "damaged_step_000040", ".staging_step_000040"))
+
+
+def test_run_files_in_names_what_a_run_left_in_a_folder_or_a_bucket(s3_here: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("the user's own")  # not a run's file: no reason to refuse the folder
+    assert run_files_in(str(tmp_path)) == [] and run_files_in(str(tmp_path / "missing")) == []
+    (tmp_path / METRICS_FILE).write_text('{"step": 1}\n')
+    (tmp_path / FINAL_DIR).mkdir()
+    assert run_files_in(str(tmp_path)) == [METRICS_FILE, FINAL_DIR]
+    run = f"s3://{BUCKET}/runs/c"
+    storage.write_bytes(storage.join(run, CONFIG_FILE), b"model: {}\n")
+    assert run_files_in(run) == [CONFIG_FILE]

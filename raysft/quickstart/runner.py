@@ -52,7 +52,7 @@ def run_quickstart(output_dir: Path, overrides: list[str]) -> dict[str, float]:
     """Fine-tune SmolLM2-135M-Instruct on the generated task; print metrics and samples before and after."""
     from raysft.config import apply_overrides, parse_config
     from raysft.errors import ConfigError
-    from raysft.run_folder import check_run_folder
+    from raysft.run_folder import check_run_folder, output_path, run_files_in
     from raysft.infer import chat_generate, load_for_inference
     from raysft.training.trainer import train
 
@@ -60,13 +60,12 @@ def run_quickstart(output_dir: Path, overrides: list[str]) -> dict[str, float]:
     model_dir = smollm2_dir()
     train_file, eval_file = write_quickstart_data(output_dir / "data", QUICKSTART_SETTINGS["n_train"], QUICKSTART_SETTINGS["n_eval"], seed=0)
     cfg = parse_config(apply_overrides(quickstart_config(model_dir, train_file, eval_file, output_dir / "run"), overrides))
-    try:  # before the baseline's generations (about 20 s), not after them
-        check_run_folder(cfg)
-    except ConfigError:
-        if cfg.train.resume:
-            raise
+    # Refused before the baseline's generations (about 20 s), not after them; the common case (the quickstart run
+    # again) in the command's own terms, since it has no --resume.
+    if not cfg.train.resume and run_files_in(str(output_path(cfg))):
         raise ConfigError([f"--output-dir: {output_dir} already holds a quickstart run; run it again in another folder "
-                           f"(raysft quickstart --output-dir DIR)"]) from None
+                           f"(raysft quickstart --output-dir DIR)"])
+    check_run_folder(cfg)
     eval_rows = [json.loads(line) for line in eval_file.read_text().splitlines()]
     prompts, references = [r["prompt"] for r in eval_rows], [r["response"] for r in eval_rows]
 
