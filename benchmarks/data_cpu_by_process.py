@@ -1,13 +1,17 @@
 """Where the CPU goes while `raysft.prepare_data` tokenizes and packs N synthetic rows (issue 27): every process's
 CPU time (user + system, psutil) sampled every 0.25 s and summed by role (driver, tokenize actors, Ray Data's
 write and pack tasks, Ray's daemons). A worker that ran several Ray Data operators counts under the last one.
-Run on a quiet machine, from an empty cache, with nothing else using Ray:
+The rows and the model are those of data_scale.py's scale part. Run on a quiet machine, from an empty cache, with
+nothing else using Ray:
 
-    python benchmarks/data_cpu_by_process.py 100000
+    python benchmarks/data_cpu_by_process.py --rows 100000
 """
+
+from __future__ import annotations
+
+import argparse
 import json
 import shutil
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -15,78 +19,90 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import data_scale as D  # noqa: E402
+import _common as C
+import data_scale
 
-rows = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
-work = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("/tmp/raysft-data-cpu")
-work.mkdir(exist_ok=True)
-data = work / f"synthetic-{rows}.jsonl"
-D.synthetic_jsonl(data, rows)
-model = D.tiny_model(work)
-me = psutil.Process()
-
-seen: dict[int, tuple[str, float]] = {}
-base: dict[int, float] = {}
-for p in psutil.process_iter():
-    try:
-        t = p.cpu_times()
-        base[p.pid] = t.user + t.system
-    except psutil.Error:
-        pass
-stop = threading.Event()
+# Ray's own processes, named by a part of their command line.
+RAY_DAEMONS = ("raylet", "gcs_server", "dashboard/agent", "dashboard.py", "runtime_env/agent", "log_monitor",
+               "monitor.py", "ray_client_server")
+IDLE_ROLES = ("ray::IDLE", "ray worker (idle/other)")
 
 
-def role(p: psutil.Process) -> str:
-    if p.pid == me.pid:
+def role(process: psutil.Process, driver_pid: int) -> str:
+    """What a process is to the job, from its command line (Ray names a busy worker after its task or actor)."""
+    if process.pid == driver_pid:
         return "driver (prepare_data)"
-    try:
-        cmd = " ".join(p.cmdline())
-    except psutil.Error:
-        return "?"
-    for key in ("raylet", "gcs_server", "dashboard/agent", "dashboard.py", "runtime_env/agent", "log_monitor",
-                "monitor.py", "ray_client_server"):
-        if key in cmd:
-            return key
+    cmd = " ".join(process.cmdline())
+    daemon = next((key for key in RAY_DAEMONS if key in cmd), None)
+    if daemon:
+        return daemon
     if cmd.startswith("ray::"):
         return cmd.split()[0]
-    if "default_worker" in cmd:
-        return "ray worker (idle/other)"
-    return "other: " + cmd[:60]
+    return "ray worker (idle/other)" if "default_worker" in cmd else "other: " + cmd[:60]
 
 
-def sample() -> None:
-    while not stop.is_set():
-        for p in psutil.process_iter():
+class CpuByProcess(threading.Thread):
+    """Samples every process's CPU seconds until stopped; `by_role()` sums what each role used since the start."""
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.interval_s, self.driver_pid, self._done = interval_s, psutil.Process().pid, threading.Event()
+        self.at_start = {pid: cpu for pid, (_, cpu) in self._sample({}).items()}
+        self.last: dict[int, tuple[str, float]] = {}
+
+    def _sample(self, previous: dict[int, tuple[str, float]]) -> dict[int, tuple[str, float]]:
+        out = dict(previous)
+        for process in psutil.process_iter():
             try:
-                t = p.cpu_times()
-                name, previous = role(p), seen.get(p.pid)
-                if previous and name in ("ray::IDLE", "ray worker (idle/other)"):
-                    name = previous[0]  # the role it had while it worked
-                seen[p.pid] = (name, t.user + t.system)
-            except psutil.Error:
-                pass
-        time.sleep(0.25)
+                times, name = process.cpu_times(), role(process, self.driver_pid)
+            except psutil.Error:  # exited between the listing and the look
+                continue
+            if name in IDLE_ROLES and process.pid in previous:
+                name = previous[process.pid][0]  # the role it had while it worked
+            out[process.pid] = (name, times.user + times.system)
+        return out
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.last = self._sample(self.last)
+            time.sleep(self.interval_s)
+
+    def by_role(self) -> dict[str, float]:
+        self._done.set()
+        self.join()
+        totals: dict[str, float] = defaultdict(float)
+        for pid, (name, cpu) in self.last.items():
+            totals[name] += cpu - self.at_start.get(pid, 0.0)
+        return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
-import raysft  # noqa: E402
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/raysft-data-cpu"))
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    data = args.workdir / f"synthetic-{args.rows}.jsonl"
+    data_scale.synthetic_jsonl(data, args.rows)
+    spec = {"model_dir": str(data_scale.tiny_model(args.workdir)), "data": str(data), "max_len": 1024,
+            "cache_dir": str(args.workdir / "cache"), "output_dir": str(args.workdir / "out"), "workers": 1}
+    shutil.rmtree(spec["cache_dir"], ignore_errors=True)
+    import raysft
 
-spec = {"model_dir": str(model), "data": str(data), "max_len": 1024, "cache_dir": str(work / "cache"),
-        "output_dir": str(work / "out"), "workers": 1}
-shutil.rmtree(work / "cache", ignore_errors=True)
-cfg = D._config(spec)
-sampler = threading.Thread(target=sample, daemon=True)
-sampler.start()
-start = time.perf_counter()
-raysft.prepare_data(cfg)
-wall = time.perf_counter() - start
-stop.set()
-sampler.join()
-by_role: dict[str, float] = defaultdict(float)
-for pid, (name, cpu) in seen.items():
-    by_role[name] += cpu - base.get(pid, 0.0)
-total = sum(by_role.values())
-print(json.dumps({"rows": rows, "wall_s": round(wall, 1), "cpu_s_total": round(total, 1)}))
-for name, cpu in sorted(by_role.items(), key=lambda kv: -kv[1]):
-    if cpu > 0.05:
-        print(f"{cpu:8.1f} s  {100 * cpu / total:5.1f}%  {name}")
+    cfg = data_scale._config(spec)
+    print(f"machine: {json.dumps(C.machine_info())}", flush=True)
+    sampler = CpuByProcess()
+    sampler.start()
+    started = time.perf_counter()
+    raysft.prepare_data(cfg)
+    wall = time.perf_counter() - started
+    totals = sampler.by_role()
+    everything = sum(totals.values())
+    print(json.dumps({"rows": args.rows, "wall_s": round(wall, 1), "cpu_s_total": round(everything, 1)}))
+    for name, cpu in totals.items():
+        if cpu > 0.05:
+            print(f"{cpu:8.1f} s  {100 * cpu / everything:5.1f}%  {name}")
+
+
+if __name__ == "__main__":
+    main()
